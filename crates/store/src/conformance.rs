@@ -1,0 +1,1 @@
+//! Conformance suite every backend must pass (TODO).

@@ -1,0 +1,191 @@
+//! Storage port of Carebridge.
+//!
+//! Why it exists: every capability (FHIR REST, booking, delivery, HL7, MESH) needs the same small set of
+//! storage primitives: versioned resources with history, a search index, an outbox of domain events written
+//! in the same transaction as the change, and idempotency records. This crate names those primitives as a
+//! trait so that the embedded backend (SQLite) and the production backend (PostgreSQL) are interchangeable,
+//! and the domain code is written once.
+//!
+//! Invariants:
+//! - No driver types in the public API: errors carry meaning ([`StoreError`]), never a SQL error type.
+//! - A write is a closure run inside one backend transaction ([`Store::write`]); if it returns `Err`, none of
+//!   its changes are kept. Events appended through [`Tx::append_event`] commit or vanish with the change.
+//! - When [`Store::write`] returns `Ok`, the change is durable (survives a process crash).
+
+use std::future::Future;
+
+pub use fhir::{IndexEntry, IndexValue, ResourceType};
+use serde_json::Value;
+
+pub mod conformance;
+mod query;
+pub use query::*;
+
+/// One version of a resource as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub rtype: ResourceType,
+    pub id: String,
+    /// 1-based version number; `meta.versionId` is its decimal form.
+    pub version: u64,
+    /// Milliseconds since the Unix epoch (UTC) of this version.
+    pub last_updated_ms: i64,
+    /// True for a delete tombstone (then `json` is empty).
+    pub deleted: bool,
+    /// The resource JSON with `id`, `meta.versionId` and `meta.lastUpdated` set. Empty for a tombstone.
+    pub json: String,
+}
+
+impl Stored {
+    /// `meta.lastUpdated` / `Last-Modified` as an RFC 3339 instant with millisecond precision.
+    pub fn last_updated(&self) -> String {
+        fhir::format_instant_ms(self.last_updated_ms)
+    }
+}
+
+/// What a writer asks to store as a new version.
+#[derive(Debug, Clone)]
+pub struct Put {
+    pub rtype: ResourceType,
+    pub id: String,
+    /// The resource; the backend sets `id`, `meta.versionId` and `meta.lastUpdated` before storing it.
+    pub resource: Value,
+    /// Search index rows for this version (replace the previous version's rows).
+    pub index: Vec<IndexEntry>,
+    /// If set, the current version must be exactly this, else [`StoreError::VersionConflict`].
+    /// `Some(0)` means "must not exist yet (or be deleted)".
+    pub expected_version: Option<u64>,
+}
+
+/// A domain event to append to the outbox inside the current transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// The ordering key, e.g. `Appointment/123` or `Patient/9`.
+    pub subject: String,
+    /// Event kind, e.g. `appointment.booked`, `patient.registered`, `organization.updated`.
+    pub kind: String,
+    pub rtype: ResourceType,
+    pub id: String,
+    /// The resource version the event refers to.
+    pub version: u64,
+    /// Extra facts (reason, old and new times, ...). `Value::Null` when there are none.
+    pub data: Value,
+}
+
+/// An event as stored in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Global, strictly increasing position in the outbox (a cursor for feeds).
+    pub seq: i64,
+    pub subject: String,
+    /// 1, 2, 3, ... per subject with no gaps.
+    pub subject_seq: i64,
+    pub kind: String,
+    pub rtype: ResourceType,
+    pub id: String,
+    pub version: u64,
+    pub time_ms: i64,
+    pub data: Value,
+}
+
+/// A stored response for an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    /// Hash of (method, path, body) of the first request.
+    pub request_hash: String,
+    pub status: u16,
+    /// Response headers worth replaying (Location, ETag, Last-Modified, Content-Type).
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StoreError {
+    #[error("{rtype}/{id} not found")]
+    NotFound { rtype: ResourceType, id: String },
+    #[error("{rtype}/{id} was deleted (version {version})")]
+    Gone { rtype: ResourceType, id: String, version: u64 },
+    #[error("version conflict on {rtype}/{id}: expected {expected}, current {actual}")]
+    VersionConflict { rtype: ResourceType, id: String, expected: u64, actual: u64 },
+    /// A uniqueness rule refused the write; `existing` names what is already there (e.g. `Patient/12`).
+    #[error("duplicate: {message}")]
+    Duplicate { message: String, existing: Option<String> },
+    /// A business conflict decided by domain code inside a write (slot taken, illegal transition...).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The request cannot be expressed against the store (bad search parameter value, ...).
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The store is shutting down or its writer has stopped.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else the backend reports; the text is for logs, not for clients.
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Operations available inside one write transaction. Synchronous on purpose: the closure runs on the
+/// backend's writer (a dedicated thread for SQLite), so domain logic never awaits while holding locks.
+pub trait Tx {
+    /// Wall-clock time of this transaction in ms since the epoch (the same for every write in it).
+    fn now_ms(&self) -> i64;
+    /// The current version (tombstones included, so callers can tell deleted from never-existed).
+    fn read(&mut self, rtype: ResourceType, id: &str) -> Result<Option<Stored>>;
+    /// Search inside the transaction (sees this transaction's own writes).
+    fn search(&mut self, query: &SearchQuery) -> Result<Vec<Stored>>;
+    /// Store a new version (create when absent or deleted, update otherwise). Returns what was stored.
+    fn put(&mut self, put: Put) -> Result<Stored>;
+    /// Delete: writes a tombstone version. Returns `None` when there was nothing live to delete.
+    fn delete(
+        &mut self,
+        rtype: ResourceType,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Option<Stored>>;
+    /// Append an event to the outbox; assigns `seq` and the next gap-free `subject_seq`.
+    fn append_event(&mut self, event: NewEvent) -> Result<Event>;
+    fn idempotency_get(&mut self, key: &str) -> Result<Option<IdempotencyRecord>>;
+    fn idempotency_put(&mut self, record: IdempotencyRecord) -> Result<()>;
+}
+
+/// Result of a search outside a transaction.
+#[derive(Debug, Clone, Default)]
+pub struct SearchResult {
+    pub resources: Vec<Stored>,
+    /// Set when the query asked for a total.
+    pub total: Option<u64>,
+}
+
+/// A storage backend.
+pub trait Store: Send + Sync + 'static {
+    /// Run `f` inside one transaction. Concurrent writes may share a physical transaction (group commit);
+    /// each closure still sees all-or-nothing semantics: an `Err` rolls back only that closure's changes.
+    /// Returns after the commit is durable.
+    fn write<T, F>(&self, f: F) -> impl Future<Output = Result<T>> + Send
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+        T: Send + 'static;
+
+    /// Current version, tombstones included.
+    fn read(&self, rtype: ResourceType, id: &str) -> impl Future<Output = Result<Option<Stored>>> + Send;
+
+    /// A specific version.
+    fn vread(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+        version: u64,
+    ) -> impl Future<Output = Result<Option<Stored>>> + Send;
+
+    /// History, newest first: of one resource (`id` set) or of a whole type.
+    fn history(&self, query: &HistoryQuery) -> impl Future<Output = Result<SearchResult>> + Send;
+
+    fn search(&self, query: &SearchQuery) -> impl Future<Output = Result<SearchResult>> + Send;
+
+    /// Outbox events with `seq > after`, oldest first, at most `limit`.
+    fn events_after(&self, after: i64, limit: usize) -> impl Future<Output = Result<Vec<Event>>> + Send;
+}

@@ -1,0 +1,96 @@
+//! Backend-neutral search and history queries. The API layer parses FHIR search URLs into these; each backend
+//! translates them to its own SQL.
+
+use fhir::ResourceType;
+
+/// Comparison prefix of a FHIR date (or number) search value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    Eq,
+    Ne,
+    Gt,
+    Lt,
+    Ge,
+    Le,
+    Sa,
+    Eb,
+    Ap,
+}
+
+/// One matching rule against one indexed parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Predicate {
+    /// `_id`
+    Id(String),
+    /// `_lastUpdated`: the resource's last-updated instant compared with the range `[low_ms, high_ms]`
+    /// (the range a partial date/time like `2024-05` stands for).
+    LastUpdated { cmp: Cmp, low_ms: i64, high_ms: i64 },
+    /// Token parameter (identifier, gender, status, active...). `system: None` matches any system,
+    /// `Some("")` matches values with no system. `code: None` (from `system|`) matches any code in the system.
+    Token { system: Option<String>, code: Option<String> },
+    /// String parameter: normalised (see `fhir::normalize_string`) prefix match, or exact with `:exact`.
+    String { value: String, exact: bool },
+    /// Date parameter: the indexed range `[low, high]` compared with the query range per FHIR's rules.
+    Date { cmp: Cmp, low_ms: i64, high_ms: i64 },
+    /// Reference parameter: `Type/id` exactly as indexed.
+    Reference(String),
+}
+
+/// Alternatives (comma-separated values) for one parameter: matches if any alternative matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Clause {
+    /// Search parameter name (e.g. `identifier`, `birthdate`); ignored for `Id` and `LastUpdated` predicates.
+    pub param: String,
+    pub any_of: Vec<Predicate>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SortField {
+    Id,
+    LastUpdated,
+    /// A string or date search parameter (sorted by its smallest indexed value; resources without a value last).
+    Param(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sort {
+    pub field: SortField,
+    pub descending: bool,
+}
+
+/// A search over one resource type: clauses are ANDed. Deleted resources never match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchQuery {
+    pub rtype: ResourceType,
+    pub clauses: Vec<Clause>,
+    /// Applied in order; ties are broken by id so paging is stable.
+    pub sort: Vec<Sort>,
+    /// Page size; 0 returns no resources (useful with `want_total`).
+    pub count: usize,
+    pub offset: usize,
+    /// Compute the total number of matches.
+    pub want_total: bool,
+}
+
+impl SearchQuery {
+    pub fn new(rtype: ResourceType) -> Self {
+        SearchQuery { rtype, clauses: Vec::new(), sort: Vec::new(), count: 100, offset: 0, want_total: false }
+    }
+
+    /// Convenience: add a single-alternative clause.
+    pub fn with(mut self, param: &str, predicate: Predicate) -> Self {
+        self.clauses.push(Clause { param: param.to_string(), any_of: vec![predicate] });
+        self
+    }
+}
+
+/// `_history` of one resource (`id: Some`) or of a type. Newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryQuery {
+    pub rtype: ResourceType,
+    pub id: Option<String>,
+    /// Only versions updated at or after this instant.
+    pub since_ms: Option<i64>,
+    pub count: usize,
+    pub offset: usize,
+}

@@ -21,9 +21,12 @@ mod text;
 mod validate;
 
 pub use datetime::{format_instant_ms, parse_date_range, parse_instant_ms};
-pub use index::{index_entries, search_param, search_params, IndexEntry, IndexValue, ParamKind, SearchParamDef};
-pub use nhs_number::{NhsNumber, NhsNumberError, NHS_NUMBER_SYSTEM};
-pub use outcome::{operation_outcome, Issue, IssueType, Severity};
+pub use index::{
+    DELIVERY_CHANNEL_EXTENSION_URL, DELIVERY_CHANNEL_SYSTEM, IndexEntry, IndexValue, ParamKind,
+    SearchParamDef, index_entries, search_param, search_params, sortable,
+};
+pub use nhs_number::{NHS_NUMBER_SYSTEM, NhsNumber, NhsNumberError};
+pub use outcome::{Issue, IssueType, Severity, operation_outcome};
 pub use resource_type::ResourceType;
-pub use text::normalize_string;
-pub use validate::{validate, validate_json, Validated};
+pub use text::{normalize_string, string_prefix_upper_bound};
+pub use validate::{Validated, validate, validate_json};

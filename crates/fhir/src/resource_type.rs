@@ -48,7 +48,10 @@ impl ResourceType {
 
     /// The UK Core profile this type is aligned with.
     pub fn uk_core_profile(self) -> String {
-        format!("https://fhir.hl7.org.uk/StructureDefinition/UKCore-{}", self.as_str())
+        format!(
+            "https://fhir.hl7.org.uk/StructureDefinition/UKCore-{}",
+            self.as_str()
+        )
     }
 }
 

@@ -1,1 +1,1503 @@
-//! Element definitions of the R4 resources and datatypes the hub serves (TODO(helper)).
+//! Element tables of the FHIR R4 (4.0.1) resources the hub serves and of every datatype reachable from them.
+//!
+//! Why it exists: the validator (`validate.rs`) walks a resource's JSON against these tables instead of
+//! against generated structs, so unknown elements, wrong JSON shapes and missing required elements are found
+//! without deserialising (and without losing what the client sent).
+//!
+//! What is here: one [`TypeDef`] per resource, per complex datatype and per BackboneElement (for example
+//! `Patient.contact`). Each [`Elem`] has its name, allowed type(s) (a choice element such as `deceased[x]`
+//! lists its types explicitly; the JSON key is the name plus the type's [`Ty::suffix`]), min (0 or 1), max
+//! (1 or `*`) and, for elements with a *required* binding the hub enforces, the list of allowed codes.
+//! The inherited elements (`Resource`/`DomainResource`, `Element`, `BackboneElement`) are the shared lists
+//! [`RESOURCE_BASE`], [`ELEMENT_BASE`] and [`BACKBONE_BASE`], selected by [`Kind`].
+//!
+//! Invariants: the tables are hand-written from the R4 element definitions; element names within one type
+//! (including the inherited ones) are unique, and no type has more than 64 elements in total (the
+//! validator tracks presence in a `u64`); both are checked by unit tests.
+
+use crate::ResourceType;
+
+/// The FHIR primitive types (JSON representation: boolean, number or string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prim {
+    Boolean,
+    Integer,
+    PositiveInt,
+    UnsignedInt,
+    Decimal,
+    String,
+    Uri,
+    Url,
+    Canonical,
+    Code,
+    Id,
+    Markdown,
+    Date,
+    DateTime,
+    Instant,
+    Time,
+    Base64Binary,
+    Oid,
+    Uuid,
+    /// `Narrative.div` only (no primitive extension, no `[x]` use).
+    Xhtml,
+}
+
+impl Prim {
+    /// The FHIR type name, e.g. `dateTime`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Prim::Boolean => "boolean",
+            Prim::Integer => "integer",
+            Prim::PositiveInt => "positiveInt",
+            Prim::UnsignedInt => "unsignedInt",
+            Prim::Decimal => "decimal",
+            Prim::String => "string",
+            Prim::Uri => "uri",
+            Prim::Url => "url",
+            Prim::Canonical => "canonical",
+            Prim::Code => "code",
+            Prim::Id => "id",
+            Prim::Markdown => "markdown",
+            Prim::Date => "date",
+            Prim::DateTime => "dateTime",
+            Prim::Instant => "instant",
+            Prim::Time => "time",
+            Prim::Base64Binary => "base64Binary",
+            Prim::Oid => "oid",
+            Prim::Uuid => "uuid",
+            Prim::Xhtml => "xhtml",
+        }
+    }
+
+    /// The suffix of a choice element's JSON key, e.g. `DateTime` in `deceasedDateTime`.
+    pub(crate) fn suffix(self) -> &'static str {
+        match self {
+            Prim::Boolean => "Boolean",
+            Prim::Integer => "Integer",
+            Prim::PositiveInt => "PositiveInt",
+            Prim::UnsignedInt => "UnsignedInt",
+            Prim::Decimal => "Decimal",
+            Prim::String => "String",
+            Prim::Uri => "Uri",
+            Prim::Url => "Url",
+            Prim::Canonical => "Canonical",
+            Prim::Code => "Code",
+            Prim::Id => "Id",
+            Prim::Markdown => "Markdown",
+            Prim::Date => "Date",
+            Prim::DateTime => "DateTime",
+            Prim::Instant => "Instant",
+            Prim::Time => "Time",
+            Prim::Base64Binary => "Base64Binary",
+            Prim::Oid => "Oid",
+            Prim::Uuid => "Uuid",
+            Prim::Xhtml => "Xhtml",
+        }
+    }
+}
+
+/// The type of an element: a primitive, a complex type (datatype or BackboneElement), or a whole resource
+/// (`contained`).
+#[derive(Clone, Copy)]
+pub(crate) enum Ty {
+    P(Prim),
+    C(&'static TypeDef),
+    Resource,
+}
+
+impl Ty {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Ty::P(p) => p.name(),
+            Ty::C(d) => d.name,
+            Ty::Resource => "Resource",
+        }
+    }
+
+    /// Suffix used in a choice element's key: `valueCodeableConcept`, `valueString`.
+    pub(crate) fn suffix(self) -> &'static str {
+        match self {
+            Ty::P(p) => p.suffix(),
+            Ty::C(d) => d.name,
+            Ty::Resource => "Resource",
+        }
+    }
+
+    pub(crate) fn is_primitive(self) -> bool {
+        matches!(self, Ty::P(p) if p != Prim::Xhtml)
+    }
+}
+
+/// Which inherited elements a type has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// DomainResource: id, meta, implicitRules, language, text, contained, extension, modifierExtension.
+    Resource,
+    /// Element: id, extension.
+    Element,
+    /// BackboneElement (and BackboneElement-based datatypes such as Timing, Dosage): id, extension,
+    /// modifierExtension.
+    Backbone,
+}
+
+/// Type-specific rules the validator runs after walking an object of that type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hook {
+    None,
+    /// UK Core: NHS number, its verification status, ODS system normalisation.
+    Identifier,
+    /// per-1.
+    Period,
+    /// cpt-2.
+    ContactPoint,
+    /// att-1.
+    Attachment,
+    /// qty-3 (Quantity and its profiles).
+    Quantity,
+    /// sqty-1 is structural (no comparator element); qty-3 as for Quantity.
+    SimpleQuantity,
+    /// rng-2.
+    Range,
+    /// ext-1.
+    Extension,
+    /// ref-1, and local references for dom-3.
+    Reference,
+}
+
+/// A required binding: the value set and its codes.
+pub(crate) struct Binding {
+    pub value_set: &'static str,
+    pub codes: &'static [&'static str],
+}
+
+/// One element of a type.
+pub(crate) struct Elem {
+    /// Element name; for a choice element the name without `[x]`.
+    pub name: &'static str,
+    /// Allowed types; more than one only for choice elements.
+    pub types: &'static [Ty],
+    pub choice: bool,
+    pub min: u8,
+    /// max = `*` (a JSON array) when true, else max = 1.
+    pub many: bool,
+    pub binding: Option<&'static Binding>,
+}
+
+/// A resource, complex datatype or BackboneElement.
+pub(crate) struct TypeDef {
+    /// Type name (`HumanName`) or, for a BackboneElement, its path (`Patient.contact`).
+    pub name: &'static str,
+    pub kind: Kind,
+    pub elems: &'static [Elem],
+    pub hook: Hook,
+}
+
+impl TypeDef {
+    /// The inherited elements of this type.
+    pub(crate) fn base(&self) -> &'static [Elem] {
+        match self.kind {
+            Kind::Resource => RESOURCE_BASE,
+            Kind::Element => ELEMENT_BASE,
+            Kind::Backbone => BACKBONE_BASE,
+        }
+    }
+
+    /// Total number of elements (inherited first, then own); indexes in `0..len()` are stable.
+    pub(crate) fn len(&self) -> usize {
+        self.base().len() + self.elems.len()
+    }
+
+    pub(crate) fn elem(&self, i: usize) -> Option<&'static Elem> {
+        let base = self.base();
+        if i < base.len() {
+            base.get(i)
+        } else {
+            self.elems.get(i - base.len())
+        }
+    }
+
+    /// Resolve a JSON key (without a leading `_`) to (element index, element, type).
+    pub(crate) fn lookup(&self, key: &str) -> Option<(usize, &'static Elem, Ty)> {
+        let base = self.base();
+        let all = base.iter().chain(self.elems.iter());
+        for (i, e) in all.enumerate() {
+            if !e.choice {
+                if e.name == key {
+                    return e.types.first().map(|t| (i, e, *t));
+                }
+            } else if let Some(suffix) = key.strip_prefix(e.name)
+                && let Some(t) = e.types.iter().find(|t| t.suffix() == suffix)
+            {
+                return Some((i, e, *t));
+            }
+        }
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Table-writing helpers. `el!(name, min, 1|*, types...)` builds an element; `el!(...; BINDING)` adds a
+// required binding; `choice!(name, min, types...)` builds a `[x]` element.
+
+macro_rules! el {
+    ($name:literal, $min:literal, 1, $t:expr; $b:expr) => {
+        Elem {
+            name: $name,
+            types: &[$t],
+            choice: false,
+            min: $min,
+            many: false,
+            binding: Some(&$b),
+        }
+    };
+    ($name:literal, $min:literal, *, $t:expr; $b:expr) => {
+        Elem {
+            name: $name,
+            types: &[$t],
+            choice: false,
+            min: $min,
+            many: true,
+            binding: Some(&$b),
+        }
+    };
+    ($name:literal, $min:literal, 1, $t:expr) => {
+        Elem {
+            name: $name,
+            types: &[$t],
+            choice: false,
+            min: $min,
+            many: false,
+            binding: None,
+        }
+    };
+    ($name:literal, $min:literal, *, $t:expr) => {
+        Elem {
+            name: $name,
+            types: &[$t],
+            choice: false,
+            min: $min,
+            many: true,
+            binding: None,
+        }
+    };
+}
+
+macro_rules! choice {
+    ($name:literal, $min:literal, $($t:expr),+) => {
+        Elem { name: $name, types: &[$($t),+], choice: true, min: $min, many: false, binding: None }
+    };
+}
+
+macro_rules! c {
+    ($d:ident) => {
+        Ty::C(&$d)
+    };
+}
+
+const BOOLEAN: Ty = Ty::P(Prim::Boolean);
+const INTEGER: Ty = Ty::P(Prim::Integer);
+const POSITIVE_INT: Ty = Ty::P(Prim::PositiveInt);
+const UNSIGNED_INT: Ty = Ty::P(Prim::UnsignedInt);
+const DECIMAL: Ty = Ty::P(Prim::Decimal);
+const STRING: Ty = Ty::P(Prim::String);
+const URI: Ty = Ty::P(Prim::Uri);
+const URL: Ty = Ty::P(Prim::Url);
+const CANONICAL: Ty = Ty::P(Prim::Canonical);
+const CODE: Ty = Ty::P(Prim::Code);
+const ID: Ty = Ty::P(Prim::Id);
+const MARKDOWN: Ty = Ty::P(Prim::Markdown);
+const DATE: Ty = Ty::P(Prim::Date);
+const DATE_TIME: Ty = Ty::P(Prim::DateTime);
+const INSTANT: Ty = Ty::P(Prim::Instant);
+const TIME: Ty = Ty::P(Prim::Time);
+const BASE64: Ty = Ty::P(Prim::Base64Binary);
+const OID: Ty = Ty::P(Prim::Oid);
+const UUID: Ty = Ty::P(Prim::Uuid);
+const XHTML: Ty = Ty::P(Prim::Xhtml);
+
+// ---------------------------------------------------------------------------------------------------------
+// Required bindings.
+
+pub(crate) static ADMINISTRATIVE_GENDER: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/administrative-gender",
+    codes: &["male", "female", "other", "unknown"],
+};
+static LINK_TYPE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/link-type",
+    codes: &["replaced-by", "replaces", "refer", "seealso"],
+};
+pub(crate) static APPOINTMENT_STATUS: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/appointmentstatus",
+    codes: &[
+        "proposed",
+        "pending",
+        "booked",
+        "arrived",
+        "fulfilled",
+        "cancelled",
+        "noshow",
+        "entered-in-error",
+        "checked-in",
+        "waitlist",
+    ],
+};
+static PARTICIPATION_STATUS: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/participationstatus",
+    codes: &["accepted", "declined", "tentative", "needs-action"],
+};
+static PARTICIPANT_REQUIRED: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/participantrequired",
+    codes: &["required", "optional", "information-only"],
+};
+static SLOT_STATUS: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/slotstatus",
+    codes: &[
+        "busy",
+        "free",
+        "busy-unavailable",
+        "busy-tentative",
+        "entered-in-error",
+    ],
+};
+static IDENTIFIER_USE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/identifier-use",
+    codes: &["usual", "official", "temp", "secondary", "old"],
+};
+static NAME_USE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/name-use",
+    codes: &[
+        "usual",
+        "official",
+        "temp",
+        "nickname",
+        "anonymous",
+        "old",
+        "maiden",
+    ],
+};
+static CONTACT_POINT_SYSTEM: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/contact-point-system",
+    codes: &["phone", "fax", "email", "pager", "url", "sms", "other"],
+};
+static CONTACT_POINT_USE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/contact-point-use",
+    codes: &["home", "work", "temp", "old", "mobile"],
+};
+static ADDRESS_USE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/address-use",
+    codes: &["home", "work", "temp", "old", "billing"],
+};
+static ADDRESS_TYPE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/address-type",
+    codes: &["postal", "physical", "both"],
+};
+static NARRATIVE_STATUS: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/narrative-status",
+    codes: &["generated", "extensions", "additional", "empty"],
+};
+static LOCATION_STATUS: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/location-status",
+    codes: &["active", "suspended", "inactive"],
+};
+static LOCATION_MODE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/location-mode",
+    codes: &["instance", "kind"],
+};
+static DAYS_OF_WEEK: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/days-of-week",
+    codes: &["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+};
+static QUANTITY_COMPARATOR: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/quantity-comparator",
+    codes: &["<", "<=", ">=", ">"],
+};
+static UNITS_OF_TIME: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/units-of-time",
+    codes: &["s", "min", "h", "d", "wk", "mo", "a"],
+};
+static EVENT_TIMING: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/event-timing",
+    codes: &[
+        "MORN",
+        "MORN.early",
+        "MORN.late",
+        "NOON",
+        "AFT",
+        "AFT.early",
+        "AFT.late",
+        "EVE",
+        "EVE.early",
+        "EVE.late",
+        "NIGHT",
+        "PHS",
+        "HS",
+        "WAKE",
+        "C",
+        "CM",
+        "CD",
+        "CV",
+        "AC",
+        "ACM",
+        "ACD",
+        "ACV",
+        "PC",
+        "PCM",
+        "PCD",
+        "PCV",
+    ],
+};
+static CONTRIBUTOR_TYPE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/contributor-type",
+    codes: &["author", "editor", "reviewer", "endorser"],
+};
+static RELATED_ARTIFACT_TYPE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/related-artifact-type",
+    codes: &[
+        "documentation",
+        "justification",
+        "citation",
+        "predecessor",
+        "successor",
+        "derived-from",
+        "depends-on",
+        "composed-of",
+    ],
+};
+static OPERATION_PARAMETER_USE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/operation-parameter-use",
+    codes: &["in", "out"],
+};
+static SORT_DIRECTION: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/sort-direction",
+    codes: &["ascending", "descending"],
+};
+static TRIGGER_TYPE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/trigger-type",
+    codes: &[
+        "named-event",
+        "periodic",
+        "data-changed",
+        "data-added",
+        "data-modified",
+        "data-removed",
+        "data-accessed",
+        "data-access-ended",
+    ],
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Inherited elements.
+
+pub(crate) static RESOURCE_BASE: &[Elem] = &[
+    el!("id", 0, 1, ID),
+    el!("meta", 0, 1, c!(META)),
+    el!("implicitRules", 0, 1, URI),
+    el!("language", 0, 1, CODE),
+    el!("text", 0, 1, c!(NARRATIVE)),
+    el!("contained", 0, *, Ty::Resource),
+    el!("extension", 0, *, c!(EXTENSION)),
+    el!("modifierExtension", 0, *, c!(EXTENSION)),
+];
+
+pub(crate) static ELEMENT_BASE: &[Elem] = &[
+    el!("id", 0, 1, STRING),
+    el!("extension", 0, *, c!(EXTENSION)),
+];
+
+pub(crate) static BACKBONE_BASE: &[Elem] = &[
+    el!("id", 0, 1, STRING),
+    el!("extension", 0, *, c!(EXTENSION)),
+    el!("modifierExtension", 0, *, c!(EXTENSION)),
+];
+
+/// The `_x` object of a primitive: an Element (id and extensions only).
+pub(crate) static ELEMENT: TypeDef = TypeDef {
+    name: "Element",
+    kind: Kind::Element,
+    elems: &[],
+    hook: Hook::None,
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// General-purpose datatypes.
+
+pub(crate) static EXTENSION: TypeDef = TypeDef {
+    name: "Extension",
+    kind: Kind::Element,
+    hook: Hook::Extension,
+    elems: &[
+        el!("url", 1, 1, URI),
+        choice!(
+            "value",
+            0,
+            BASE64,
+            BOOLEAN,
+            CANONICAL,
+            CODE,
+            DATE,
+            DATE_TIME,
+            DECIMAL,
+            ID,
+            INSTANT,
+            INTEGER,
+            MARKDOWN,
+            OID,
+            POSITIVE_INT,
+            STRING,
+            TIME,
+            UNSIGNED_INT,
+            URI,
+            URL,
+            UUID,
+            c!(ADDRESS),
+            c!(AGE),
+            c!(ANNOTATION),
+            c!(ATTACHMENT),
+            c!(CODEABLE_CONCEPT),
+            c!(CODING),
+            c!(CONTACT_POINT),
+            c!(COUNT),
+            c!(DISTANCE),
+            c!(DURATION),
+            c!(HUMAN_NAME),
+            c!(IDENTIFIER),
+            c!(MONEY),
+            c!(PERIOD),
+            c!(QUANTITY),
+            c!(RANGE),
+            c!(RATIO),
+            c!(REFERENCE),
+            c!(SAMPLED_DATA),
+            c!(SIGNATURE),
+            c!(TIMING),
+            c!(CONTACT_DETAIL),
+            c!(CONTRIBUTOR),
+            c!(DATA_REQUIREMENT),
+            c!(EXPRESSION),
+            c!(PARAMETER_DEFINITION),
+            c!(RELATED_ARTIFACT),
+            c!(TRIGGER_DEFINITION),
+            c!(USAGE_CONTEXT),
+            c!(DOSAGE),
+            c!(META)
+        ),
+    ],
+};
+
+pub(crate) static IDENTIFIER: TypeDef = TypeDef {
+    name: "Identifier",
+    kind: Kind::Element,
+    hook: Hook::Identifier,
+    elems: &[
+        el!("use", 0, 1, CODE; IDENTIFIER_USE),
+        el!("type", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("system", 0, 1, URI),
+        el!("value", 0, 1, STRING),
+        el!("period", 0, 1, c!(PERIOD)),
+        el!("assigner", 0, 1, c!(REFERENCE)),
+    ],
+};
+
+pub(crate) static HUMAN_NAME: TypeDef = TypeDef {
+    name: "HumanName",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("use", 0, 1, CODE; NAME_USE),
+        el!("text", 0, 1, STRING),
+        el!("family", 0, 1, STRING),
+        el!("given", 0, *, STRING),
+        el!("prefix", 0, *, STRING),
+        el!("suffix", 0, *, STRING),
+        el!("period", 0, 1, c!(PERIOD)),
+    ],
+};
+
+pub(crate) static CONTACT_POINT: TypeDef = TypeDef {
+    name: "ContactPoint",
+    kind: Kind::Element,
+    hook: Hook::ContactPoint,
+    elems: &[
+        el!("system", 0, 1, CODE; CONTACT_POINT_SYSTEM),
+        el!("value", 0, 1, STRING),
+        el!("use", 0, 1, CODE; CONTACT_POINT_USE),
+        el!("rank", 0, 1, POSITIVE_INT),
+        el!("period", 0, 1, c!(PERIOD)),
+    ],
+};
+
+pub(crate) static ADDRESS: TypeDef = TypeDef {
+    name: "Address",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("use", 0, 1, CODE; ADDRESS_USE),
+        el!("type", 0, 1, CODE; ADDRESS_TYPE),
+        el!("text", 0, 1, STRING),
+        el!("line", 0, *, STRING),
+        el!("city", 0, 1, STRING),
+        el!("district", 0, 1, STRING),
+        el!("state", 0, 1, STRING),
+        el!("postalCode", 0, 1, STRING),
+        el!("country", 0, 1, STRING),
+        el!("period", 0, 1, c!(PERIOD)),
+    ],
+};
+
+pub(crate) static CODEABLE_CONCEPT: TypeDef = TypeDef {
+    name: "CodeableConcept",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[el!("coding", 0, *, c!(CODING)), el!("text", 0, 1, STRING)],
+};
+
+pub(crate) static CODING: TypeDef = TypeDef {
+    name: "Coding",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("system", 0, 1, URI),
+        el!("version", 0, 1, STRING),
+        el!("code", 0, 1, CODE),
+        el!("display", 0, 1, STRING),
+        el!("userSelected", 0, 1, BOOLEAN),
+    ],
+};
+
+pub(crate) static REFERENCE: TypeDef = TypeDef {
+    name: "Reference",
+    kind: Kind::Element,
+    hook: Hook::Reference,
+    elems: &[
+        el!("reference", 0, 1, STRING),
+        el!("type", 0, 1, URI),
+        el!("identifier", 0, 1, c!(IDENTIFIER)),
+        el!("display", 0, 1, STRING),
+    ],
+};
+
+pub(crate) static PERIOD: TypeDef = TypeDef {
+    name: "Period",
+    kind: Kind::Element,
+    hook: Hook::Period,
+    elems: &[el!("start", 0, 1, DATE_TIME), el!("end", 0, 1, DATE_TIME)],
+};
+
+pub(crate) static META: TypeDef = TypeDef {
+    name: "Meta",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("versionId", 0, 1, ID),
+        el!("lastUpdated", 0, 1, INSTANT),
+        el!("source", 0, 1, URI),
+        el!("profile", 0, *, CANONICAL),
+        el!("security", 0, *, c!(CODING)),
+        el!("tag", 0, *, c!(CODING)),
+    ],
+};
+
+pub(crate) static NARRATIVE: TypeDef = TypeDef {
+    name: "Narrative",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("status", 1, 1, CODE; NARRATIVE_STATUS),
+        el!("div", 1, 1, XHTML),
+    ],
+};
+
+pub(crate) static ATTACHMENT: TypeDef = TypeDef {
+    name: "Attachment",
+    kind: Kind::Element,
+    hook: Hook::Attachment,
+    elems: &[
+        el!("contentType", 0, 1, CODE),
+        el!("language", 0, 1, CODE),
+        el!("data", 0, 1, BASE64),
+        el!("url", 0, 1, URL),
+        el!("size", 0, 1, UNSIGNED_INT),
+        el!("hash", 0, 1, BASE64),
+        el!("title", 0, 1, STRING),
+        el!("creation", 0, 1, DATE_TIME),
+    ],
+};
+
+static QUANTITY_ELEMS: &[Elem] = &[
+    el!("value", 0, 1, DECIMAL),
+    el!("comparator", 0, 1, CODE; QUANTITY_COMPARATOR),
+    el!("unit", 0, 1, STRING),
+    el!("system", 0, 1, URI),
+    el!("code", 0, 1, CODE),
+];
+
+pub(crate) static QUANTITY: TypeDef = TypeDef {
+    name: "Quantity",
+    kind: Kind::Element,
+    hook: Hook::Quantity,
+    elems: QUANTITY_ELEMS,
+};
+pub(crate) static AGE: TypeDef = TypeDef {
+    name: "Age",
+    kind: Kind::Element,
+    hook: Hook::Quantity,
+    elems: QUANTITY_ELEMS,
+};
+pub(crate) static COUNT: TypeDef = TypeDef {
+    name: "Count",
+    kind: Kind::Element,
+    hook: Hook::Quantity,
+    elems: QUANTITY_ELEMS,
+};
+pub(crate) static DISTANCE: TypeDef = TypeDef {
+    name: "Distance",
+    kind: Kind::Element,
+    hook: Hook::Quantity,
+    elems: QUANTITY_ELEMS,
+};
+pub(crate) static DURATION: TypeDef = TypeDef {
+    name: "Duration",
+    kind: Kind::Element,
+    hook: Hook::Quantity,
+    elems: QUANTITY_ELEMS,
+};
+
+/// SimpleQuantity: a Quantity without `comparator` (sqty-1).
+pub(crate) static SIMPLE_QUANTITY: TypeDef = TypeDef {
+    name: "SimpleQuantity",
+    kind: Kind::Element,
+    hook: Hook::SimpleQuantity,
+    elems: &[
+        el!("value", 0, 1, DECIMAL),
+        el!("unit", 0, 1, STRING),
+        el!("system", 0, 1, URI),
+        el!("code", 0, 1, CODE),
+    ],
+};
+
+pub(crate) static MONEY: TypeDef = TypeDef {
+    name: "Money",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[el!("value", 0, 1, DECIMAL), el!("currency", 0, 1, CODE)],
+};
+
+pub(crate) static RANGE: TypeDef = TypeDef {
+    name: "Range",
+    kind: Kind::Element,
+    hook: Hook::Range,
+    elems: &[
+        el!("low", 0, 1, c!(SIMPLE_QUANTITY)),
+        el!("high", 0, 1, c!(SIMPLE_QUANTITY)),
+    ],
+};
+
+pub(crate) static RATIO: TypeDef = TypeDef {
+    name: "Ratio",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("numerator", 0, 1, c!(QUANTITY)),
+        el!("denominator", 0, 1, c!(QUANTITY)),
+    ],
+};
+
+pub(crate) static SAMPLED_DATA: TypeDef = TypeDef {
+    name: "SampledData",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("origin", 1, 1, c!(SIMPLE_QUANTITY)),
+        el!("period", 1, 1, DECIMAL),
+        el!("factor", 0, 1, DECIMAL),
+        el!("lowerLimit", 0, 1, DECIMAL),
+        el!("upperLimit", 0, 1, DECIMAL),
+        el!("dimensions", 1, 1, POSITIVE_INT),
+        el!("data", 0, 1, STRING),
+    ],
+};
+
+pub(crate) static ANNOTATION: TypeDef = TypeDef {
+    name: "Annotation",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        choice!("author", 0, c!(REFERENCE), STRING),
+        el!("time", 0, 1, DATE_TIME),
+        el!("text", 1, 1, MARKDOWN),
+    ],
+};
+
+pub(crate) static SIGNATURE: TypeDef = TypeDef {
+    name: "Signature",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("type", 1, *, c!(CODING)),
+        el!("when", 1, 1, INSTANT),
+        el!("who", 1, 1, c!(REFERENCE)),
+        el!("onBehalfOf", 0, 1, c!(REFERENCE)),
+        el!("targetFormat", 0, 1, CODE),
+        el!("sigFormat", 0, 1, CODE),
+        el!("data", 0, 1, BASE64),
+    ],
+};
+
+pub(crate) static TIMING: TypeDef = TypeDef {
+    name: "Timing",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("event", 0, *, DATE_TIME),
+        el!("repeat", 0, 1, c!(TIMING_REPEAT)),
+        el!("code", 0, 1, c!(CODEABLE_CONCEPT)),
+    ],
+};
+
+static TIMING_REPEAT: TypeDef = TypeDef {
+    name: "Timing.repeat",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        choice!("bounds", 0, c!(DURATION), c!(RANGE), c!(PERIOD)),
+        el!("count", 0, 1, POSITIVE_INT),
+        el!("countMax", 0, 1, POSITIVE_INT),
+        el!("duration", 0, 1, DECIMAL),
+        el!("durationMax", 0, 1, DECIMAL),
+        el!("durationUnit", 0, 1, CODE; UNITS_OF_TIME),
+        el!("frequency", 0, 1, POSITIVE_INT),
+        el!("frequencyMax", 0, 1, POSITIVE_INT),
+        el!("period", 0, 1, DECIMAL),
+        el!("periodMax", 0, 1, DECIMAL),
+        el!("periodUnit", 0, 1, CODE; UNITS_OF_TIME),
+        el!("dayOfWeek", 0, *, CODE; DAYS_OF_WEEK),
+        el!("timeOfDay", 0, *, TIME),
+        el!("when", 0, *, CODE; EVENT_TIMING),
+        el!("offset", 0, 1, UNSIGNED_INT),
+    ],
+};
+
+pub(crate) static CONTACT_DETAIL: TypeDef = TypeDef {
+    name: "ContactDetail",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("name", 0, 1, STRING),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+    ],
+};
+
+pub(crate) static CONTRIBUTOR: TypeDef = TypeDef {
+    name: "Contributor",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("type", 1, 1, CODE; CONTRIBUTOR_TYPE),
+        el!("name", 1, 1, STRING),
+        el!("contact", 0, *, c!(CONTACT_DETAIL)),
+    ],
+};
+
+pub(crate) static DATA_REQUIREMENT: TypeDef = TypeDef {
+    name: "DataRequirement",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("type", 1, 1, CODE),
+        el!("profile", 0, *, CANONICAL),
+        choice!("subject", 0, c!(CODEABLE_CONCEPT), c!(REFERENCE)),
+        el!("mustSupport", 0, *, STRING),
+        el!("codeFilter", 0, *, c!(DATA_REQUIREMENT_CODE_FILTER)),
+        el!("dateFilter", 0, *, c!(DATA_REQUIREMENT_DATE_FILTER)),
+        el!("limit", 0, 1, POSITIVE_INT),
+        el!("sort", 0, *, c!(DATA_REQUIREMENT_SORT)),
+    ],
+};
+
+static DATA_REQUIREMENT_CODE_FILTER: TypeDef = TypeDef {
+    name: "DataRequirement.codeFilter",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("path", 0, 1, STRING),
+        el!("searchParam", 0, 1, STRING),
+        el!("valueSet", 0, 1, CANONICAL),
+        el!("code", 0, *, c!(CODING)),
+    ],
+};
+
+static DATA_REQUIREMENT_DATE_FILTER: TypeDef = TypeDef {
+    name: "DataRequirement.dateFilter",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("path", 0, 1, STRING),
+        el!("searchParam", 0, 1, STRING),
+        choice!("value", 0, DATE_TIME, c!(PERIOD), c!(DURATION)),
+    ],
+};
+
+static DATA_REQUIREMENT_SORT: TypeDef = TypeDef {
+    name: "DataRequirement.sort",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("path", 1, 1, STRING),
+        el!("direction", 1, 1, CODE; SORT_DIRECTION),
+    ],
+};
+
+pub(crate) static EXPRESSION: TypeDef = TypeDef {
+    name: "Expression",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("description", 0, 1, STRING),
+        el!("name", 0, 1, ID),
+        el!("language", 1, 1, CODE),
+        el!("expression", 0, 1, STRING),
+        el!("reference", 0, 1, URI),
+    ],
+};
+
+pub(crate) static PARAMETER_DEFINITION: TypeDef = TypeDef {
+    name: "ParameterDefinition",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("name", 0, 1, CODE),
+        el!("use", 1, 1, CODE; OPERATION_PARAMETER_USE),
+        el!("min", 0, 1, INTEGER),
+        el!("max", 0, 1, STRING),
+        el!("documentation", 0, 1, STRING),
+        el!("type", 1, 1, CODE),
+        el!("profile", 0, 1, CANONICAL),
+    ],
+};
+
+pub(crate) static RELATED_ARTIFACT: TypeDef = TypeDef {
+    name: "RelatedArtifact",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("type", 1, 1, CODE; RELATED_ARTIFACT_TYPE),
+        el!("label", 0, 1, STRING),
+        el!("display", 0, 1, STRING),
+        el!("citation", 0, 1, MARKDOWN),
+        el!("url", 0, 1, URL),
+        el!("document", 0, 1, c!(ATTACHMENT)),
+        el!("resource", 0, 1, CANONICAL),
+    ],
+};
+
+pub(crate) static TRIGGER_DEFINITION: TypeDef = TypeDef {
+    name: "TriggerDefinition",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("type", 1, 1, CODE; TRIGGER_TYPE),
+        el!("name", 0, 1, STRING),
+        choice!("timing", 0, c!(TIMING), c!(REFERENCE), DATE, DATE_TIME),
+        el!("data", 0, *, c!(DATA_REQUIREMENT)),
+        el!("condition", 0, 1, c!(EXPRESSION)),
+    ],
+};
+
+pub(crate) static USAGE_CONTEXT: TypeDef = TypeDef {
+    name: "UsageContext",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("code", 1, 1, c!(CODING)),
+        choice!(
+            "value",
+            1,
+            c!(CODEABLE_CONCEPT),
+            c!(QUANTITY),
+            c!(RANGE),
+            c!(REFERENCE)
+        ),
+    ],
+};
+
+pub(crate) static DOSAGE: TypeDef = TypeDef {
+    name: "Dosage",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("sequence", 0, 1, INTEGER),
+        el!("text", 0, 1, STRING),
+        el!("additionalInstruction", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("patientInstruction", 0, 1, STRING),
+        el!("timing", 0, 1, c!(TIMING)),
+        choice!("asNeeded", 0, BOOLEAN, c!(CODEABLE_CONCEPT)),
+        el!("site", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("route", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("method", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("doseAndRate", 0, *, c!(DOSAGE_DOSE_AND_RATE)),
+        el!("maxDosePerPeriod", 0, 1, c!(RATIO)),
+        el!("maxDosePerAdministration", 0, 1, c!(SIMPLE_QUANTITY)),
+        el!("maxDosePerLifetime", 0, 1, c!(SIMPLE_QUANTITY)),
+    ],
+};
+
+static DOSAGE_DOSE_AND_RATE: TypeDef = TypeDef {
+    name: "Dosage.doseAndRate",
+    kind: Kind::Element,
+    hook: Hook::None,
+    elems: &[
+        el!("type", 0, 1, c!(CODEABLE_CONCEPT)),
+        choice!("dose", 0, c!(RANGE), c!(SIMPLE_QUANTITY)),
+        choice!("rate", 0, c!(RATIO), c!(RANGE), c!(SIMPLE_QUANTITY)),
+    ],
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Resources.
+
+pub(crate) static PATIENT: TypeDef = TypeDef {
+    name: "Patient",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("active", 0, 1, BOOLEAN),
+        el!("name", 0, *, c!(HUMAN_NAME)),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+        el!("gender", 0, 1, CODE; ADMINISTRATIVE_GENDER),
+        el!("birthDate", 0, 1, DATE),
+        choice!("deceased", 0, BOOLEAN, DATE_TIME),
+        el!("address", 0, *, c!(ADDRESS)),
+        el!("maritalStatus", 0, 1, c!(CODEABLE_CONCEPT)),
+        choice!("multipleBirth", 0, BOOLEAN, INTEGER),
+        el!("photo", 0, *, c!(ATTACHMENT)),
+        el!("contact", 0, *, c!(PATIENT_CONTACT)),
+        el!("communication", 0, *, c!(PATIENT_COMMUNICATION)),
+        el!("generalPractitioner", 0, *, c!(REFERENCE)),
+        el!("managingOrganization", 0, 1, c!(REFERENCE)),
+        el!("link", 0, *, c!(PATIENT_LINK)),
+    ],
+};
+
+static PATIENT_CONTACT: TypeDef = TypeDef {
+    name: "Patient.contact",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("relationship", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("name", 0, 1, c!(HUMAN_NAME)),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+        el!("address", 0, 1, c!(ADDRESS)),
+        el!("gender", 0, 1, CODE; ADMINISTRATIVE_GENDER),
+        el!("organization", 0, 1, c!(REFERENCE)),
+        el!("period", 0, 1, c!(PERIOD)),
+    ],
+};
+
+static PATIENT_COMMUNICATION: TypeDef = TypeDef {
+    name: "Patient.communication",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("language", 1, 1, c!(CODEABLE_CONCEPT)),
+        el!("preferred", 0, 1, BOOLEAN),
+    ],
+};
+
+static PATIENT_LINK: TypeDef = TypeDef {
+    name: "Patient.link",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("other", 1, 1, c!(REFERENCE)),
+        el!("type", 1, 1, CODE; LINK_TYPE),
+    ],
+};
+
+pub(crate) static PRACTITIONER: TypeDef = TypeDef {
+    name: "Practitioner",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("active", 0, 1, BOOLEAN),
+        el!("name", 0, *, c!(HUMAN_NAME)),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+        el!("address", 0, *, c!(ADDRESS)),
+        el!("gender", 0, 1, CODE; ADMINISTRATIVE_GENDER),
+        el!("birthDate", 0, 1, DATE),
+        el!("photo", 0, *, c!(ATTACHMENT)),
+        el!("qualification", 0, *, c!(PRACTITIONER_QUALIFICATION)),
+        el!("communication", 0, *, c!(CODEABLE_CONCEPT)),
+    ],
+};
+
+static PRACTITIONER_QUALIFICATION: TypeDef = TypeDef {
+    name: "Practitioner.qualification",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("code", 1, 1, c!(CODEABLE_CONCEPT)),
+        el!("period", 0, 1, c!(PERIOD)),
+        el!("issuer", 0, 1, c!(REFERENCE)),
+    ],
+};
+
+/// `availableTime` of PractitionerRole and HealthcareService (same shape).
+static AVAILABLE_TIME_ELEMS: &[Elem] = &[
+    el!("daysOfWeek", 0, *, CODE; DAYS_OF_WEEK),
+    el!("allDay", 0, 1, BOOLEAN),
+    el!("availableStartTime", 0, 1, TIME),
+    el!("availableEndTime", 0, 1, TIME),
+];
+
+/// `notAvailable` of PractitionerRole and HealthcareService (same shape).
+static NOT_AVAILABLE_ELEMS: &[Elem] = &[
+    el!("description", 1, 1, STRING),
+    el!("during", 0, 1, c!(PERIOD)),
+];
+
+pub(crate) static PRACTITIONER_ROLE: TypeDef = TypeDef {
+    name: "PractitionerRole",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("active", 0, 1, BOOLEAN),
+        el!("period", 0, 1, c!(PERIOD)),
+        el!("practitioner", 0, 1, c!(REFERENCE)),
+        el!("organization", 0, 1, c!(REFERENCE)),
+        el!("code", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("specialty", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("location", 0, *, c!(REFERENCE)),
+        el!("healthcareService", 0, *, c!(REFERENCE)),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+        el!("availableTime", 0, *, c!(PRACTITIONER_ROLE_AVAILABLE_TIME)),
+        el!("notAvailable", 0, *, c!(PRACTITIONER_ROLE_NOT_AVAILABLE)),
+        el!("availabilityExceptions", 0, 1, STRING),
+        el!("endpoint", 0, *, c!(REFERENCE)),
+    ],
+};
+
+static PRACTITIONER_ROLE_AVAILABLE_TIME: TypeDef = TypeDef {
+    name: "PractitionerRole.availableTime",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: AVAILABLE_TIME_ELEMS,
+};
+
+static PRACTITIONER_ROLE_NOT_AVAILABLE: TypeDef = TypeDef {
+    name: "PractitionerRole.notAvailable",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: NOT_AVAILABLE_ELEMS,
+};
+
+pub(crate) static ORGANIZATION: TypeDef = TypeDef {
+    name: "Organization",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("active", 0, 1, BOOLEAN),
+        el!("type", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("name", 0, 1, STRING),
+        el!("alias", 0, *, STRING),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+        el!("address", 0, *, c!(ADDRESS)),
+        el!("partOf", 0, 1, c!(REFERENCE)),
+        el!("contact", 0, *, c!(ORGANIZATION_CONTACT)),
+        el!("endpoint", 0, *, c!(REFERENCE)),
+    ],
+};
+
+static ORGANIZATION_CONTACT: TypeDef = TypeDef {
+    name: "Organization.contact",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("purpose", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("name", 0, 1, c!(HUMAN_NAME)),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+        el!("address", 0, 1, c!(ADDRESS)),
+    ],
+};
+
+pub(crate) static LOCATION: TypeDef = TypeDef {
+    name: "Location",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("status", 0, 1, CODE; LOCATION_STATUS),
+        el!("operationalStatus", 0, 1, c!(CODING)),
+        el!("name", 0, 1, STRING),
+        el!("alias", 0, *, STRING),
+        el!("description", 0, 1, STRING),
+        el!("mode", 0, 1, CODE; LOCATION_MODE),
+        el!("type", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+        el!("address", 0, 1, c!(ADDRESS)),
+        el!("physicalType", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("position", 0, 1, c!(LOCATION_POSITION)),
+        el!("managingOrganization", 0, 1, c!(REFERENCE)),
+        el!("partOf", 0, 1, c!(REFERENCE)),
+        el!("hoursOfOperation", 0, *, c!(LOCATION_HOURS_OF_OPERATION)),
+        el!("availabilityExceptions", 0, 1, STRING),
+        el!("endpoint", 0, *, c!(REFERENCE)),
+    ],
+};
+
+static LOCATION_POSITION: TypeDef = TypeDef {
+    name: "Location.position",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("longitude", 1, 1, DECIMAL),
+        el!("latitude", 1, 1, DECIMAL),
+        el!("altitude", 0, 1, DECIMAL),
+    ],
+};
+
+static LOCATION_HOURS_OF_OPERATION: TypeDef = TypeDef {
+    name: "Location.hoursOfOperation",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("daysOfWeek", 0, *, CODE; DAYS_OF_WEEK),
+        el!("allDay", 0, 1, BOOLEAN),
+        el!("openingTime", 0, 1, TIME),
+        el!("closingTime", 0, 1, TIME),
+    ],
+};
+
+pub(crate) static HEALTHCARE_SERVICE: TypeDef = TypeDef {
+    name: "HealthcareService",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("active", 0, 1, BOOLEAN),
+        el!("providedBy", 0, 1, c!(REFERENCE)),
+        el!("category", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("type", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("specialty", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("location", 0, *, c!(REFERENCE)),
+        el!("name", 0, 1, STRING),
+        el!("comment", 0, 1, STRING),
+        el!("extraDetails", 0, 1, MARKDOWN),
+        el!("photo", 0, 1, c!(ATTACHMENT)),
+        el!("telecom", 0, *, c!(CONTACT_POINT)),
+        el!("coverageArea", 0, *, c!(REFERENCE)),
+        el!("serviceProvisionCode", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("eligibility", 0, *, c!(HEALTHCARE_SERVICE_ELIGIBILITY)),
+        el!("program", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("characteristic", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("communication", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("referralMethod", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("appointmentRequired", 0, 1, BOOLEAN),
+        el!("availableTime", 0, *, c!(HEALTHCARE_SERVICE_AVAILABLE_TIME)),
+        el!("notAvailable", 0, *, c!(HEALTHCARE_SERVICE_NOT_AVAILABLE)),
+        el!("availabilityExceptions", 0, 1, STRING),
+        el!("endpoint", 0, *, c!(REFERENCE)),
+    ],
+};
+
+static HEALTHCARE_SERVICE_ELIGIBILITY: TypeDef = TypeDef {
+    name: "HealthcareService.eligibility",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("code", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("comment", 0, 1, MARKDOWN),
+    ],
+};
+
+static HEALTHCARE_SERVICE_AVAILABLE_TIME: TypeDef = TypeDef {
+    name: "HealthcareService.availableTime",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: AVAILABLE_TIME_ELEMS,
+};
+
+static HEALTHCARE_SERVICE_NOT_AVAILABLE: TypeDef = TypeDef {
+    name: "HealthcareService.notAvailable",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: NOT_AVAILABLE_ELEMS,
+};
+
+pub(crate) static SCHEDULE: TypeDef = TypeDef {
+    name: "Schedule",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("active", 0, 1, BOOLEAN),
+        el!("serviceCategory", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("serviceType", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("specialty", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("actor", 1, *, c!(REFERENCE)),
+        el!("planningHorizon", 0, 1, c!(PERIOD)),
+        el!("comment", 0, 1, STRING),
+    ],
+};
+
+pub(crate) static SLOT: TypeDef = TypeDef {
+    name: "Slot",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("serviceCategory", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("serviceType", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("specialty", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("appointmentType", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("schedule", 1, 1, c!(REFERENCE)),
+        el!("status", 1, 1, CODE; SLOT_STATUS),
+        el!("start", 1, 1, INSTANT),
+        el!("end", 1, 1, INSTANT),
+        el!("overbooked", 0, 1, BOOLEAN),
+        el!("comment", 0, 1, STRING),
+    ],
+};
+
+pub(crate) static APPOINTMENT: TypeDef = TypeDef {
+    name: "Appointment",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("identifier", 0, *, c!(IDENTIFIER)),
+        el!("status", 1, 1, CODE; APPOINTMENT_STATUS),
+        el!("cancelationReason", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("serviceCategory", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("serviceType", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("specialty", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("appointmentType", 0, 1, c!(CODEABLE_CONCEPT)),
+        el!("reasonCode", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("reasonReference", 0, *, c!(REFERENCE)),
+        el!("priority", 0, 1, UNSIGNED_INT),
+        el!("description", 0, 1, STRING),
+        el!("supportingInformation", 0, *, c!(REFERENCE)),
+        el!("start", 0, 1, INSTANT),
+        el!("end", 0, 1, INSTANT),
+        el!("minutesDuration", 0, 1, POSITIVE_INT),
+        el!("slot", 0, *, c!(REFERENCE)),
+        el!("created", 0, 1, DATE_TIME),
+        el!("comment", 0, 1, STRING),
+        el!("patientInstruction", 0, 1, STRING),
+        el!("basedOn", 0, *, c!(REFERENCE)),
+        el!("participant", 1, *, c!(APPOINTMENT_PARTICIPANT)),
+        el!("requestedPeriod", 0, *, c!(PERIOD)),
+    ],
+};
+
+static APPOINTMENT_PARTICIPANT: TypeDef = TypeDef {
+    name: "Appointment.participant",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("type", 0, *, c!(CODEABLE_CONCEPT)),
+        el!("actor", 0, 1, c!(REFERENCE)),
+        el!("required", 0, 1, CODE; PARTICIPANT_REQUIRED),
+        el!("status", 1, 1, CODE; PARTICIPATION_STATUS),
+        el!("period", 0, 1, c!(PERIOD)),
+    ],
+};
+
+/// The table of a served resource type.
+pub(crate) fn resource_def(rtype: ResourceType) -> &'static TypeDef {
+    match rtype {
+        ResourceType::Patient => &PATIENT,
+        ResourceType::Practitioner => &PRACTITIONER,
+        ResourceType::PractitionerRole => &PRACTITIONER_ROLE,
+        ResourceType::Organization => &ORGANIZATION,
+        ResourceType::Location => &LOCATION,
+        ResourceType::HealthcareService => &HEALTHCARE_SERVICE,
+        ResourceType::Schedule => &SCHEDULE,
+        ResourceType::Slot => &SLOT,
+        ResourceType::Appointment => &APPOINTMENT,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every type reachable from the served resources, visited once.
+    fn reachable() -> Vec<&'static TypeDef> {
+        let mut out: Vec<&'static TypeDef> = Vec::new();
+        let mut todo: Vec<&'static TypeDef> =
+            ResourceType::ALL.iter().map(|t| resource_def(*t)).collect();
+        todo.push(&ELEMENT);
+        while let Some(d) = todo.pop() {
+            if out.iter().any(|o| std::ptr::eq(*o, d)) {
+                continue;
+            }
+            out.push(d);
+            for e in d.base().iter().chain(d.elems.iter()) {
+                for t in e.types {
+                    if let Ty::C(c) = t {
+                        todo.push(c);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn element_names_unique_and_fit_in_u64() {
+        for d in reachable() {
+            assert!(d.len() <= 64, "{} has {} elements", d.name, d.len());
+            let names: Vec<&str> = d
+                .base()
+                .iter()
+                .chain(d.elems.iter())
+                .map(|e| e.name)
+                .collect();
+            for (i, n) in names.iter().enumerate() {
+                assert!(!names[..i].contains(n), "{} repeats {}", d.name, n);
+            }
+        }
+    }
+
+    #[test]
+    fn choice_keys_resolve_and_plain_keys_are_not_shadowed() {
+        for d in reachable() {
+            for (i, e) in d.base().iter().chain(d.elems.iter()).enumerate() {
+                if e.choice {
+                    assert!(e.types.len() > 1, "{}.{}", d.name, e.name);
+                    for t in e.types {
+                        let key = format!("{}{}", e.name, t.suffix());
+                        let got = d.lookup(&key).map(|(j, _, ty)| (j, ty.name()));
+                        assert_eq!(got, Some((i, t.name())), "{}.{key}", d.name);
+                    }
+                } else {
+                    assert_eq!(e.types.len(), 1, "{}.{}", d.name, e.name);
+                    assert_eq!(
+                        d.lookup(e.name).map(|(j, _, _)| j),
+                        Some(i),
+                        "{}.{}",
+                        d.name,
+                        e.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extension_value_covers_the_r4_open_type_list() {
+        let count = EXTENSION
+            .elems
+            .iter()
+            .find(|e| e.name == "value")
+            .map(|e| e.types.len());
+        assert_eq!(count, Some(50));
+        assert!(EXTENSION.lookup("valueFoo").is_none());
+        assert!(EXTENSION.lookup("value").is_none());
+    }
+}

@@ -1,1 +1,170 @@
-//! TODO
+//! Embedded SQLite backend of the Carebridge storage port ([`store::Store`]).
+//!
+//! Why it exists: a single binary must run with no database server. This crate keeps versioned FHIR
+//! resources, their search index, the outbox and idempotency records in one SQLite file
+//! (`<dir>/carebridge.db`, WAL mode) and passes the backend conformance suite in `store::conformance`.
+//!
+//! Invariants:
+//! - Only this crate touches rusqlite; no driver type appears in its public API (errors are
+//!   [`store::StoreError`]).
+//! - The writer thread is the only writer: it owns the single read-write connection. Every write goes
+//!   through it as a job; concurrent jobs share one `BEGIN IMMEDIATE` transaction (group commit), each
+//!   inside its own SAVEPOINT, so a closure that fails (or panics) loses only its own changes.
+//! - A write is acknowledged only after COMMIT returned: with [`Durability::Fsync`] (the default,
+//!   `synchronous=FULL`) it then survives power loss; with [`Durability::OsCrash`] (`synchronous=NORMAL`) it
+//!   survives a crash of the process but not of the machine.
+//! - Reads never go through the writer: they run inline on the calling thread on a small pool of read-only
+//!   connections and see only committed data.
+//! - The writer's clock never goes backwards (it starts from the newest stored instant), so a resource's
+//!   version order and `lastUpdated` order agree.
+//! - The schema is versioned (`PRAGMA user_version`, append-only migrations); a database written by a newer
+//!   binary is refused rather than modified.
+//!
+//! Schema (migration 1): `resources` (current version's metadata per type and id, with a stable integer
+//! `rid`), `versions` (every version's JSON, tombstones included, written once), `idx_token` / `idx_string`
+//! / `idx_date` / `idx_reference` (index rows of the live version, keyed for lookups by
+//! `(rtype, param, value)` and deletable by `rid`), `outbox` + `subjects` (events with a global `seq` and a
+//! gap-free per-subject `subject_seq`), `idempotency`.
+
+mod pool;
+mod schema;
+mod sql;
+mod writer;
+
+use std::future::{Future, ready};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use store::{Event, HistoryQuery, ResourceType, Result, SearchQuery, SearchResult, Store, StoreError, Stored, Tx};
+use tokio::sync::{mpsc, oneshot};
+
+use pool::ReadPool;
+use writer::{JobBox, WriteJob, Writer};
+
+/// The file inside the data directory.
+pub const DB_FILE: &str = "carebridge.db";
+
+/// What an acknowledged write survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: the WAL is fsynced at every commit; survives power loss.
+    #[default]
+    Fsync,
+    /// `synchronous=NORMAL`: no fsync at commit; survives a process crash, not an OS crash or power loss.
+    OsCrash,
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub durability: Durability,
+    /// Read-only connections kept for reads (at least 1).
+    pub read_connections: usize,
+    /// Most writes committed together in one transaction (at least 1).
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { durability: Durability::Fsync, read_connections: 4, max_batch: 256 }
+    }
+}
+
+/// The SQLite store. Dropping it stops the writer after the writes already queued, and closes the database.
+pub struct SqliteStore {
+    jobs: Option<mpsc::Sender<JobBox>>,
+    writer: Option<JoinHandle<()>>,
+    reads: ReadPool,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the store in `dir`, migrating the schema to this binary's version.
+    /// Refuses ([`StoreError::Unavailable`]) a database whose schema is newer than this binary.
+    pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(DB_FILE);
+        let conn = schema::open_writer(&path, options.durability)?;
+        let last_ms = sql::newest_instant(&conn)?;
+        let max_batch = options.max_batch.max(1);
+        let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
+        let writer = Writer { conn, jobs: rx, max_batch, last_ms };
+        let handle = std::thread::Builder::new()
+            .name("carebridge-sqlite-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            jobs: Some(tx),
+            writer: Some(handle),
+            reads: ReadPool::new(path.clone(), options.read_connections),
+            path,
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version this binary writes (the database's `user_version` after [`SqliteStore::open`]).
+    pub fn schema_version() -> i64 {
+        schema::latest_version()
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish the queued jobs and return.
+        self.jobs = None;
+        if let Some(handle) = self.writer.take() {
+            // A closure holding the last reference to the store may drop it on the writer thread itself.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn write<T, F>(&self, f: F) -> impl Future<Output = Result<T>> + Send
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: JobBox = Box::new(WriteJob { f, reply });
+        let jobs = self.jobs.clone();
+        async move {
+            let Some(jobs) = jobs else {
+                return Err(StoreError::Unavailable("the store is closed".into()));
+            };
+            if jobs.send(job).await.is_err() {
+                return Err(StoreError::Unavailable("the writer has stopped".into()));
+            }
+            answer.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the writer stopped mid-write".into())))
+        }
+    }
+
+    fn read(&self, rtype: ResourceType, id: &str) -> impl Future<Output = Result<Option<Stored>>> + Send {
+        ready(self.reads.with(|c| sql::read_current(c, rtype, id)))
+    }
+
+    fn vread(&self, rtype: ResourceType, id: &str, version: u64) -> impl Future<Output = Result<Option<Stored>>> + Send {
+        ready(self.reads.with(|c| sql::read_version(c, rtype, id, version)))
+    }
+
+    fn history(&self, query: &HistoryQuery) -> impl Future<Output = Result<SearchResult>> + Send {
+        ready(self.reads.with(|c| sql::history(c, query)))
+    }
+
+    fn search(&self, query: &SearchQuery) -> impl Future<Output = Result<SearchResult>> + Send {
+        ready(self.reads.with(|c| sql::search(c, query, true)))
+    }
+
+    fn events_after(&self, after: i64, limit: usize) -> impl Future<Output = Result<Vec<Event>>> + Send {
+        ready(self.reads.with(|c| sql::events_after(c, after, limit)))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,86 @@
+//! `GET /fhir/metadata`: a CapabilityStatement listing exactly what this server implements.
+
+use crate::error::FHIR_JSON;
+use crate::App;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use fhir::{ParamKind, ResourceType};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use store::Store;
+
+fn kind(k: ParamKind) -> &'static str {
+    match k {
+        ParamKind::Token => "token",
+        ParamKind::String => "string",
+        ParamKind::Date => "date",
+        ParamKind::Reference => "reference",
+    }
+}
+
+/// The CapabilityStatement for a server at `fhir_base`.
+pub fn capability_statement(fhir_base: &str) -> Value {
+    let resources: Vec<Value> = ResourceType::ALL
+        .iter()
+        .map(|&t| {
+            let mut params = vec![
+                json!({"name": "_id", "type": "token"}),
+                json!({"name": "_lastUpdated", "type": "date"}),
+            ];
+            params.extend(fhir::search_params(t).iter().map(|p| {
+                json!({"name": p.name, "type": kind(p.kind), "documentation": p.expression})
+            }));
+            let includes: Vec<String> = fhir::search_params(t)
+                .iter()
+                .filter(|p| p.kind == ParamKind::Reference)
+                .map(|p| format!("{t}:{}", p.name))
+                .collect();
+            let interactions: Vec<Value> =
+                ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
+                    .iter()
+                    .map(|c| json!({"code": c}))
+                    .collect();
+            json!({
+                "type": t.as_str(),
+                "profile": t.uk_core_profile(),
+                "interaction": interactions,
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": "not-supported",
+                "searchInclude": includes,
+                "searchParam": params,
+                "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-24",
+        "publisher": "Carebridge",
+        "kind": "instance",
+        "software": {"name": "Carebridge", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "Carebridge integration hub", "url": fhir_base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "resource": resources,
+            "interaction": [],
+        }],
+    })
+}
+
+pub async fn metadata<S: Store>(State(app): State<Arc<App<S>>>) -> impl IntoResponse {
+    let mut cs = capability_statement(&app.fhir_base());
+    // An empty system-level interaction list is not valid FHIR: drop it.
+    if let Some(rest) = cs.pointer_mut("/rest/0").and_then(Value::as_object_mut) {
+        rest.remove("interaction");
+    }
+    ([(header::CONTENT_TYPE, FHIR_JSON)], cs.to_string())
+}

@@ -1,0 +1,728 @@
+//! FHIR interactions: create, read, vread, update, delete, history, search, $validate.
+
+use crate::error::{ApiError, FHIR_JSON};
+use crate::http_date::http_date;
+use crate::search::{self, link_url, parse_pairs, parse_search, push_entry, push_json_str};
+use crate::App;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fhir::{operation_outcome, Issue, IssueType, ResourceType};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use store::{HistoryQuery, IdempotencyRecord, NewEvent, Put, SearchQuery, Store, StoreError, Stored, Tx};
+
+type AppState<S> = State<Arc<App<S>>>;
+
+/// A complete response computed inside a write transaction (so it can be stored for idempotent replay).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut res = (status, self.body).into_response();
+        for (k, v) in self.headers {
+            if let (Ok(name), Ok(value)) = (header::HeaderName::try_from(k), HeaderValue::from_str(&v)) {
+                res.headers_mut().insert(name, value);
+            }
+        }
+        res
+    }
+}
+
+fn parse_type(s: &str) -> Result<ResourceType, ApiError> {
+    ResourceType::parse(s).ok_or_else(|| {
+        let known: Vec<&str> = ResourceType::ALL.iter().map(|t| t.as_str()).collect();
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            IssueType::NotSupported,
+            format!("resource type '{s}' is not served here; supported: {}", known.join(", ")),
+        )
+    })
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")))
+    }
+}
+
+/// `Prefer: return=...`
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Return {
+    Minimal,
+    Representation,
+    OperationOutcome,
+}
+
+fn prefer_return(headers: &HeaderMap) -> Return {
+    let prefer = headers.get("prefer").and_then(|v| v.to_str().ok()).unwrap_or("");
+    for part in prefer.split(',') {
+        match part.trim() {
+            "return=minimal" => return Return::Minimal,
+            "return=OperationOutcome" => return Return::OperationOutcome,
+            "return=representation" => return Return::Representation,
+            _ => {}
+        }
+    }
+    Return::Representation
+}
+
+/// `If-Match: W/"3"` -> 3.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().unwrap_or("").trim();
+    let inner = s.trim_start_matches("W/").trim_matches('"');
+    inner
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request(format!("If-Match must be a version ETag like W/\"3\", got '{s}'")))
+}
+
+fn etag(version: u64) -> String {
+    format!("W/\"{version}\"")
+}
+
+fn resource_headers(base: &str, s: &Stored, with_location: bool) -> Vec<(String, String)> {
+    let mut h = vec![
+        ("content-type".to_string(), FHIR_JSON.to_string()),
+        ("etag".to_string(), etag(s.version)),
+        ("last-modified".to_string(), http_date(s.last_updated_ms)),
+    ];
+    if with_location {
+        h.push(("location".to_string(), format!("{base}/{}/{}/_history/{}", s.rtype, s.id, s.version)));
+    }
+    h
+}
+
+fn stored_reply(base: &str, s: &Stored, status: u16, ret: Return, with_location: bool) -> Reply {
+    let mut headers = resource_headers(base, s, with_location);
+    let body = match ret {
+        Return::Representation => s.json.clone(),
+        Return::OperationOutcome => {
+            let verb = if status == 201 { "created" } else { "updated" };
+            operation_outcome(&[Issue::information(format!("{}/{} {verb} (version {})", s.rtype, s.id, s.version))])
+                .to_string()
+        }
+        Return::Minimal => {
+            headers.retain(|(k, _)| k != "content-type");
+            String::new()
+        }
+    };
+    Reply { status, headers, body }
+}
+
+/// Kind of the domain event for a plain REST change.
+pub fn event_kind(rtype: ResourceType, action: &str) -> String {
+    let key = match rtype {
+        ResourceType::PractitionerRole => "practitioner-role",
+        ResourceType::HealthcareService => "healthcare-service",
+        other => return format!("{}.{}", other.as_str().to_ascii_lowercase(), if other == ResourceType::Patient && action == "created" { "registered" } else { action }),
+    };
+    format!("{key}.{action}")
+}
+
+fn append_change_event(tx: &mut dyn Tx, s: &Stored, action: &str) -> store::Result<()> {
+    tx.append_event(NewEvent {
+        subject: format!("{}/{}", s.rtype, s.id),
+        kind: event_kind(s.rtype, action),
+        rtype: s.rtype,
+        id: s.id.clone(),
+        version: s.version,
+        data: Value::Null,
+    })?;
+    Ok(())
+}
+
+/// Parse and validate a request body as a resource of `rtype`.
+fn validated_body(rtype: ResourceType, body: &[u8]) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(format!("request body is empty; expected a {rtype} resource")));
+    }
+    match fhir::validate_json(body, Some(rtype)) {
+        Ok(v) => Ok(v.resource),
+        Err(issues) => {
+            let parse_failure = issues.iter().all(|i| i.code == IssueType::Structure && i.expression.is_empty());
+            if parse_failure {
+                Err(ApiError { status: StatusCode::BAD_REQUEST, issues })
+            } else {
+                Err(ApiError::invalid_resource(issues))
+            }
+        }
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => {
+            let k = v.to_str().unwrap_or("").trim();
+            if k.is_empty() || k.len() > 255 {
+                Err(ApiError::bad_request("Idempotency-Key must be 1-255 visible characters"))
+            } else {
+                Ok(Some(k.to_string()))
+            }
+        }
+    }
+}
+
+fn request_hash(method: &str, path: &str, query: Option<&str>, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(method.as_bytes());
+    h.update(b"\n");
+    h.update(path.as_bytes());
+    h.update(b"?");
+    h.update(query.unwrap_or("").as_bytes());
+    h.update(b"\n");
+    h.update(body);
+    hex::encode(h.finalize())
+}
+
+/// Run a write with optional `Idempotency-Key` handling: a retry with the same key and the same request
+/// replays the stored reply; the same key with a different request is refused.
+async fn idempotent_write<S, F>(store: &S, key: Option<String>, hash: String, f: F) -> Result<Reply, ApiError>
+where
+    S: Store,
+    F: FnOnce(&mut dyn Tx) -> store::Result<Result<Reply, ApiError>> + Send + 'static,
+{
+    let out = store
+        .write(move |tx| {
+            if let Some(key) = &key {
+                if let Some(rec) = tx.idempotency_get(key)? {
+                    if rec.request_hash != hash {
+                        return Ok(Err(ApiError::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            IssueType::BusinessRule,
+                            format!("Idempotency-Key '{key}' was already used for a different request; use a new key"),
+                        )));
+                    }
+                    let mut headers = rec.headers;
+                    headers.push(("idempotent-replayed".into(), "true".into()));
+                    return Ok(Ok(Reply { status: rec.status, headers, body: rec.body }));
+                }
+            }
+            let reply = match f(tx)? {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Some(key) = key {
+                tx.idempotency_put(IdempotencyRecord {
+                    key,
+                    request_hash: hash,
+                    status: reply.status,
+                    headers: reply.headers.clone(),
+                    body: reply.body.clone(),
+                    created_ms: tx.now_ms(),
+                })?;
+            }
+            Ok(Ok(reply))
+        })
+        .await?;
+    out
+}
+
+fn conditional_query(rtype: ResourceType, raw: &str) -> Result<SearchQuery, ApiError> {
+    let pairs = parse_pairs(Some(raw));
+    if pairs.is_empty() {
+        return Err(ApiError::bad_request("a conditional request needs search parameters"));
+    }
+    let mut parsed = parse_search(rtype, &pairs)?;
+    parsed.query.count = 2;
+    parsed.query.offset = 0;
+    Ok(parsed.query)
+}
+
+/// POST /fhir/{type}
+pub async fn create<S: Store>(
+    State(app): AppState<S>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Reply, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    let mut resource = validated_body(rtype, &body)?;
+    let key = idempotency_key(&headers)?;
+    let hash = request_hash("POST", rtype.as_str(), query.as_deref(), &body);
+    let ret = prefer_return(&headers);
+    let condition = match headers.get("if-none-exist").and_then(|v| v.to_str().ok()) {
+        Some(raw) => Some(conditional_query(rtype, raw.trim_start_matches('?'))?),
+        None => None,
+    };
+    let id = uuid::Uuid::now_v7().to_string();
+    if let Some(obj) = resource.as_object_mut() {
+        obj.insert("id".into(), Value::String(id.clone()));
+    }
+    let base = app.fhir_base();
+    idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+        if let Some(q) = &condition {
+            let found = tx.search(q)?;
+            match found.as_slice() {
+                [] => {}
+                [existing] => return Ok(Ok(stored_reply(&base, existing, 200, ret, true))),
+                _ => {
+                    return Ok(Err(ApiError::new(
+                        StatusCode::PRECONDITION_FAILED,
+                        IssueType::Duplicate,
+                        "If-None-Exist matched more than one resource",
+                    )))
+                }
+            }
+        }
+        let index = fhir::index_entries(rtype, &resource);
+        let s = tx.put(Put { rtype, id, resource, index, expected_version: Some(0) })?;
+        append_change_event(tx, &s, "created")?;
+        Ok(Ok(stored_reply(&base, &s, 201, ret, true)))
+    })
+    .await
+}
+
+/// The shared body of update and conditional update: store `resource` as `id`, creating when absent.
+fn put_resource(
+    tx: &mut dyn Tx,
+    base: &str,
+    rtype: ResourceType,
+    id: String,
+    resource: Value,
+    expected: Option<u64>,
+    ret: Return,
+) -> store::Result<Result<Reply, ApiError>> {
+    let current = tx.read(rtype, &id)?;
+    let existed = matches!(&current, Some(c) if !c.deleted);
+    let index = fhir::index_entries(rtype, &resource);
+    let s = match tx.put(Put { rtype, id, resource, index, expected_version: expected }) {
+        Ok(s) => s,
+        Err(StoreError::VersionConflict { expected, actual, .. }) => {
+            return Ok(Err(ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                IssueType::Conflict,
+                format!("If-Match version {expected} does not match the current version {actual}"),
+            )))
+        }
+        Err(e) => return Err(e),
+    };
+    append_change_event(tx, &s, if existed { "updated" } else { "created" })?;
+    Ok(Ok(stored_reply(base, &s, if existed { 200 } else { 201 }, ret, !existed)))
+}
+
+/// PUT /fhir/{type}/{id}
+pub async fn update<S: Store>(
+    State(app): AppState<S>,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Reply, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    check_id(&id)?;
+    let resource = validated_body(rtype, &body)?;
+    match resource.get("id").and_then(Value::as_str) {
+        None => {
+            return Err(ApiError::bad_request(format!("the resource must carry id '{id}' to match the URL"))
+                .at(format!("{rtype}.id")))
+        }
+        Some(body_id) if body_id != id => {
+            return Err(ApiError::bad_request(format!("resource id '{body_id}' does not match the URL id '{id}'"))
+                .at(format!("{rtype}.id")))
+        }
+        _ => {}
+    }
+    let expected = if_match(&headers)?;
+    let key = idempotency_key(&headers)?;
+    let hash = request_hash("PUT", &format!("{rtype}/{id}"), None, &body);
+    let ret = prefer_return(&headers);
+    let base = app.fhir_base();
+    idempotent_write(app.store.as_ref(), key, hash, move |tx| put_resource(tx, &base, rtype, id, resource, expected, ret))
+        .await
+}
+
+/// PUT /fhir/{type}?search
+pub async fn conditional_update<S: Store>(
+    State(app): AppState<S>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Reply, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    let resource = validated_body(rtype, &body)?;
+    let condition = conditional_query(rtype, query.as_deref().unwrap_or(""))?;
+    let expected = if_match(&headers)?;
+    let key = idempotency_key(&headers)?;
+    let hash = request_hash("PUT", rtype.as_str(), query.as_deref(), &body);
+    let ret = prefer_return(&headers);
+    let base = app.fhir_base();
+    idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+        let found = tx.search(&condition)?;
+        let body_id = resource.get("id").and_then(Value::as_str).map(str::to_string);
+        let id = match (found.as_slice(), body_id) {
+            ([], Some(id)) => {
+                if !valid_id(&id) {
+                    return Ok(Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id")).at(format!("{rtype}.id"))));
+                }
+                id
+            }
+            ([], None) => uuid::Uuid::now_v7().to_string(),
+            ([one], Some(id)) if one.id != id => {
+                return Ok(Err(ApiError::bad_request(format!(
+                    "resource id '{id}' differs from the matching resource {}/{}",
+                    one.rtype, one.id
+                ))
+                .at(format!("{rtype}.id"))))
+            }
+            ([one], _) => one.id.clone(),
+            _ => {
+                return Ok(Err(ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    IssueType::Duplicate,
+                    "the conditional update's search matched more than one resource",
+                )))
+            }
+        };
+        let mut resource = resource;
+        if let Some(obj) = resource.as_object_mut() {
+            obj.insert("id".into(), Value::String(id.clone()));
+        }
+        put_resource(tx, &base, rtype, id, resource, expected, ret)
+    })
+    .await
+}
+
+/// DELETE /fhir/{type}/{id}
+pub async fn delete<S: Store>(
+    State(app): AppState<S>,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    check_id(&id)?;
+    let expected = if_match(&headers)?;
+    let deleted = app
+        .store
+        .write(move |tx| {
+            let d = tx.delete(rtype, &id, expected)?;
+            if let Some(s) = &d {
+                append_change_event(tx, s, "deleted")?;
+            }
+            Ok(d)
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::VersionConflict { expected, actual, .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                IssueType::Conflict,
+                format!("If-Match version {expected} does not match the current version {actual}"),
+            ),
+            other => other.into(),
+        })?;
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    if let Some(s) = deleted {
+        if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
+            res.headers_mut().insert(header::ETAG, v);
+        }
+    }
+    Ok(res)
+}
+
+fn read_response(base: &str, s: &Stored, headers: &HeaderMap) -> Response {
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        if inm.trim() == etag(s.version) {
+            let mut res = StatusCode::NOT_MODIFIED.into_response();
+            if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
+                res.headers_mut().insert(header::ETAG, v);
+            }
+            return res;
+        }
+    }
+    stored_reply(base, s, 200, Return::Representation, false).into_response()
+}
+
+/// GET /fhir/{type}/{id}
+pub async fn read<S: Store>(
+    State(app): AppState<S>,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    check_id(&id)?;
+    match app.store.read(rtype, &id).await? {
+        None => Err(ApiError::not_found(format!("{rtype}/{id} is not known"))),
+        Some(s) if s.deleted => Err(ApiError::new(
+            StatusCode::GONE,
+            IssueType::Deleted,
+            format!("{rtype}/{id} was deleted (version {})", s.version),
+        )),
+        Some(s) => Ok(read_response(&app.fhir_base(), &s, &headers)),
+    }
+}
+
+/// GET /fhir/{type}/{id}/_history/{vid}
+pub async fn vread<S: Store>(
+    State(app): AppState<S>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    check_id(&id)?;
+    let version: u64 = vid
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("version '{vid}' is not a number")))?;
+    match app.store.vread(rtype, &id, version).await? {
+        None => Err(ApiError::not_found(format!("{rtype}/{id} has no version {version}"))),
+        Some(s) if s.deleted => Err(ApiError::new(
+            StatusCode::GONE,
+            IssueType::Deleted,
+            format!("version {version} of {rtype}/{id} is a deletion"),
+        )),
+        Some(s) => Ok(read_response(&app.fhir_base(), &s, &headers)),
+    }
+}
+
+fn history_bundle(base: &str, result: &store::SearchResult, self_url: &str, next: Option<String>) -> String {
+    let mut out = String::with_capacity(256 + result.resources.iter().map(|s| s.json.len() + 200).sum::<usize>());
+    out.push_str("{\"resourceType\":\"Bundle\",\"type\":\"history\"");
+    if let Some(total) = result.total {
+        out.push_str(&format!(",\"total\":{total}"));
+    }
+    out.push_str(",\"link\":[{\"relation\":\"self\",\"url\":");
+    push_json_str(&mut out, self_url);
+    out.push('}');
+    if let Some(n) = next {
+        out.push_str(",{\"relation\":\"next\",\"url\":");
+        push_json_str(&mut out, &n);
+        out.push('}');
+    }
+    out.push_str("],\"entry\":[");
+    for (i, s) in result.resources.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"fullUrl\":");
+        push_json_str(&mut out, &format!("{base}/{}/{}", s.rtype, s.id));
+        if !s.deleted {
+            out.push_str(",\"resource\":");
+            out.push_str(&s.json);
+        }
+        let (method, url, status) = if s.deleted {
+            ("DELETE", format!("{}/{}", s.rtype, s.id), "204")
+        } else if s.version == 1 {
+            ("POST", s.rtype.to_string(), "201")
+        } else {
+            ("PUT", format!("{}/{}", s.rtype, s.id), "200")
+        };
+        out.push_str(&format!(
+            ",\"request\":{{\"method\":\"{method}\",\"url\":\"{url}\"}},\"response\":{{\"status\":\"{status}\",\"etag\":\"W/\\\"{}\\\"\",\"lastModified\":\"{}\"}}}}",
+            s.version,
+            s.last_updated()
+        ));
+    }
+    out.push_str("]}");
+    out
+}
+
+fn history_params(raw: Option<&str>) -> Result<(usize, usize, Option<i64>), ApiError> {
+    let mut count = search::DEFAULT_COUNT;
+    let mut offset = 0;
+    let mut since = None;
+    for (k, v) in parse_pairs(raw) {
+        match k.as_str() {
+            "_count" => {
+                count = v.parse::<usize>().map_err(|_| ApiError::bad_request("_count must be a number"))?.min(search::MAX_COUNT)
+            }
+            "_offset" => offset = v.parse().map_err(|_| ApiError::bad_request("_offset must be a number"))?,
+            "_since" => {
+                since = Some(fhir::parse_instant_ms(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!("_since must be a FHIR instant with a time zone, got '{v}'"))
+                })?)
+            }
+            "_format" | "_pretty" => {}
+            other => return Err(ApiError::bad_request(format!("_history does not support parameter '{other}'"))),
+        }
+    }
+    Ok((count, offset, since))
+}
+
+async fn history<S: Store>(app: &App<S>, rtype: ResourceType, id: Option<String>, raw: Option<&str>) -> Result<Response, ApiError> {
+    let (count, offset, since_ms) = history_params(raw)?;
+    let base = app.fhir_base();
+    let path = match &id {
+        Some(id) => format!("{base}/{rtype}/{id}/_history"),
+        None => format!("{base}/{rtype}/_history"),
+    };
+    let q = HistoryQuery { rtype, id: id.clone(), since_ms, count: count + 1, offset };
+    let mut result = app.store.history(&q).await?;
+    if let Some(id) = &id {
+        if result.resources.is_empty() && offset == 0 && app.store.read(rtype, id).await?.is_none() {
+            return Err(ApiError::not_found(format!("{rtype}/{id} is not known")));
+        }
+    }
+    let more = result.resources.len() > count;
+    result.resources.truncate(count);
+    let since_q = since_ms.map(|s| format!("&_since={}", search::encode(&fhir::format_instant_ms(s)))).unwrap_or_default();
+    let self_url = format!("{path}?_count={count}{since_q}{}", if offset > 0 { format!("&_offset={offset}") } else { String::new() });
+    let next = more.then(|| format!("{path}?_count={count}{since_q}&_offset={}", offset + count));
+    let body = history_bundle(&base, &result, &self_url, next);
+    Ok(([(header::CONTENT_TYPE, FHIR_JSON)], body).into_response())
+}
+
+/// GET /fhir/{type}/{id}/_history
+pub async fn instance_history<S: Store>(
+    State(app): AppState<S>,
+    Path((rtype, id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    check_id(&id)?;
+    history(&app, rtype, Some(id), raw.as_deref()).await
+}
+
+/// GET /fhir/{type}/_history
+pub async fn type_history<S: Store>(
+    State(app): AppState<S>,
+    Path(rtype): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    history(&app, rtype, None, raw.as_deref()).await
+}
+
+async fn run_search<S: Store>(app: &App<S>, rtype: ResourceType, pairs: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let parsed = parse_search(rtype, &pairs)?;
+    let base = app.fhir_base();
+    let count = parsed.query.count;
+    let offset = parsed.query.offset;
+    let mut q = parsed.query.clone();
+    if parsed.summary_count {
+        q.count = 0;
+    } else {
+        q.count = count + 1;
+    }
+    let mut result = app.store.search(&q).await?;
+    let more = result.resources.len() > count;
+    result.resources.truncate(count);
+    let total = result.total.or_else(|| (!more && !parsed.summary_count).then(|| (offset + result.resources.len()) as u64));
+
+    // _include: resolve the references of the matches.
+    let mut included: Vec<Stored> = Vec::new();
+    if !parsed.includes.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        for s in &result.resources {
+            seen.insert(format!("{}/{}", s.rtype, s.id));
+        }
+        for s in &result.resources {
+            let Ok(v) = serde_json::from_str::<Value>(&s.json) else { continue };
+            for e in fhir::index_entries(rtype, &v) {
+                if !parsed.includes.iter().any(|d| d.name == e.param) {
+                    continue;
+                }
+                let fhir::IndexValue::Reference(r) = e.value else { continue };
+                if !seen.insert(r.clone()) {
+                    continue;
+                }
+                let Some((t, id)) = r.split_once('/') else { continue };
+                let Some(t) = ResourceType::parse(t) else { continue };
+                if let Some(found) = app.store.read(t, id).await? {
+                    if !found.deleted {
+                        included.push(found);
+                    }
+                }
+            }
+        }
+    }
+
+    let mut out = String::with_capacity(
+        512 + result.resources.iter().chain(included.iter()).map(|s| s.json.len() + 120).sum::<usize>(),
+    );
+    out.push_str("{\"resourceType\":\"Bundle\",\"type\":\"searchset\"");
+    if let Some(t) = total {
+        out.push_str(&format!(",\"total\":{t}"));
+    }
+    out.push_str(",\"link\":[{\"relation\":\"self\",\"url\":");
+    push_json_str(&mut out, &link_url(&base, rtype, &parsed.link_params, count, offset));
+    out.push('}');
+    if more && !parsed.summary_count {
+        out.push_str(",{\"relation\":\"next\",\"url\":");
+        push_json_str(&mut out, &link_url(&base, rtype, &parsed.link_params, count, offset + count));
+        out.push('}');
+    }
+    if offset > 0 && !parsed.summary_count {
+        out.push_str(",{\"relation\":\"previous\",\"url\":");
+        push_json_str(&mut out, &link_url(&base, rtype, &parsed.link_params, count, offset.saturating_sub(count)));
+        out.push('}');
+    }
+    out.push(']');
+    if !parsed.summary_count && !(result.resources.is_empty() && included.is_empty()) {
+        out.push_str(",\"entry\":[");
+        for s in &result.resources {
+            push_entry(&mut out, &base, s, "match");
+        }
+        for s in &included {
+            push_entry(&mut out, &base, s, "include");
+        }
+        out.push(']');
+    }
+    out.push('}');
+    Ok(([(header::CONTENT_TYPE, FHIR_JSON)], out).into_response())
+}
+
+/// GET /fhir/{type}?...
+pub async fn search<S: Store>(
+    State(app): AppState<S>,
+    Path(rtype): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    run_search(&app, rtype, parse_pairs(raw.as_deref())).await
+}
+
+/// POST /fhir/{type}/_search with form parameters (and/or URL parameters).
+pub async fn search_post<S: Store>(
+    State(app): AppState<S>,
+    Path(rtype): Path<String>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    let mut pairs = parse_pairs(raw.as_deref());
+    let form = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("_search body must be UTF-8 form data"))?;
+    pairs.extend(parse_pairs(Some(form)));
+    run_search(&app, rtype, pairs).await
+}
+
+/// POST /fhir/{type}/$validate: the body is the resource, or a Parameters with a `resource` parameter.
+pub async fn validate<S: Store>(
+    State(_app): AppState<S>,
+    Path(rtype): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&rtype)?;
+    let bytes: Vec<u8> = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) if v.get("resourceType").and_then(Value::as_str) == Some("Parameters") => {
+            let resource = v
+                .get("parameter")
+                .and_then(Value::as_array)
+                .and_then(|ps| ps.iter().find(|p| p.get("name").and_then(Value::as_str) == Some("resource")))
+                .and_then(|p| p.get("resource"))
+                .ok_or_else(|| ApiError::bad_request("Parameters must carry a 'resource' parameter").at("Parameters.parameter"))?;
+            serde_json::to_vec(resource).map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+        _ => body.to_vec(),
+    };
+    let issues = match fhir::validate_json(&bytes, Some(rtype)) {
+        Ok(v) => v.warnings,
+        Err(issues) => issues,
+    };
+    Ok(([(header::CONTENT_TYPE, FHIR_JSON)], operation_outcome(&issues).to_string()).into_response())
+}

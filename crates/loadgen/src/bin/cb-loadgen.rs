@@ -1,0 +1,180 @@
+//! `cb-loadgen`: closed-loop HTTP/1.1 load against a FHIR R4 server's Patient endpoint.
+//!
+//! Prints one human line per run and, with `--json`, one JSON line per run (seeding included, as scenario
+//! `seed`). Exit status: 0 when every run got at least one 2xx response, 1 otherwise, 2 on a usage error.
+
+use loadgen::scenario::{Runner, Scenario, Seeded, Stop, Target};
+use loadgen::stats::Summary;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const USAGE: &str = "\
+usage: cb-loadgen --url http://HOST:PORT[/BASE] [options]
+
+  --url URL                 FHIR base URL (Carebridge: http://127.0.0.1:PORT/fhir; a server at the root: http://HOST:PORT)
+  --scenario LIST           comma-separated: create, read, search-identifier (none: only seed)
+  --concurrency LIST        comma-separated connection counts, each run in turn [default: 32]
+  --duration D              length of each run, e.g. 10s, 500ms [default: 10s]
+  --requests N              stop each run after N requests instead of a duration
+  --warmup D                unmeasured run before each measured one [default: 0s]
+  --seed N                  create N patients first (for read/search) [default: 10000 when needed]
+  --seed-concurrency C      connections used for seeding [default: 32]
+  --seed-file FILE          use patients listed in FILE (id<TAB>nhs) instead of seeding
+  --save-seed FILE          write the seeded patients to FILE
+  --nhs-start N             offset of the first generated NHS number [default: from the clock]
+  --threads N               client runtime threads [default: 1]
+  --timeout D               per-request time limit [default: 30s]
+  --json                    also print a JSON line per run";
+
+struct Args {
+    target: Target,
+    scenarios: Vec<Scenario>,
+    concurrency: Vec<usize>,
+    stop: Stop,
+    warmup: Duration,
+    seed: Option<u64>,
+    seed_concurrency: usize,
+    seed_file: Option<PathBuf>,
+    save_seed: Option<PathBuf>,
+    nhs_start: u64,
+    threads: usize,
+    timeout: Duration,
+    json: bool,
+}
+
+fn parse_args(argv: &[String]) -> Result<Args, String> {
+    let mut url = None;
+    let mut a = Args {
+        target: Target { addr: String::new(), base: String::new() },
+        scenarios: Vec::new(),
+        concurrency: vec![32],
+        stop: Stop::After(Duration::from_secs(10)),
+        warmup: Duration::ZERO,
+        seed: None,
+        seed_concurrency: 32,
+        seed_file: None,
+        save_seed: None,
+        nhs_start: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() * 7919 + u64::from(d.subsec_micros())).unwrap_or(0),
+        threads: 1,
+        timeout: Duration::from_secs(30),
+        json: false,
+    };
+    let num = |v: &str, what: &str| v.parse::<u64>().map_err(|_| format!("{what} must be a whole number, got {v:?}"));
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        if flag == "--json" {
+            a.json = true;
+            continue;
+        }
+        if flag == "-h" || flag == "--help" {
+            return Err(String::new());
+        }
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--url" => url = Some(v.clone()),
+            "--scenario" => {
+                a.scenarios = v
+                    .split(',')
+                    .filter(|s| !s.is_empty() && *s != "seed")
+                    .map(|s| Scenario::parse(s).ok_or_else(|| format!("unknown scenario {s:?}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--concurrency" => {
+                a.concurrency = v
+                    .split(',')
+                    .map(|c| num(c, "--concurrency").and_then(|n| if n == 0 { Err("--concurrency must be > 0".into()) } else { Ok(n as usize) }))
+                    .collect::<Result<_, _>>()?
+            }
+            "--duration" => a.stop = Stop::After(loadgen::parse_duration(v)?),
+            "--requests" => a.stop = Stop::Requests(num(v, "--requests")?),
+            "--warmup" => a.warmup = loadgen::parse_duration(v)?,
+            "--seed" => a.seed = Some(num(v, "--seed")?),
+            "--seed-concurrency" => a.seed_concurrency = num(v, "--seed-concurrency")?.max(1) as usize,
+            "--seed-file" => a.seed_file = Some(PathBuf::from(v)),
+            "--save-seed" => a.save_seed = Some(PathBuf::from(v)),
+            "--nhs-start" => a.nhs_start = num(v, "--nhs-start")?,
+            "--threads" => a.threads = num(v, "--threads")?.max(1) as usize,
+            "--timeout" => a.timeout = loadgen::parse_duration(v)?,
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    a.target = Target::parse(&url.ok_or("--url is required")?)?;
+    Ok(a)
+}
+
+fn report(s: &Summary, json: bool) {
+    println!("{}", s.line());
+    if json {
+        println!("{}", s.json());
+    }
+}
+
+async fn run(a: Args) -> Result<bool, String> {
+    let mut runner = Runner::new(a.target.clone(), a.nhs_start);
+    runner.timeout = a.timeout;
+    let needs_seed = a.scenarios.iter().any(|s| s.needs_seed());
+    let mut all_ok = true;
+    let seeded = match (&a.seed_file, a.seed) {
+        (Some(f), _) => Seeded::load(f)?,
+        (_, n) if needs_seed || n.is_some() => {
+            let n = n.unwrap_or(10_000);
+            let (seeded, summary) = runner.seed(n, a.seed_concurrency).await?;
+            report(&summary, a.json);
+            if seeded.ids.is_empty() {
+                return Err(format!("seeding created no patients at {}{}/Patient", a.target.addr, a.target.base));
+            }
+            if let Some(path) = &a.save_seed {
+                seeded.save(path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            }
+            seeded
+        }
+        _ => Seeded::default(),
+    };
+    let seeded = Arc::new(seeded);
+    for &sc in &a.scenarios {
+        for &c in &a.concurrency {
+            if !a.warmup.is_zero() {
+                runner.run(sc, c, Stop::After(a.warmup), seeded.clone()).await?;
+            }
+            let s = runner.run(sc, c, a.stop, seeded.clone()).await?;
+            all_ok &= s.ok_per_s > 0.0;
+            report(&s, a.json);
+        }
+    }
+    Ok(all_ok)
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = match parse_args(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("cb-loadgen: {e}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    let rt = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
+    };
+    let code = match rt {
+        Err(e) => {
+            eprintln!("cb-loadgen: starting the runtime: {e}");
+            2
+        }
+        Ok(rt) => match rt.block_on(run(args)) {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("cb-loadgen: {e}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}

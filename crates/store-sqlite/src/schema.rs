@@ -1,0 +1,179 @@
+//! Connections, pragmas and numbered schema migrations (tracked in `PRAGMA user_version`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use store::{Result, StoreError};
+
+use crate::Durability;
+use crate::sql::db;
+
+/// Migration `i` (0-based) brings the schema from version `i` to `i + 1`. Append only: never edit a released
+/// migration, add a new one.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: resources with full history, search index, outbox, idempotency.
+    r#"
+    -- One row per (type, id): the current version's metadata. Small rows, so updates are cheap; the JSON of
+    -- every version (the current one included) lives in `versions`, written exactly once.
+    CREATE TABLE resources (
+        rid             INTEGER PRIMARY KEY,
+        rtype           TEXT    NOT NULL,
+        id              TEXT    NOT NULL,
+        version         INTEGER NOT NULL,
+        last_updated_ms INTEGER NOT NULL,
+        deleted         INTEGER NOT NULL,
+        UNIQUE (rtype, id)
+    );
+    CREATE INDEX resources_type_updated ON resources (rtype, last_updated_ms);
+
+    -- Every version ever written, tombstones included (json = '' for a tombstone). `vid` follows commit order.
+    CREATE TABLE versions (
+        vid             INTEGER PRIMARY KEY,
+        rid             INTEGER NOT NULL,
+        rtype           TEXT    NOT NULL,
+        version         INTEGER NOT NULL,
+        last_updated_ms INTEGER NOT NULL,
+        deleted         INTEGER NOT NULL,
+        json            TEXT    NOT NULL,
+        UNIQUE (rid, version)
+    );
+    CREATE INDEX versions_type_updated ON versions (rtype, last_updated_ms);
+
+    -- Search index of the current live version of each resource. `system` is '' when the value has none.
+    CREATE TABLE idx_token (
+        rtype  TEXT    NOT NULL,
+        param  TEXT    NOT NULL,
+        code   TEXT    NOT NULL,
+        system TEXT    NOT NULL,
+        rid    INTEGER NOT NULL,
+        PRIMARY KEY (rtype, param, code, system, rid)
+    ) WITHOUT ROWID;
+    CREATE INDEX idx_token_rid ON idx_token (rid, param);
+
+    CREATE TABLE idx_string (
+        rtype TEXT    NOT NULL,
+        param TEXT    NOT NULL,
+        value TEXT    NOT NULL,
+        rid   INTEGER NOT NULL,
+        PRIMARY KEY (rtype, param, value, rid)
+    ) WITHOUT ROWID;
+    CREATE INDEX idx_string_rid ON idx_string (rid, param);
+
+    CREATE TABLE idx_date (
+        rtype   TEXT    NOT NULL,
+        param   TEXT    NOT NULL,
+        low_ms  INTEGER NOT NULL,
+        high_ms INTEGER NOT NULL,
+        rid     INTEGER NOT NULL,
+        PRIMARY KEY (rtype, param, low_ms, high_ms, rid)
+    ) WITHOUT ROWID;
+    CREATE INDEX idx_date_high ON idx_date (rtype, param, high_ms);
+    CREATE INDEX idx_date_rid ON idx_date (rid, param);
+
+    CREATE TABLE idx_reference (
+        rtype  TEXT    NOT NULL,
+        param  TEXT    NOT NULL,
+        target TEXT    NOT NULL,
+        rid    INTEGER NOT NULL,
+        PRIMARY KEY (rtype, param, target, rid)
+    ) WITHOUT ROWID;
+    CREATE INDEX idx_reference_rid ON idx_reference (rid, param);
+
+    -- Transactional outbox. AUTOINCREMENT: a seq is never reused, even after old events are pruned.
+    CREATE TABLE outbox (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        subject     TEXT    NOT NULL,
+        subject_seq INTEGER NOT NULL,
+        kind        TEXT    NOT NULL,
+        rtype       TEXT    NOT NULL,
+        id          TEXT    NOT NULL,
+        version     INTEGER NOT NULL,
+        time_ms     INTEGER NOT NULL,
+        data        TEXT    NOT NULL,
+        UNIQUE (subject, subject_seq)
+    );
+    CREATE TABLE subjects (
+        subject  TEXT    PRIMARY KEY,
+        last_seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE idempotency (
+        key          TEXT    PRIMARY KEY,
+        request_hash TEXT    NOT NULL,
+        status       INTEGER NOT NULL,
+        headers_json TEXT    NOT NULL,
+        body         TEXT    NOT NULL,
+        created_ms   INTEGER NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this binary writes.
+pub(crate) fn latest_version() -> i64 {
+    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+}
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Page cache per connection, in KiB (negative = KiB for `PRAGMA cache_size`).
+const CACHE_KIB: i64 = 32 * 1024;
+const STATEMENT_CACHE: usize = 256;
+
+fn unavailable(path: &Path, e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+}
+
+/// Open the single read-write connection (the writer's), switch to WAL and bring the schema up to date.
+pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "{}: cannot switch to WAL journal mode (got {mode})",
+            path.display()
+        )));
+    }
+    let sync = match durability {
+        Durability::Fsync => "FULL",
+        Durability::OsCrash => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync).map_err(db)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(db)?;
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(db)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Open a read-only connection for the read pool.
+pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(db)?;
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(db)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// Apply every migration newer than the database's `user_version`, each in its own transaction. Refuses a
+/// database written by a newer binary.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db)?;
+    let latest = latest_version();
+    if current > latest {
+        return Err(StoreError::Unavailable(format!(
+            "database schema version {current} is newer than this binary supports ({latest}); \
+             run a newer Carebridge or restore a backup"
+        )));
+    }
+    for (done, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        tx.execute_batch(sql).map_err(|e| StoreError::Backend(format!("migration {}: {e}", done + 1)))?;
+        tx.pragma_update(None, "user_version", i64::try_from(done + 1).unwrap_or(i64::MAX)).map_err(db)?;
+        tx.commit().map_err(db)?;
+    }
+    Ok(())
+}

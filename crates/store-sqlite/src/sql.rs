@@ -1,0 +1,658 @@
+//! Every SQL statement of the backend, as functions over a `&Connection`: the writer thread calls them on
+//! the write connection, reads call them on a pooled read-only connection. Statements go through
+//! `prepare_cached`, so each distinct SQL text is parsed once per connection.
+
+use rusqlite::types::{ToSqlOutput, Type};
+use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
+use serde_json::{Map, Value};
+use store::{
+    Clause, Cmp, Event, HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put, ResourceType, Result,
+    SearchQuery, SearchResult, SortField, Stored, StoreError,
+};
+
+/// A driver error as a [`StoreError`] (the text is for logs).
+pub(crate) fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn usize_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn parse_rtype(row: &Row<'_>, idx: usize) -> rusqlite::Result<ResourceType> {
+    let s: String = row.get(idx)?;
+    ResourceType::parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, format!("unknown resource type {s:?}").into())
+    })
+}
+
+/// Columns: rtype, id, version, last_updated_ms, deleted, json.
+fn stored_from_row(row: &Row<'_>) -> rusqlite::Result<Stored> {
+    Ok(Stored {
+        rtype: parse_rtype(row, 0)?,
+        id: row.get(1)?,
+        version: to_u64(row.get(2)?),
+        last_updated_ms: row.get(3)?,
+        deleted: row.get(4)?,
+        json: row.get(5)?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Point reads
+
+pub(crate) fn read_current(conn: &Connection, rtype: ResourceType, id: &str) -> Result<Option<Stored>> {
+    conn.prepare_cached(
+        "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
+         FROM resources r JOIN versions v ON v.rid = r.rid AND v.version = r.version
+         WHERE r.rtype = ?1 AND r.id = ?2",
+    )
+    .and_then(|mut s| s.query_row(params![rtype.as_str(), id], stored_from_row).optional())
+    .map_err(db)
+}
+
+pub(crate) fn read_version(conn: &Connection, rtype: ResourceType, id: &str, version: u64) -> Result<Option<Stored>> {
+    conn.prepare_cached(
+        "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
+         FROM resources r JOIN versions v ON v.rid = r.rid
+         WHERE r.rtype = ?1 AND r.id = ?2 AND v.version = ?3",
+    )
+    .and_then(|mut s| s.query_row(params![rtype.as_str(), id, to_i64(version)], stored_from_row).optional())
+    .map_err(db)
+}
+
+/// (rid, version, deleted) of the current version.
+fn current_state(conn: &Connection, rtype: ResourceType, id: &str) -> Result<Option<(i64, u64, bool)>> {
+    conn.prepare_cached("SELECT rid, version, deleted FROM resources WHERE rtype = ?1 AND id = ?2")
+        .and_then(|mut s| {
+            s.query_row(params![rtype.as_str(), id], |r| Ok((r.get(0)?, to_u64(r.get(1)?), r.get(2)?))).optional()
+        })
+        .map_err(db)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Writes (only ever called on the writer thread, inside its transaction)
+
+fn check_expected(rtype: ResourceType, id: &str, expected: Option<u64>, live_version: u64) -> Result<()> {
+    match expected {
+        Some(expected) if expected != live_version => Err(StoreError::VersionConflict {
+            rtype,
+            id: id.to_string(),
+            expected,
+            actual: live_version,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Set `resourceType` (if absent), `id`, `meta.versionId` and `meta.lastUpdated`, keeping every other member
+/// and its order; `resourceType`, `id` and `meta` come first.
+fn stamp(rtype: ResourceType, id: &str, version: u64, last_updated: String, resource: Value) -> Result<String> {
+    let Value::Object(obj) = resource else {
+        return Err(StoreError::Invalid(format!("{rtype}/{id}: a resource must be a JSON object")));
+    };
+    let mut resource_type = None;
+    let mut meta = None;
+    let mut rest = Vec::with_capacity(obj.len());
+    for (k, v) in obj {
+        match k.as_str() {
+            "resourceType" => resource_type = Some(v),
+            "meta" => meta = Some(v),
+            "id" => {}
+            _ => rest.push((k, v)),
+        }
+    }
+    match &resource_type {
+        None => {}
+        Some(Value::String(s)) if s == rtype.as_str() => {}
+        Some(other) => {
+            return Err(StoreError::Invalid(format!("{rtype}/{id}: resourceType is {other}, expected \"{rtype}\"")));
+        }
+    }
+    let mut meta = match meta {
+        None => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(StoreError::Invalid(format!("{rtype}/{id}: meta must be a JSON object"))),
+    };
+    meta.insert("versionId".to_string(), Value::String(version.to_string()));
+    meta.insert("lastUpdated".to_string(), Value::String(last_updated));
+
+    let mut out = Map::with_capacity(rest.len() + 3);
+    out.insert("resourceType".to_string(), resource_type.unwrap_or_else(|| Value::String(rtype.to_string())));
+    out.insert("id".to_string(), Value::String(id.to_string()));
+    out.insert("meta".to_string(), Value::Object(meta));
+    out.extend(rest);
+    serde_json::to_string(&Value::Object(out)).map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))
+}
+
+fn insert_version(
+    conn: &Connection,
+    rid: i64,
+    rtype: ResourceType,
+    version: u64,
+    now_ms: i64,
+    deleted: bool,
+    json: &str,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO versions (rid, rtype, version, last_updated_ms, deleted, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| s.execute(params![rid, rtype.as_str(), to_i64(version), now_ms, deleted, json]))
+    .map_err(db)?;
+    Ok(())
+}
+
+fn update_current(conn: &Connection, rid: i64, version: u64, now_ms: i64, deleted: bool) -> Result<()> {
+    conn.prepare_cached("UPDATE resources SET version = ?2, last_updated_ms = ?3, deleted = ?4 WHERE rid = ?1")
+        .and_then(|mut s| s.execute(params![rid, to_i64(version), now_ms, deleted]))
+        .map_err(db)?;
+    Ok(())
+}
+
+fn remove_index(conn: &Connection, rid: i64) -> Result<()> {
+    for sql in [
+        "DELETE FROM idx_token WHERE rid = ?1",
+        "DELETE FROM idx_string WHERE rid = ?1",
+        "DELETE FROM idx_date WHERE rid = ?1",
+        "DELETE FROM idx_reference WHERE rid = ?1",
+    ] {
+        conn.prepare_cached(sql).and_then(|mut s| s.execute([rid])).map_err(db)?;
+    }
+    Ok(())
+}
+
+fn insert_index(conn: &Connection, rid: i64, rtype: ResourceType, entries: &[store::IndexEntry]) -> Result<()> {
+    let rt = rtype.as_str();
+    for e in entries {
+        let r = match &e.value {
+            IndexValue::Token { system, code } => conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO idx_token (rtype, param, code, system, rid) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| s.execute(params![rt, e.param, code, system.as_deref().unwrap_or(""), rid])),
+            IndexValue::String(value) => conn
+                .prepare_cached("INSERT OR IGNORE INTO idx_string (rtype, param, value, rid) VALUES (?1, ?2, ?3, ?4)")
+                .and_then(|mut s| s.execute(params![rt, e.param, value, rid])),
+            IndexValue::Date { low_ms, high_ms } => conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO idx_date (rtype, param, low_ms, high_ms, rid) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| s.execute(params![rt, e.param, low_ms, high_ms, rid])),
+            IndexValue::Reference(target) => conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO idx_reference (rtype, param, target, rid) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut s| s.execute(params![rt, e.param, target, rid])),
+        };
+        r.map_err(db)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<Stored> {
+    let Put { rtype, id, resource, index, expected_version } = put;
+    if id.is_empty() {
+        return Err(StoreError::Invalid(format!("{rtype}: empty id")));
+    }
+    let current = current_state(conn, rtype, &id)?;
+    let live_version = match current {
+        Some((_, v, false)) => v,
+        _ => 0,
+    };
+    check_expected(rtype, &id, expected_version, live_version)?;
+    let version = current.map_or(0, |(_, v, _)| v) + 1;
+    let json = stamp(rtype, &id, version, fhir::format_instant_ms(now_ms), resource)?;
+
+    let rid = match current {
+        Some((rid, _, deleted)) => {
+            update_current(conn, rid, version, now_ms, false)?;
+            if !deleted {
+                remove_index(conn, rid)?;
+            }
+            rid
+        }
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO resources (rtype, id, version, last_updated_ms, deleted) VALUES (?1, ?2, ?3, ?4, 0)",
+            )
+            .and_then(|mut s| s.execute(params![rtype.as_str(), id, to_i64(version), now_ms]))
+            .map_err(db)?;
+            conn.last_insert_rowid()
+        }
+    };
+    insert_version(conn, rid, rtype, version, now_ms, false, &json)?;
+    insert_index(conn, rid, rtype, &index)?;
+    Ok(Stored { rtype, id, version, last_updated_ms: now_ms, deleted: false, json })
+}
+
+pub(crate) fn delete(
+    conn: &Connection,
+    now_ms: i64,
+    rtype: ResourceType,
+    id: &str,
+    expected_version: Option<u64>,
+) -> Result<Option<Stored>> {
+    let current = current_state(conn, rtype, id)?;
+    let live_version = match current {
+        Some((_, v, false)) => v,
+        _ => 0,
+    };
+    check_expected(rtype, id, expected_version, live_version)?;
+    let Some((rid, current_version, false)) = current else {
+        return Ok(None);
+    };
+    let version = current_version + 1;
+    update_current(conn, rid, version, now_ms, true)?;
+    insert_version(conn, rid, rtype, version, now_ms, true, "")?;
+    remove_index(conn, rid)?;
+    Ok(Some(Stored { rtype, id: id.to_string(), version, last_updated_ms: now_ms, deleted: true, json: String::new() }))
+}
+
+pub(crate) fn append_event(conn: &Connection, now_ms: i64, event: NewEvent) -> Result<Event> {
+    let NewEvent { subject, kind, rtype, id, version, data } = event;
+    let subject_seq: i64 = conn
+        .prepare_cached(
+            "INSERT INTO subjects (subject, last_seq) VALUES (?1, 1)
+             ON CONFLICT (subject) DO UPDATE SET last_seq = last_seq + 1
+             RETURNING last_seq",
+        )
+        .and_then(|mut s| s.query_row([&subject], |r| r.get(0)))
+        .map_err(db)?;
+    let data_text = serde_json::to_string(&data).map_err(|e| StoreError::Invalid(format!("event data: {e}")))?;
+    conn.prepare_cached(
+        "INSERT INTO outbox (subject, subject_seq, kind, rtype, id, version, time_ms, data)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![subject, subject_seq, kind, rtype.as_str(), id, to_i64(version), now_ms, data_text])
+    })
+    .map_err(db)?;
+    let seq = conn.last_insert_rowid();
+    Ok(Event { seq, subject, subject_seq, kind, rtype, id, version, time_ms: now_ms, data })
+}
+
+pub(crate) fn idempotency_get(conn: &Connection, key: &str) -> Result<Option<IdempotencyRecord>> {
+    let row = conn
+        .prepare_cached(
+            "SELECT request_hash, status, headers_json, body, created_ms FROM idempotency WHERE key = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row([key], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()
+        })
+        .map_err(db)?;
+    let Some((request_hash, status, headers_json, body, created_ms)) = row else {
+        return Ok(None);
+    };
+    let headers: Vec<(String, String)> = serde_json::from_str(&headers_json)
+        .map_err(|e| StoreError::Backend(format!("idempotency record {key}: bad headers: {e}")))?;
+    Ok(Some(IdempotencyRecord {
+        key: key.to_string(),
+        request_hash,
+        status: u16::try_from(status).unwrap_or(0),
+        headers,
+        body,
+        created_ms,
+    }))
+}
+
+pub(crate) fn idempotency_put(conn: &Connection, record: IdempotencyRecord) -> Result<()> {
+    let headers = serde_json::to_string(&record.headers).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT INTO idempotency (key, request_hash, status, headers_json, body, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (key) DO UPDATE SET request_hash = excluded.request_hash, status = excluded.status,
+             headers_json = excluded.headers_json, body = excluded.body, created_ms = excluded.created_ms",
+    )
+    .and_then(|mut s| {
+        s.execute(params![record.key, record.request_hash, record.status, headers, record.body, record.created_ms])
+    })
+    .map_err(db)?;
+    Ok(())
+}
+
+/// The newest stored instant (the writer's clock never goes behind it).
+pub(crate) fn newest_instant(conn: &Connection) -> Result<i64> {
+    let v: Option<i64> = conn
+        .prepare_cached("SELECT last_updated_ms FROM versions ORDER BY vid DESC LIMIT 1")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+        .map_err(db)?;
+    Ok(v.unwrap_or(0))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Search
+
+/// The smallest string greater than every string that starts with `prefix` (byte order of UTF-8 = code point
+/// order), or `None` when no such bound exists (empty prefix or only `char::MAX`).
+pub(crate) fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let mut next = u32::from(last) + 1;
+        if (0xD800..=0xDFFF).contains(&next) {
+            next = 0xE000;
+        }
+        if let Some(c) = char::from_u32(next) {
+            chars.push(c);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// A SQL fragment with its positional (`?`) arguments, in text order.
+#[derive(Default)]
+struct Frag<'a> {
+    sql: String,
+    args: Vec<ToSqlOutput<'a>>,
+}
+
+impl<'a> Frag<'a> {
+    fn push(&mut self, sql: &str) {
+        self.sql.push_str(sql);
+    }
+    fn arg(&mut self, sql: &str, v: impl Into<ToSqlOutput<'a>>) {
+        self.sql.push_str(sql);
+        self.args.push(v.into());
+    }
+    fn append(&mut self, other: Frag<'a>) {
+        self.sql.push_str(&other.sql);
+        self.args.extend(other.args);
+    }
+}
+
+/// `[low, high]` compared with the query range per FHIR's prefix rules; `low`/`high` are column names (the
+/// same column for an instant such as `last_updated_ms`).
+fn range_cmp(f: &mut Frag<'_>, low: &str, high: &str, cmp: Cmp, qlo: i64, qhi: i64) {
+    match cmp {
+        Cmp::Eq => {
+            f.arg(&format!("({low} >= ?"), qlo);
+            f.arg(&format!(" AND {high} <= ?)"), qhi);
+        }
+        Cmp::Ne => {
+            f.arg(&format!("NOT ({low} >= ?"), qlo);
+            f.arg(&format!(" AND {high} <= ?)"), qhi);
+        }
+        Cmp::Gt => f.arg(&format!("{high} > ?"), qhi),
+        Cmp::Lt => f.arg(&format!("{low} < ?"), qlo),
+        Cmp::Ge => f.arg(&format!("{high} >= ?"), qlo),
+        Cmp::Le => f.arg(&format!("{low} <= ?"), qhi),
+        Cmp::Sa => f.arg(&format!("{low} > ?"), qhi),
+        Cmp::Eb => f.arg(&format!("{high} < ?"), qlo),
+        Cmp::Ap => {
+            f.arg(&format!("({low} <= ?"), qhi);
+            f.arg(&format!(" AND {high} >= ?)"), qlo);
+        }
+    }
+}
+
+/// `SELECT rid FROM idx_* WHERE ...` for an index-table predicate; `None` for `Id` / `LastUpdated`.
+fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> Option<Frag<'a>> {
+    let mut f = Frag::default();
+    let head = |f: &mut Frag<'a>, table: &str| {
+        f.arg(&format!("SELECT rid FROM {table} WHERE rtype = ?"), rtype.as_str());
+        f.arg(" AND param = ?", param);
+    };
+    match p {
+        Predicate::Id(_) | Predicate::LastUpdated { .. } => return None,
+        Predicate::Token { system, code } => {
+            head(&mut f, "idx_token");
+            if let Some(code) = code {
+                f.arg(" AND code = ?", code.as_str());
+            }
+            if let Some(system) = system {
+                f.arg(" AND system = ?", system.as_str());
+            }
+        }
+        Predicate::String { value, exact } => {
+            head(&mut f, "idx_string");
+            if *exact {
+                f.arg(" AND value = ?", value.as_str());
+            } else if !value.is_empty() {
+                f.arg(" AND value >= ?", value.as_str());
+                if let Some(upper) = prefix_upper_bound(value) {
+                    f.arg(" AND value < ?", upper);
+                }
+            }
+        }
+        Predicate::Date { cmp, low_ms, high_ms } => {
+            head(&mut f, "idx_date");
+            f.push(" AND ");
+            range_cmp(&mut f, "low_ms", "high_ms", *cmp, *low_ms, *high_ms);
+        }
+        Predicate::Reference(target) => {
+            head(&mut f, "idx_reference");
+            f.arg(" AND target = ?", target.as_str());
+        }
+    }
+    Some(f)
+}
+
+/// One clause: its alternatives ORed. Index-table alternatives share one `r.rid IN (... UNION ALL ...)`.
+fn clause_sql(rtype: ResourceType, clause: &Clause) -> Frag<'_> {
+    let mut terms: Vec<Frag<'_>> = Vec::new();
+    let mut subs: Vec<Frag<'_>> = Vec::new();
+    for p in &clause.any_of {
+        match p {
+            Predicate::Id(id) => {
+                let mut f = Frag::default();
+                f.arg("r.id = ?", id.as_str());
+                terms.push(f);
+            }
+            Predicate::LastUpdated { cmp, low_ms, high_ms } => {
+                let mut f = Frag::default();
+                range_cmp(&mut f, "r.last_updated_ms", "r.last_updated_ms", *cmp, *low_ms, *high_ms);
+                terms.push(f);
+            }
+            other => subs.extend(index_subquery(rtype, &clause.param, other)),
+        }
+    }
+    if !subs.is_empty() {
+        let mut f = Frag::default();
+        f.push("r.rid IN (");
+        for (i, s) in subs.into_iter().enumerate() {
+            if i > 0 {
+                f.push(" UNION ALL ");
+            }
+            f.append(s);
+        }
+        f.push(")");
+        terms.push(f);
+    }
+    let mut out = Frag::default();
+    if terms.is_empty() {
+        out.push("0"); // no alternatives: nothing matches
+        return out;
+    }
+    out.push("(");
+    for (i, t) in terms.into_iter().enumerate() {
+        if i > 0 {
+            out.push(" OR ");
+        }
+        out.append(t);
+    }
+    out.push(")");
+    out
+}
+
+/// `FROM resources r WHERE ...` of a search (live resources of the type matching every clause).
+fn from_where(q: &SearchQuery) -> Frag<'_> {
+    let mut f = Frag::default();
+    f.arg(" FROM resources r WHERE r.rtype = ?", q.rtype.as_str());
+    f.push(" AND r.deleted = 0");
+    for clause in &q.clauses {
+        f.push(" AND ");
+        f.append(clause_sql(q.rtype, clause));
+    }
+    f
+}
+
+fn order_by(q: &SearchQuery) -> Frag<'_> {
+    let mut f = Frag::default();
+    f.push(" ORDER BY ");
+    for s in &q.sort {
+        let dir = if s.descending { " DESC" } else { " ASC" };
+        match &s.field {
+            SortField::Id => {
+                f.push("r.id");
+                f.push(dir);
+            }
+            SortField::LastUpdated => {
+                f.push("r.last_updated_ms");
+                f.push(dir);
+            }
+            SortField::Param(name) => {
+                f.arg("COALESCE((SELECT MIN(s.value) FROM idx_string s WHERE s.rid = r.rid AND s.param = ?)", name.as_str());
+                f.arg(", (SELECT MIN(d.low_ms) FROM idx_date d WHERE d.rid = r.rid AND d.param = ?)", name.as_str());
+                f.arg(", (SELECT MIN(t.code) FROM idx_token t WHERE t.rid = r.rid AND t.param = ?)", name.as_str());
+                f.arg(", (SELECT MIN(x.target) FROM idx_reference x WHERE x.rid = r.rid AND x.param = ?))", name.as_str());
+                f.push(dir);
+                f.push(" NULLS LAST");
+            }
+        }
+        f.push(", ");
+    }
+    f.push("r.id ASC");
+    f
+}
+
+/// Search on any connection. `want_total` is honoured only when `with_total` (outside transactions).
+pub(crate) fn search(conn: &Connection, q: &SearchQuery, with_total: bool) -> Result<SearchResult> {
+    let filter = from_where(q);
+    let total = if with_total && q.want_total {
+        let sql = format!("SELECT COUNT(*){}", filter.sql);
+        let n: i64 = conn
+            .prepare_cached(&sql)
+            .and_then(|mut s| s.query_row(params_from_iter(filter.args.iter()), |r| r.get(0)))
+            .map_err(db)?;
+        Some(to_u64(n))
+    } else {
+        None
+    };
+    if q.count == 0 {
+        return Ok(SearchResult { resources: Vec::new(), total });
+    }
+
+    // Phase 1: the page of matches, with small columns only (no JSON through the sorter).
+    let mut page = Frag::default();
+    page.push("SELECT r.rid, r.id, r.version, r.last_updated_ms");
+    page.append(filter);
+    page.append(order_by(q));
+    page.arg(" LIMIT ?", usize_i64(q.count));
+    page.arg(" OFFSET ?", usize_i64(q.offset));
+    let rows: Vec<(i64, String, i64, i64)> = conn
+        .prepare_cached(&page.sql)
+        .and_then(|mut s| {
+            s.query_map(params_from_iter(page.args.iter()), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect()
+        })
+        .map_err(db)?;
+
+    // Phase 2: the JSON of each, by primary key.
+    let mut stmt =
+        conn.prepare_cached("SELECT json FROM versions WHERE rid = ?1 AND version = ?2").map_err(db)?;
+    let mut resources = Vec::with_capacity(rows.len());
+    for (rid, id, version, last_updated_ms) in rows {
+        let json: String = stmt.query_row(params![rid, version], |r| r.get(0)).map_err(db)?;
+        resources.push(Stored { rtype: q.rtype, id, version: to_u64(version), last_updated_ms, deleted: false, json });
+    }
+    Ok(SearchResult { resources, total })
+}
+
+pub(crate) fn history(conn: &Connection, q: &HistoryQuery) -> Result<SearchResult> {
+    let since = q.since_ms.unwrap_or(i64::MIN);
+    let (count_sql, page_sql, args): (&str, &str, Vec<ToSqlOutput<'_>>) = match &q.id {
+        Some(id) => (
+            "SELECT COUNT(*) FROM resources r JOIN versions v ON v.rid = r.rid
+             WHERE r.rtype = ?1 AND r.id = ?2 AND v.last_updated_ms >= ?3",
+            "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
+             FROM resources r JOIN versions v ON v.rid = r.rid
+             WHERE r.rtype = ?1 AND r.id = ?2 AND v.last_updated_ms >= ?3
+             ORDER BY v.last_updated_ms DESC, v.version DESC LIMIT ?4 OFFSET ?5",
+            vec![q.rtype.as_str().into(), id.as_str().into(), since.into()],
+        ),
+        None => (
+            "SELECT COUNT(*) FROM versions v WHERE v.rtype = ?1 AND v.last_updated_ms >= ?2",
+            "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
+             FROM versions v CROSS JOIN resources r ON r.rid = v.rid
+             WHERE v.rtype = ?1 AND v.last_updated_ms >= ?2
+             ORDER BY v.last_updated_ms DESC, v.vid DESC LIMIT ?3 OFFSET ?4",
+            vec![q.rtype.as_str().into(), since.into()],
+        ),
+    };
+    let total: i64 = conn
+        .prepare_cached(count_sql)
+        .and_then(|mut s| s.query_row(params_from_iter(args.iter()), |r| r.get(0)))
+        .map_err(db)?;
+    let mut page_args = args;
+    page_args.push(usize_i64(q.count).into());
+    page_args.push(usize_i64(q.offset).into());
+    let resources = if q.count == 0 {
+        Vec::new()
+    } else {
+        conn.prepare_cached(page_sql)
+            .and_then(|mut s| s.query_map(params_from_iter(page_args.iter()), stored_from_row)?.collect())
+            .map_err(db)?
+    };
+    Ok(SearchResult { resources, total: Some(to_u64(total)) })
+}
+
+pub(crate) fn events_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Event>> {
+    let rows: Vec<(Event, String)> = conn
+        .prepare_cached(
+            "SELECT seq, subject, subject_seq, kind, rtype, id, version, time_ms, data
+             FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![after, usize_i64(limit)], |r| {
+                Ok((
+                    Event {
+                        seq: r.get(0)?,
+                        subject: r.get(1)?,
+                        subject_seq: r.get(2)?,
+                        kind: r.get(3)?,
+                        rtype: parse_rtype(r, 4)?,
+                        id: r.get(5)?,
+                        version: to_u64(r.get(6)?),
+                        time_ms: r.get(7)?,
+                        data: Value::Null,
+                    },
+                    r.get(8)?,
+                ))
+            })?
+            .collect()
+        })
+        .map_err(db)?;
+    rows.into_iter()
+        .map(|(mut e, data)| {
+            e.data = serde_json::from_str(&data)
+                .map_err(|err| StoreError::Backend(format!("outbox event {}: bad data: {err}", e.seq)))?;
+            Ok(e)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_upper_bound;
+
+    #[test]
+    fn prefix_bounds() {
+        assert_eq!(prefix_upper_bound("smi").as_deref(), Some("smj"));
+        assert_eq!(prefix_upper_bound("").as_deref(), None);
+        assert_eq!(prefix_upper_bound("zo\u{eb}").as_deref(), Some("zo\u{ec}"));
+        assert_eq!(prefix_upper_bound("a\u{d7ff}").as_deref(), Some("a\u{e000}"));
+        assert_eq!(prefix_upper_bound("a\u{10ffff}").as_deref(), Some("b"));
+        assert_eq!(prefix_upper_bound("\u{10ffff}").as_deref(), None);
+    }
+}

@@ -1,0 +1,98 @@
+"""Real-world FHIR JSON from <repo>/../shared/corpus/fhir/**: every example of a served type (a whole file, or an
+entry of a Bundle file) is either stored losslessly (read back equal to what was sent, apart from id and meta)
+or refused and listed, with its reason, in <repo>/crates/fhir/tests/corpus-expected.json
+("fhir/bars/x.json" or "fhir/pds/y.json#entry[0]" -> reason; missing file = nothing listed)."""
+
+import json
+
+import pytest
+
+from conftest import REPO, describe
+from helpers import TYPES
+
+CORPUS = REPO.parent / "shared" / "corpus"
+EXPECTED_FILE = REPO / "crates" / "fhir" / "tests" / "corpus-expected.json"
+
+
+def corpus_cases():
+    """(key, resource) for every file holding a served type, and for every entry of a served type inside a
+    Bundle file (key `fhir/x/y.json#entry[N]`, the form corpus-expected.json uses)."""
+    root = CORPUS / "fhir"
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(root.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        rel = path.relative_to(CORPUS).as_posix()
+        if data.get("resourceType") in TYPES:
+            out.append((rel, data))
+        elif data.get("resourceType") == "Bundle":
+            for i, entry in enumerate(data.get("entry") or []):
+                res = entry.get("resource") if isinstance(entry, dict) else None
+                if isinstance(res, dict) and res.get("resourceType") in TYPES:
+                    out.append((f"{rel}#entry[{i}]", res))
+    return out
+
+
+def expected_refusals() -> dict:
+    if not EXPECTED_FILE.exists():
+        return {}
+    return json.loads(EXPECTED_FILE.read_text(encoding="utf-8"))
+
+
+CASES = corpus_cases()
+
+
+def strip(resource: dict) -> dict:
+    return {k: v for k, v in resource.items() if k not in ("id", "meta")}
+
+
+@pytest.mark.parametrize("key,data", CASES or [("<none>", None)], ids=[k for k, _ in CASES] or ["<none>"])
+def test_corpus_example(raw, key, data):
+    if not CASES:
+        pytest.skip(f"no FHIR corpus: {CORPUS / 'fhir'} is absent or holds no JSON of a served type")
+    sent = strip(data)
+    refusals = expected_refusals()
+    r = raw.post(data["resourceType"], sent)
+    if key in refusals:
+        assert r.status_code in (400, 422), (
+            f"{key} is listed as refused ({refusals[key]!r}) but got {r.status_code}" + describe(r)
+        )
+        assert r.json()["resourceType"] == "OperationOutcome", describe(r)
+        return
+    assert r.status_code == 201, f"{key} was refused and is not listed in {EXPECTED_FILE.name}" + describe(r)
+    stored_id = r.json()["id"]
+    back = raw.get(f"{data['resourceType']}/{stored_id}")
+    assert back.status_code == 200, describe(back)
+    got = strip(back.json())
+    assert got == sent, f"{key}: read-back differs from what was sent" + diff(sent, got)
+
+
+def diff(a, b, path="$") -> str:
+    """First differences between two JSON values, as a readable list."""
+    out = []
+
+    def walk(x, y, p):
+        if len(out) >= 10:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in list(x) + [k for k in y if k not in x]:
+                if k not in y:
+                    out.append(f"{p}.{k}: dropped (sent {json.dumps(x[k])[:200]})")
+                elif k not in x:
+                    out.append(f"{p}.{k}: added ({json.dumps(y[k])[:200]})")
+                else:
+                    walk(x[k], y[k], f"{p}.{k}")
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (xi, yi) in enumerate(zip(x, y)):
+                walk(xi, yi, f"{p}[{i}]")
+        elif x != y:
+            out.append(f"{p}: sent {json.dumps(x)[:200]} got {json.dumps(y)[:200]}")
+
+    walk(a, b, path)
+    return "\n" + "\n".join(out)

@@ -1,0 +1,845 @@
+//! `cargo xtask bench [--quick] [--hfs PATH]`: throughput, latency, start-up time, memory and validation speed of
+//! Carebridge, measured side by side with the Helios FHIR Server (HFS) peer when it is available.
+//!
+//! Why it exists: performance claims need one reproducible command that measures both servers with the same
+//! client in the same run, and prints the conditions (machine, durability, validation) next to the numbers.
+//!
+//! How: builds `carebridge` and `loadgen` in release, starts each server on a free loopback port with throw-away
+//! data, drives it with `cb-loadgen` (runs interleaved server by server, so machine noise hits both), times
+//! `fhir::validate_json` with `cb-validate-bench` against Python's fhir.resources on the same Patient, and writes
+//! Markdown to stdout and `target/bench/results.md`. The HFS binary comes from `--hfs`, `$HFS_BIN` or `hfs` on
+//! PATH; without it (or without its search-parameter bundle) the peer is skipped with the reason printed.
+//!
+//! Invariants: std only (xtask must build in seconds); every server it starts is stopped by pid, and its
+//! temporary directory removed, on success and on error; nothing outside `target/` and the temp dir is written.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const CONCURRENCY: [u32; 3] = [1, 8, 32];
+const SCENARIOS: [&str; 3] = ["create", "read", "search-identifier"];
+/// Stems of NHS numbers reserved per cb-loadgen invocation against one server (see `loadgen::patient`).
+const NHS_BLOCK: u64 = 90_000;
+
+/// How much to measure.
+struct Settings {
+    quick: bool,
+    duration: &'static str,
+    warmup: &'static str,
+    seed: u64,
+    startup_samples: usize,
+    validate_iterations: u64,
+    python_iterations: u64,
+}
+
+impl Settings {
+    fn new(quick: bool) -> Settings {
+        if quick {
+            Settings {
+                quick,
+                duration: "1500ms",
+                warmup: "300ms",
+                seed: 500,
+                startup_samples: 2,
+                validate_iterations: 2_000,
+                python_iterations: 300,
+            }
+        } else {
+            Settings {
+                quick,
+                duration: "10s",
+                warmup: "2s",
+                seed: 10_000,
+                startup_samples: 5,
+                validate_iterations: 50_000,
+                python_iterations: 5_000,
+            }
+        }
+    }
+}
+
+/// Entry point of `cargo xtask bench [args]`.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let mut quick = false;
+    let mut hfs_arg = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--hfs" => hfs_arg = Some(PathBuf::from(it.next().ok_or("--hfs needs the path of the hfs binary")?)),
+            "-h" | "--help" => {
+                println!("usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY]   (or HFS_BIN=PATH)");
+                return Ok(());
+            }
+            other => return Err(format!("bench: unknown argument {other:?} (try --help)")),
+        }
+    }
+    let s = Settings::new(quick);
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let out_dir = target.join("bench");
+    fs::create_dir_all(&out_dir).map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
+    let mut report = Report::header(args, &s);
+
+    progress("building carebridge and loadgen (release)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "carebridge", "-p", "loadgen"])
+        .status()
+        .map_err(|e| format!("running {cargo}: {e}"))?;
+    if !status.success() {
+        return Err("bench: `cargo build --release -p carebridge -p loadgen` failed".into());
+    }
+    let bin = |name: &str| target.join("release").join(name);
+    let tmp = TempDir::create()?;
+
+    // 1. Validation throughput (CPU only, before any server runs).
+    report.validation(&bin("cb-validate-bench"), &root, &target, &tmp.0, &s);
+
+    // 2. Carebridge start-up on a fresh store.
+    let mut startups = Vec::new();
+    for i in 0..s.startup_samples {
+        let dir = tmp.0.join(format!("startup-{i}"));
+        match start_carebridge(&bin("carebridge"), &dir, "fsync", &tmp.0) {
+            Ok(st) => startups.push((st.to_listening, st.to_ready)),
+            Err(e) => report.problem(format!("carebridge start-up sample {i}: {e}")),
+        }
+    }
+
+    // 3. Servers under load.
+    let hfs = find_hfs(hfs_arg, &root);
+    let mut servers: Vec<Target> = Vec::new();
+    match start_carebridge(&bin("carebridge"), &tmp.0.join("cb-fsync"), "fsync", &tmp.0) {
+        Ok(st) => servers.push(Target::new("Carebridge", "fsync (default): fsync per commit", false, st)),
+        Err(e) => return Err(format!("bench: carebridge does not start: {e}")),
+    }
+    match start_carebridge(&bin("carebridge"), &tmp.0.join("cb-os"), "os", &tmp.0) {
+        Ok(st) => servers.push(Target::new("Carebridge os", "`--durability os`: no fsync per commit", true, st)),
+        Err(e) => report.problem(format!("carebridge --durability os does not start: {e}")),
+    }
+    match &hfs {
+        Ok(path) => match start_hfs(path, &root, &tmp.0) {
+            Ok(st) => {
+                let validation = std::env::var("HFS_VALIDATION_MODE").unwrap_or_else(|_| "off (default)".into());
+                let durability = format!("SQLite WAL, synchronous=NORMAL: no fsync per commit; write validation {validation}");
+                servers.push(Target::new("HFS", &durability, false, st));
+            }
+            Err(e) => report.problem(format!("HFS peer skipped: it does not start: {e}")),
+        },
+        Err(why) => report.problem(format!("HFS peer skipped: {why}")),
+    }
+    for t in &mut servers {
+        t.rss_idle_kb = rss_kb(t.server.pid());
+    }
+    let loadgen = bin("cb-loadgen");
+    for t in servers.iter_mut().filter(|t| !t.create_only) {
+        progress(&format!("seeding {} patients into {}", s.seed, t.name));
+        let seed_file = tmp.0.join(format!("{}.seed", t.name.replace(' ', "-")));
+        let nhs = t.next_nhs_block();
+        let args = vec![
+            "--seed".into(),
+            s.seed.to_string(),
+            "--seed-concurrency".into(),
+            "32".into(),
+            "--save-seed".into(),
+            seed_file.display().to_string(),
+            "--nhs-start".into(),
+            nhs.to_string(),
+        ];
+        match run_loadgen(&loadgen, &t.url, &args) {
+            Ok(runs) => {
+                t.seed = runs.into_iter().next().ok_or_else(|| "no seed result".to_string());
+                t.seed_file = Some(seed_file);
+            }
+            Err(e) => t.seed = Err(e),
+        }
+    }
+    for scenario in SCENARIOS {
+        for c in CONCURRENCY {
+            for t in servers.iter_mut() {
+                if scenario != "create" && (t.create_only || t.seed_file.is_none()) {
+                    continue;
+                }
+                let mut args = vec![
+                    "--scenario".to_string(),
+                    scenario.into(),
+                    "--concurrency".into(),
+                    c.to_string(),
+                    "--duration".into(),
+                    s.duration.into(),
+                    "--warmup".into(),
+                    s.warmup.into(),
+                    "--nhs-start".into(),
+                    t.next_nhs_block().to_string(),
+                ];
+                if let Some(f) = &t.seed_file {
+                    args.extend(["--seed-file".to_string(), f.display().to_string()]);
+                }
+                progress(&format!("{scenario} c={c} against {}", t.name));
+                let r = run_loadgen(&loadgen, &t.url, &args).and_then(|v| v.into_iter().next().ok_or("no result".into()));
+                t.runs.push((scenario, c, r));
+            }
+        }
+    }
+    for t in &mut servers {
+        std::thread::sleep(Duration::from_millis(500));
+        t.rss_loaded_kb = rss_kb(t.server.pid());
+    }
+
+    // 4. Restart Carebridge on its populated store.
+    let mut restart = None;
+    if let Some(t) = servers.iter_mut().find(|t| t.name == "Carebridge") {
+        t.server.stop();
+        match start_carebridge(&bin("carebridge"), &tmp.0.join("cb-fsync"), "fsync", &tmp.0) {
+            Ok(st) => restart = Some((st.to_listening, st.to_ready, rss_kb(st.server.pid()))),
+            Err(e) => report.problem(format!("carebridge restart on the populated store: {e}")),
+        }
+    }
+
+    report.load_tables(&servers, &s);
+    report.startup_table(&startups, restart, &servers);
+    report.finish();
+    for t in &mut servers {
+        t.server.stop();
+    }
+    let md = report.out;
+    println!("{md}");
+    let path = out_dir.join("results.md");
+    fs::write(&path, &md).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    progress(&format!("written to {}", path.display()));
+    Ok(())
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+fn workspace_root() -> PathBuf {
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_path_buf()
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create() -> Result<TempDir, String> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let p = std::env::temp_dir().join(format!("cb-bench-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Servers
+
+/// A server process, stopped (SIGTERM, then SIGKILL after 10 s) on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn stop(&mut self) {
+        if self.exited() {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        for _ in 0..200 {
+            if self.exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Started {
+    server: Server,
+    /// Spawn to the `listening on` line (Carebridge only).
+    to_listening: Option<Duration>,
+    /// Spawn to the first 200 from the readiness path.
+    to_ready: Duration,
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<(PathBuf, fs::File), String> {
+    let path = dir.join(format!("{name}.log"));
+    let f = fs::File::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    Ok((path, f))
+}
+
+fn start_carebridge(bin: &Path, data_dir: &Path, durability: &str, tmp: &Path) -> Result<Started, String> {
+    let name = data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (log, log_f) = log_file(tmp, &format!("carebridge-{name}"))?;
+    let t0 = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["serve", "--http", "127.0.0.1:0", "--durability", durability, "--data-dir"])
+        .arg(data_dir)
+        .env_remove("CAREBRIDGE_CONFIG")
+        .env_remove("CAREBRIDGE_PUBLIC_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_f)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take();
+    let mut server = Server { child, addr: String::new(), log };
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = stdout {
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((Instant::now(), line));
+            }
+        });
+    }
+    let (at, addr) = loop {
+        match rx.recv_timeout(Duration::from_secs(30).saturating_sub(t0.elapsed())) {
+            Ok((at, line)) => {
+                if let Some(addr) = line.split("listening on http://").nth(1).and_then(|r| r.split_whitespace().next()) {
+                    break (at, addr.to_string());
+                }
+            }
+            Err(_) => return Err(format!("no `listening on http://` line on stdout; log: {}", server.log_tail())),
+        }
+    };
+    server.addr = addr;
+    let to_ready = wait_ready(&mut server, "/health", t0, Duration::from_secs(30))?;
+    Ok(Started { server, to_listening: Some(at.duration_since(t0)), to_ready })
+}
+
+/// The HFS binary, or why there is none.
+fn find_hfs(arg: Option<PathBuf>, root: &Path) -> Result<PathBuf, String> {
+    let bundle = bundle_path(root);
+    if !bundle.is_file() {
+        return Err(format!("its search-parameter bundle {} is absent", bundle.display()));
+    }
+    if let Some(p) = arg.or_else(|| std::env::var_os("HFS_BIN").map(PathBuf::from)) {
+        return if p.is_file() { Ok(p) } else { Err(format!("{} (from --hfs / HFS_BIN) is not a file", p.display())) };
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("hfs")).find(|p| p.is_file()))
+        .ok_or_else(|| "no binary: pass --hfs PATH or set HFS_BIN, or put `hfs` on PATH".to_string())
+}
+
+fn bundle_path(root: &Path) -> PathBuf {
+    root.join("../shared/corpus/peers/hfs/search-parameters-r4.json")
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+/// Start HFS as its README says: API at the root, UI off, a temporary SQLite database, the R4 bundle in its
+/// data dir.
+fn start_hfs(bin: &Path, root: &Path, tmp: &Path) -> Result<Started, String> {
+    let dir = tmp.join("hfs");
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    fs::copy(bundle_path(root), dir.join("search-parameters-r4.json")).map_err(|e| format!("copying the bundle: {e}"))?;
+    let port = free_port()?;
+    let (log, log_f) = log_file(tmp, "hfs")?;
+    let log_err = log_f.try_clone().map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let child = Command::new(bin)
+        .env("HFS_UI_ENABLED", "false")
+        .env("HFS_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--database-url"])
+        .arg(dir.join("hfs.db"))
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(log_f)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let mut server = Server { child, addr: format!("127.0.0.1:{port}"), log };
+    let to_ready = wait_ready(&mut server, "/metadata", t0, Duration::from_secs(120))?;
+    Ok(Started { server, to_listening: None, to_ready })
+}
+
+/// Poll `path` until it answers 200; the time from `t0`.
+fn wait_ready(server: &mut Server, path: &str, t0: Instant, limit: Duration) -> Result<Duration, String> {
+    loop {
+        if http_status(&server.addr, path) == Some(200) {
+            return Ok(t0.elapsed());
+        }
+        if server.exited() {
+            return Err(format!("exited during start-up; log: {}", server.log_tail()));
+        }
+        if t0.elapsed() > limit {
+            return Err(format!("no 200 from {path} within {}s; log: {}", limit.as_secs(), server.log_tail()));
+        }
+        std::thread::sleep(Duration::from_millis(if t0.elapsed() < Duration::from_secs(2) { 1 } else { 50 }));
+    }
+}
+
+/// Status code of a `GET path` (connection closed after it), or `None` on any failure.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let sock = addr.parse().ok()?;
+    let mut s = TcpStream::connect_timeout(&sock, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/fhir+json\r\nConnection: close\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// VmRSS of a process, in kB.
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Load
+
+/// One cb-loadgen result (its `--json` line).
+struct Run {
+    ok_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    responses: f64,
+    errors: f64,
+    non_2xx: f64,
+    problem: Option<String>,
+}
+
+/// A server under load and what was measured on it.
+struct Target {
+    name: String,
+    durability: String,
+    /// Only the create scenario is run (a durability variant).
+    create_only: bool,
+    server: Server,
+    url: String,
+    startup: Duration,
+    nhs_blocks: u64,
+    rss_idle_kb: Option<u64>,
+    rss_loaded_kb: Option<u64>,
+    seed: Result<Run, String>,
+    seed_file: Option<PathBuf>,
+    runs: Vec<(&'static str, u32, Result<Run, String>)>,
+}
+
+impl Target {
+    fn new(name: &str, durability: &str, create_only: bool, st: Started) -> Target {
+        let base = if name.starts_with("Carebridge") { "/fhir" } else { "" };
+        Target {
+            name: name.into(),
+            durability: durability.into(),
+            create_only,
+            url: format!("http://{}{base}", st.server.addr),
+            server: st.server,
+            startup: st.to_ready,
+            nhs_blocks: 0,
+            rss_idle_kb: None,
+            rss_loaded_kb: None,
+            seed: Err("not seeded".into()),
+            seed_file: None,
+            runs: Vec::new(),
+        }
+    }
+
+    /// A fresh range of NHS numbers for one cb-loadgen invocation, so creates on this server never repeat one.
+    fn next_nhs_block(&mut self) -> u64 {
+        self.nhs_blocks += 1;
+        (self.nhs_blocks - 1) * NHS_BLOCK
+    }
+
+    fn run(&self, scenario: &str, c: u32) -> Option<&Result<Run, String>> {
+        self.runs.iter().find(|(s, cc, _)| *s == scenario && *cc == c).map(|(_, _, r)| r)
+    }
+}
+
+fn run_loadgen(bin: &Path, url: &str, args: &[String]) -> Result<Vec<Run>, String> {
+    let out = Command::new(bin)
+        .args(["--url", url, "--json"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines().filter(|l| !l.starts_with('{')) {
+        progress(&format!("  {line}"));
+    }
+    let runs: Vec<Run> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let num = |k: &str| json_field(l, k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            let problem = json_field(l, "first_error")
+                .filter(|v| *v != "null")
+                .or_else(|| json_field(l, "first_non_2xx").filter(|v| *v != "null"))
+                .map(|v| v.trim_matches('"').chars().take(160).collect());
+            Run {
+                ok_per_s: num("ok_per_s"),
+                p50_us: num("p50_us"),
+                p99_us: num("p99_us"),
+                responses: num("responses"),
+                errors: num("errors"),
+                non_2xx: num("non_2xx"),
+                problem,
+            }
+        })
+        .collect();
+    if runs.is_empty() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("cb-loadgen failed ({}): {}", out.status, err.trim().lines().last().unwrap_or("")));
+    }
+    Ok(runs)
+}
+
+/// The raw text of `"key":VALUE` in a flat JSON object (strings keep their quotes, escapes untouched).
+fn json_field<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
+    let start = obj.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &obj[start..];
+    if rest.starts_with('"') {
+        let mut escaped = false;
+        for (i, ch) in rest.char_indices().skip(1) {
+            match ch {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => return Some(&rest[..=i]),
+                _ => escaped = false,
+            }
+        }
+        None
+    } else {
+        Some(rest[..rest.find([',', '}']).unwrap_or(rest.len())].trim())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Report
+
+struct Report {
+    out: String,
+    problems: Vec<String>,
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2}", us / 1000.0)
+}
+
+fn dur_ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn mib(kb: Option<u64>) -> String {
+    kb.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "n/a".into())
+}
+
+fn first_line_of(path: &str, prefix: &str) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find(|l| l.starts_with(prefix)).map(|l| l.split_once(':').map_or(l, |(_, v)| v).trim().to_string())
+}
+
+impl Report {
+    fn header(args: &[String], s: &Settings) -> Report {
+        let date = Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+        let cpu = first_line_of("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown CPU".into());
+        let mem = first_line_of("/proc/meminfo", "MemTotal").unwrap_or_default();
+        let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut out = String::new();
+        let _ = writeln!(out, "# Carebridge benchmark{}\n", if s.quick { " (--quick: smoke run, not for comparison)" } else { "" });
+        let _ = writeln!(out, "- Command: `cargo xtask bench{}{}`", if args.is_empty() { "" } else { " " }, args.join(" "));
+        let _ = writeln!(out, "- Date: {date}");
+        let _ = writeln!(
+            out,
+            "- Machine: {nproc} CPUs ({cpu}), {mem} memory, Linux {}; load average at start: {}",
+            kernel.trim(),
+            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        );
+        let _ = writeln!(
+            out,
+            "- Client: `cb-loadgen` (HTTP/1.1 keep-alive, 1 thread) on the same machine as the servers; closed loop, C \
+             connections with one request in flight each; {} per run after a {} warm-up; read and search over {} \
+             seeded patients; the same ~1.5 KB UK Core Patient shape for every create.",
+            s.duration, s.warmup, s.seed
+        );
+        let _ = writeln!(
+            out,
+            "- Caveat: runs on shared 2-core machines vary by 20-40%; servers are interleaved run by run, so compare \
+             ratios within this report, not absolute numbers across reports.\n"
+        );
+        Report { out, problems: Vec::new() }
+    }
+
+    fn problem(&mut self, msg: String) {
+        progress(&msg);
+        self.problems.push(msg);
+    }
+
+    fn validation(&mut self, bench: &Path, root: &Path, target: &Path, tmp: &Path, s: &Settings) {
+        progress("validation throughput");
+        let sample = tmp.join("patient.json");
+        let _ = writeln!(self.out, "## Validation throughput (in-process, one UK Core Patient, parse + validate)\n");
+        let _ = writeln!(self.out, "| validator | validations/s | µs each | Carebridge ÷ it |\n|---|---:|---:|---:|");
+        let cb = Command::new(bench)
+            .args(["--iterations", &s.validate_iterations.to_string(), "--json", "--write-sample"])
+            .arg(&sample)
+            .output();
+        let cb_rate = match cb {
+            Ok(o) if o.status.success() => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                text.lines().filter(|l| l.starts_with('{')).find_map(|l| json_field(l, "per_s")?.parse::<f64>().ok())
+            }
+            Ok(o) => {
+                self.problem(format!("cb-validate-bench failed: {}", String::from_utf8_lossy(&o.stderr).trim()));
+                None
+            }
+            Err(e) => {
+                self.problem(format!("cb-validate-bench: {e}"));
+                None
+            }
+        };
+        if let Some(r) = cb_rate {
+            let _ = writeln!(self.out, "| Carebridge `fhir::validate_json` (Rust) | {r:.0} | {:.1} | 1.00 |", 1e6 / r);
+        }
+        match python_validate(root, target, &sample, s.python_iterations) {
+            Ok((name, r)) => {
+                let ratio = cb_rate.map(|c| format!("{:.1}", c / r)).unwrap_or_else(|| "n/a".into());
+                let _ = writeln!(self.out, "| {name} (Python) | {r:.0} | {:.1} | {ratio} |", 1e6 / r);
+            }
+            Err(e) => self.problem(format!("fhir.resources comparison skipped: {e}")),
+        }
+        let _ = writeln!(
+            self.out,
+            "\nfhir.resources 8.x default models are FHIR R5; the R4B (4.3.0) models are used as the nearest to R4. \
+             They check structure and datatypes only (no profile, terminology or NHS-number rules), so they do less \
+             work than Carebridge's validator.\n"
+        );
+    }
+
+    fn load_tables(&mut self, servers: &[Target], s: &Settings) {
+        let _ = writeln!(self.out, "## Servers and durability\n\n| server | durability / validation | start-up to first 200 |\n|---|---|---:|");
+        for t in servers {
+            let validation = if t.name.starts_with("Carebridge") { "; every write validated" } else { "" };
+            let _ = writeln!(self.out, "| {} | {}{validation} | {} |", t.name, t.durability, dur_ms(t.startup));
+        }
+        let _ = writeln!(self.out, "\n## Seeding ({} patients, c=32)\n\n| server | creates/s | errors | non-2xx |\n|---|---:|---:|---:|", s.seed);
+        for t in servers.iter().filter(|t| !t.create_only) {
+            match &t.seed {
+                Ok(r) => {
+                    let _ = writeln!(self.out, "| {} | {:.0} | {} | {} |", t.name, r.ok_per_s, r.errors, r.non_2xx);
+                }
+                Err(e) => {
+                    let _ = writeln!(self.out, "| {} | failed: {e} | | |", t.name);
+                }
+            }
+        }
+        let hfs = servers.iter().position(|t| t.name == "HFS");
+        for scenario in SCENARIOS {
+            let cols: Vec<&Target> = servers.iter().filter(|t| scenario == "create" || !t.create_only).collect();
+            let _ = write!(self.out, "\n## {scenario} (2xx responses/s; latency p50 / p99 in ms)\n\n| C |");
+            for t in &cols {
+                let _ = write!(self.out, " {} ok/s | p50 | p99 |", t.name);
+            }
+            if hfs.is_some() {
+                let _ = write!(self.out, " Carebridge ÷ HFS |");
+            }
+            let _ = write!(self.out, "\n|---:|{}", "---:|---:|---:|".repeat(cols.len()));
+            if hfs.is_some() {
+                let _ = write!(self.out, "---:|");
+            }
+            let _ = writeln!(self.out);
+            for c in CONCURRENCY {
+                let _ = write!(self.out, "| {c} |");
+                for t in &cols {
+                    match t.run(scenario, c) {
+                        Some(Ok(r)) => {
+                            let bad = r.errors + r.non_2xx;
+                            let note = if bad > 0.0 {
+                                format!(" ({} errors, {} non-2xx of {})", r.errors, r.non_2xx, r.responses + r.errors)
+                            } else {
+                                String::new()
+                            };
+                            let _ = write!(self.out, " {:.0}{note} | {} | {} |", r.ok_per_s, ms(r.p50_us), ms(r.p99_us));
+                            if let Some(p) = &r.problem {
+                                self.problems.push(format!("{scenario} c={c} on {}: {p}", t.name));
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let _ = write!(self.out, " failed | | |");
+                            self.problems.push(format!("{scenario} c={c} on {}: {e}", t.name));
+                        }
+                        None => {
+                            let _ = write!(self.out, " n/a | | |");
+                        }
+                    }
+                }
+                if let Some(h) = hfs {
+                    let rate = |t: &Target| match t.run(scenario, c) {
+                        Some(Ok(r)) if r.ok_per_s > 0.0 => Some(r.ok_per_s),
+                        _ => None,
+                    };
+                    let ratio = match (rate(&servers[0]), rate(&servers[h])) {
+                        (Some(a), Some(b)) => format!("{:.2}", a / b),
+                        _ => "n/a".into(),
+                    };
+                    let _ = write!(self.out, " {ratio} |");
+                }
+                let _ = writeln!(self.out);
+            }
+        }
+        let _ = writeln!(self.out);
+    }
+
+    fn startup_table(
+        &mut self,
+        samples: &[(Option<Duration>, Duration)],
+        restart: Option<(Option<Duration>, Duration, Option<u64>)>,
+        servers: &[Target],
+    ) {
+        let _ = writeln!(
+            self.out,
+            "## Start-up and memory\n\n| what | spawn → `listening` line | spawn → first 200 | RSS |\n|---|---:|---:|---:|"
+        );
+        if !samples.is_empty() {
+            let mut listen: Vec<Duration> = samples.iter().filter_map(|s| s.0).collect();
+            let mut ready: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+            listen.sort();
+            ready.sort();
+            let fmt = |v: &[Duration]| match v {
+                [] => "n/a".to_string(),
+                _ => format!("{} (min {}, max {})", dur_ms(v[v.len() / 2]), dur_ms(v[0]), dur_ms(v[v.len() - 1])),
+            };
+            let _ = writeln!(
+                self.out,
+                "| Carebridge, empty store (median of {}) | {} | {} (`/health`) | |",
+                samples.len(),
+                fmt(&listen),
+                fmt(&ready)
+            );
+        }
+        if let Some((l, r, rss)) = restart {
+            let _ = writeln!(
+                self.out,
+                "| Carebridge, restart on the benchmark's populated store | {} | {} (`/health`) | {} |",
+                l.map(dur_ms).unwrap_or_else(|| "n/a".into()),
+                dur_ms(r),
+                mib(rss)
+            );
+        }
+        for t in servers {
+            let path = if t.name == "HFS" { "`/metadata`" } else { "`/health`" };
+            let _ = writeln!(self.out, "| {}, idle after start | | {} ({path}) | {} |", t.name, dur_ms(t.startup), mib(t.rss_idle_kb));
+            let _ = writeln!(self.out, "| {}, after the load | | | {} |", t.name, mib(t.rss_loaded_kb));
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.problems.is_empty() {
+            let _ = writeln!(self.out, "\n## Problems and skipped parts\n");
+            for p in &self.problems {
+                let _ = writeln!(self.out, "- {}", p.replace('\n', " "));
+            }
+        }
+    }
+}
+
+/// Time fhir.resources on `sample` in a venv under `target/bench-venv` (created and filled on first use).
+fn python_validate(root: &Path, target: &Path, sample: &Path, iterations: u64) -> Result<(String, f64), String> {
+    let venv = target.join("bench-venv");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        progress("creating target/bench-venv");
+        let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            return Err("`python3 -m venv` failed (is python3 with venv installed?)".into());
+        }
+    }
+    let have = Command::new(&python)
+        .args(["-c", "import fhir.resources as f, sys; sys.exit(f.__version__ != '8.3.0')"])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        progress("pip install -r bench/requirements.txt (fhir.resources==8.3.0)");
+        let out = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(root.join("bench/requirements.txt"))
+            .output()
+            .map_err(|e| format!("running pip: {e}"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!("pip install failed: {}", err.trim().lines().last().unwrap_or("")));
+        }
+    }
+    let out = Command::new(&python)
+        .arg(root.join("bench/fhir_resources_validate.py"))
+        .arg(sample)
+        .arg(iterations.to_string())
+        .arg("--json")
+        .output()
+        .map_err(|e| format!("running the script: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("the script failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with('{')).ok_or("the script printed no JSON line")?;
+    let rate = json_field(line, "per_s").and_then(|v| v.parse::<f64>().ok()).ok_or("no per_s in the script's output")?;
+    let name = json_field(line, "validator").unwrap_or("\"fhir.resources\"").trim_matches('"').to_string();
+    Ok((name, rate))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_fields() {
+        let l = r#"{"scenario":"read","ok_per_s":12.5,"first_error":"a \"b\", c","x":null}"#;
+        assert_eq!(json_field(l, "ok_per_s"), Some("12.5"));
+        assert_eq!(json_field(l, "scenario"), Some("\"read\""));
+        assert_eq!(json_field(l, "first_error"), Some(r#""a \"b\", c""#));
+        assert_eq!(json_field(l, "x"), Some("null"));
+        assert_eq!(json_field(l, "missing"), None);
+    }
+}

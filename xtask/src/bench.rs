@@ -72,9 +72,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
-            "--hfs" => hfs_arg = Some(PathBuf::from(it.next().ok_or("--hfs needs the path of the hfs binary")?)),
+            "--hfs" => {
+                hfs_arg = Some(PathBuf::from(
+                    it.next().ok_or("--hfs needs the path of the hfs binary")?,
+                ))
+            }
             "-h" | "--help" => {
-                println!("usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY]   (or HFS_BIN=PATH)");
+                println!(
+                    "usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY]   (or HFS_BIN=PATH)"
+                );
                 return Ok(());
             }
             other => return Err(format!("bench: unknown argument {other:?} (try --help)")),
@@ -82,7 +88,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let s = Settings::new(quick);
     let root = workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let out_dir = target.join("bench");
     fs::create_dir_all(&out_dir).map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
     let mut report = Report::header(args, &s);
@@ -117,18 +125,31 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let hfs = find_hfs(hfs_arg, &root);
     let mut servers: Vec<Target> = Vec::new();
     match start_carebridge(&bin("carebridge"), &tmp.0.join("cb-fsync"), "fsync", &tmp.0) {
-        Ok(st) => servers.push(Target::new("Carebridge", "fsync (default): fsync per commit", false, st)),
+        Ok(st) => servers.push(Target::new(
+            "Carebridge",
+            "fsync (default): fsync per commit",
+            false,
+            st,
+        )),
         Err(e) => return Err(format!("bench: carebridge does not start: {e}")),
     }
     match start_carebridge(&bin("carebridge"), &tmp.0.join("cb-os"), "os", &tmp.0) {
-        Ok(st) => servers.push(Target::new("Carebridge os", "`--durability os`: no fsync per commit", true, st)),
+        Ok(st) => servers.push(Target::new(
+            "Carebridge os",
+            "`--durability os`: no fsync per commit",
+            true,
+            st,
+        )),
         Err(e) => report.problem(format!("carebridge --durability os does not start: {e}")),
     }
     match &hfs {
         Ok(path) => match start_hfs(path, &root, &tmp.0) {
             Ok(st) => {
-                let validation = std::env::var("HFS_VALIDATION_MODE").unwrap_or_else(|_| "off (default)".into());
-                let durability = format!("SQLite WAL, synchronous=NORMAL: no fsync per commit; write validation {validation}");
+                let validation =
+                    std::env::var("HFS_VALIDATION_MODE").unwrap_or_else(|_| "off (default)".into());
+                let durability = format!(
+                    "SQLite WAL, synchronous=NORMAL: no fsync per commit; write validation {validation}"
+                );
                 servers.push(Target::new("HFS", &durability, false, st));
             }
             Err(e) => report.problem(format!("HFS peer skipped: it does not start: {e}")),
@@ -155,7 +176,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ];
         match run_loadgen(&loadgen, &t.url, &args) {
             Ok(runs) => {
-                t.seed = runs.into_iter().next().ok_or_else(|| "no seed result".to_string());
+                t.seed = runs
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| "no seed result".to_string());
                 t.seed_file = Some(seed_file);
             }
             Err(e) => t.seed = Err(e),
@@ -183,7 +207,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     args.extend(["--seed-file".to_string(), f.display().to_string()]);
                 }
                 progress(&format!("{scenario} c={c} against {}", t.name));
-                let r = run_loadgen(&loadgen, &t.url, &args).and_then(|v| v.into_iter().next().ok_or("no result".into()));
+                let r = run_loadgen(&loadgen, &t.url, &args)
+                    .and_then(|v| v.into_iter().next().ok_or("no result".into()));
                 t.runs.push((scenario, c, r));
             }
         }
@@ -231,7 +256,10 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn create() -> Result<TempDir, String> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let p = std::env::temp_dir().join(format!("cb-bench-{}-{nanos}", std::process::id()));
         fs::create_dir_all(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
         Ok(TempDir(p))
@@ -267,7 +295,9 @@ impl Server {
         if self.exited() {
             return;
         }
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
         for _ in 0..200 {
             if self.exited() {
                 return;
@@ -305,12 +335,27 @@ fn log_file(dir: &Path, name: &str) -> Result<(PathBuf, fs::File), String> {
     Ok((path, f))
 }
 
-fn start_carebridge(bin: &Path, data_dir: &Path, durability: &str, tmp: &Path) -> Result<Started, String> {
-    let name = data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+fn start_carebridge(
+    bin: &Path,
+    data_dir: &Path,
+    durability: &str,
+    tmp: &Path,
+) -> Result<Started, String> {
+    let name = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (log, log_f) = log_file(tmp, &format!("carebridge-{name}"))?;
     let t0 = Instant::now();
     let mut child = Command::new(bin)
-        .args(["serve", "--http", "127.0.0.1:0", "--durability", durability, "--data-dir"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--durability",
+            durability,
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env_remove("CAREBRIDGE_CONFIG")
         .env_remove("CAREBRIDGE_PUBLIC_URL")
@@ -320,7 +365,11 @@ fn start_carebridge(bin: &Path, data_dir: &Path, durability: &str, tmp: &Path) -
         .spawn()
         .map_err(|e| format!("starting {}: {e}", bin.display()))?;
     let stdout = child.stdout.take();
-    let mut server = Server { child, addr: String::new(), log };
+    let mut server = Server {
+        child,
+        addr: String::new(),
+        log,
+    };
     let (tx, rx) = mpsc::channel();
     if let Some(out) = stdout {
         std::thread::spawn(move || {
@@ -332,30 +381,59 @@ fn start_carebridge(bin: &Path, data_dir: &Path, durability: &str, tmp: &Path) -
     let (at, addr) = loop {
         match rx.recv_timeout(Duration::from_secs(30).saturating_sub(t0.elapsed())) {
             Ok((at, line)) => {
-                if let Some(addr) = line.split("listening on http://").nth(1).and_then(|r| r.split_whitespace().next()) {
+                if let Some(addr) = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                {
                     break (at, addr.to_string());
                 }
             }
-            Err(_) => return Err(format!("no `listening on http://` line on stdout; log: {}", server.log_tail())),
+            Err(_) => {
+                return Err(format!(
+                    "no `listening on http://` line on stdout; log: {}",
+                    server.log_tail()
+                ));
+            }
         }
     };
     server.addr = addr;
     let to_ready = wait_ready(&mut server, "/health", t0, Duration::from_secs(30))?;
-    Ok(Started { server, to_listening: Some(at.duration_since(t0)), to_ready })
+    Ok(Started {
+        server,
+        to_listening: Some(at.duration_since(t0)),
+        to_ready,
+    })
 }
 
 /// The HFS binary, or why there is none.
 fn find_hfs(arg: Option<PathBuf>, root: &Path) -> Result<PathBuf, String> {
     let bundle = bundle_path(root);
     if !bundle.is_file() {
-        return Err(format!("its search-parameter bundle {} is absent", bundle.display()));
+        return Err(format!(
+            "its search-parameter bundle {} is absent",
+            bundle.display()
+        ));
     }
     if let Some(p) = arg.or_else(|| std::env::var_os("HFS_BIN").map(PathBuf::from)) {
-        return if p.is_file() { Ok(p) } else { Err(format!("{} (from --hfs / HFS_BIN) is not a file", p.display())) };
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "{} (from --hfs / HFS_BIN) is not a file",
+                p.display()
+            ))
+        };
     }
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("hfs")).find(|p| p.is_file()))
-        .ok_or_else(|| "no binary: pass --hfs PATH or set HFS_BIN, or put `hfs` on PATH".to_string())
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("hfs"))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            "no binary: pass --hfs PATH or set HFS_BIN, or put `hfs` on PATH".to_string()
+        })
 }
 
 fn bundle_path(root: &Path) -> PathBuf {
@@ -372,7 +450,8 @@ fn free_port() -> Result<u16, String> {
 fn start_hfs(bin: &Path, root: &Path, tmp: &Path) -> Result<Started, String> {
     let dir = tmp.join("hfs");
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    fs::copy(bundle_path(root), dir.join("search-parameters-r4.json")).map_err(|e| format!("copying the bundle: {e}"))?;
+    fs::copy(bundle_path(root), dir.join("search-parameters-r4.json"))
+        .map_err(|e| format!("copying the bundle: {e}"))?;
     let port = free_port()?;
     let (log, log_f) = log_file(tmp, "hfs")?;
     let log_err = log_f.try_clone().map_err(|e| e.to_string())?;
@@ -380,7 +459,13 @@ fn start_hfs(bin: &Path, root: &Path, tmp: &Path) -> Result<Started, String> {
     let child = Command::new(bin)
         .env("HFS_UI_ENABLED", "false")
         .env("HFS_BASE_URL", format!("http://127.0.0.1:{port}"))
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--database-url"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--database-url",
+        ])
         .arg(dir.join("hfs.db"))
         .arg("--data-dir")
         .arg(&dir)
@@ -390,24 +475,50 @@ fn start_hfs(bin: &Path, root: &Path, tmp: &Path) -> Result<Started, String> {
         .stderr(log_err)
         .spawn()
         .map_err(|e| format!("starting {}: {e}", bin.display()))?;
-    let mut server = Server { child, addr: format!("127.0.0.1:{port}"), log };
+    let mut server = Server {
+        child,
+        addr: format!("127.0.0.1:{port}"),
+        log,
+    };
     let to_ready = wait_ready(&mut server, "/metadata", t0, Duration::from_secs(120))?;
-    Ok(Started { server, to_listening: None, to_ready })
+    Ok(Started {
+        server,
+        to_listening: None,
+        to_ready,
+    })
 }
 
 /// Poll `path` until it answers 200; the time from `t0`.
-fn wait_ready(server: &mut Server, path: &str, t0: Instant, limit: Duration) -> Result<Duration, String> {
+fn wait_ready(
+    server: &mut Server,
+    path: &str,
+    t0: Instant,
+    limit: Duration,
+) -> Result<Duration, String> {
     loop {
         if http_status(&server.addr, path) == Some(200) {
             return Ok(t0.elapsed());
         }
         if server.exited() {
-            return Err(format!("exited during start-up; log: {}", server.log_tail()));
+            return Err(format!(
+                "exited during start-up; log: {}",
+                server.log_tail()
+            ));
         }
         if t0.elapsed() > limit {
-            return Err(format!("no 200 from {path} within {}s; log: {}", limit.as_secs(), server.log_tail()));
+            return Err(format!(
+                "no 200 from {path} within {}s; log: {}",
+                limit.as_secs(),
+                server.log_tail()
+            ));
         }
-        std::thread::sleep(Duration::from_millis(if t0.elapsed() < Duration::from_secs(2) { 1 } else { 50 }));
+        std::thread::sleep(Duration::from_millis(
+            if t0.elapsed() < Duration::from_secs(2) {
+                1
+            } else {
+                50
+            },
+        ));
     }
 }
 
@@ -462,7 +573,11 @@ struct Target {
 
 impl Target {
     fn new(name: &str, durability: &str, create_only: bool, st: Started) -> Target {
-        let base = if name.starts_with("Carebridge") { "/fhir" } else { "" };
+        let base = if name.starts_with("Carebridge") {
+            "/fhir"
+        } else {
+            ""
+        };
         Target {
             name: name.into(),
             durability: durability.into(),
@@ -486,7 +601,10 @@ impl Target {
     }
 
     fn run(&self, scenario: &str, c: u32) -> Option<&Result<Run, String>> {
-        self.runs.iter().find(|(s, cc, _)| *s == scenario && *cc == c).map(|(_, _, r)| r)
+        self.runs
+            .iter()
+            .find(|(s, cc, _)| *s == scenario && *cc == c)
+            .map(|(_, _, r)| r)
     }
 }
 
@@ -505,7 +623,11 @@ fn run_loadgen(bin: &Path, url: &str, args: &[String]) -> Result<Vec<Run>, Strin
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| {
-            let num = |k: &str| json_field(l, k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            let num = |k: &str| {
+                json_field(l, k)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
             let problem = json_field(l, "first_error")
                 .filter(|v| *v != "null")
                 .or_else(|| json_field(l, "first_non_2xx").filter(|v| *v != "null"))
@@ -523,7 +645,11 @@ fn run_loadgen(bin: &Path, url: &str, args: &[String]) -> Result<Vec<Run>, Strin
         .collect();
     if runs.is_empty() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("cb-loadgen failed ({}): {}", out.status, err.trim().lines().last().unwrap_or("")));
+        return Err(format!(
+            "cb-loadgen failed ({}): {}",
+            out.status,
+            err.trim().lines().last().unwrap_or("")
+        ));
     }
     Ok(runs)
 }
@@ -564,12 +690,15 @@ fn dur_ms(d: Duration) -> String {
 }
 
 fn mib(kb: Option<u64>) -> String {
-    kb.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "n/a".into())
+    kb.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+        .unwrap_or_else(|| "n/a".into())
 }
 
 fn first_line_of(path: &str, prefix: &str) -> Option<String> {
     let text = fs::read_to_string(path).ok()?;
-    text.lines().find(|l| l.starts_with(prefix)).map(|l| l.split_once(':').map_or(l, |(_, v)| v).trim().to_string())
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .map(|l| l.split_once(':').map_or(l, |(_, v)| v).trim().to_string())
 }
 
 impl Report {
@@ -580,20 +709,42 @@ impl Report {
             .ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-        let cpu = first_line_of("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown CPU".into());
-        let mem = first_line_of("/proc/meminfo", "MemTotal").unwrap_or_default();
+        let nproc = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        let cpu =
+            first_line_of("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown CPU".into());
+        let mem = first_line_of("/proc/meminfo", "MemTotal")
+            .and_then(|m| m.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+            .unwrap_or_else(|| "unknown".into());
         let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let mut out = String::new();
-        let _ = writeln!(out, "# Carebridge benchmark{}\n", if s.quick { " (--quick: smoke run, not for comparison)" } else { "" });
-        let _ = writeln!(out, "- Command: `cargo xtask bench{}{}`", if args.is_empty() { "" } else { " " }, args.join(" "));
+        let _ = writeln!(
+            out,
+            "# Carebridge benchmark{}\n",
+            if s.quick {
+                " (--quick: smoke run, not for comparison)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            out,
+            "- Command: `cargo xtask bench{}{}`",
+            if args.is_empty() { "" } else { " " },
+            args.join(" ")
+        );
         let _ = writeln!(out, "- Date: {date}");
         let _ = writeln!(
             out,
             "- Machine: {nproc} CPUs ({cpu}), {mem} memory, Linux {}; load average at start: {}",
             kernel.trim(),
-            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let _ = writeln!(
             out,
@@ -607,7 +758,10 @@ impl Report {
             "- Caveat: runs on shared 2-core machines vary by 20-40%; servers are interleaved run by run, so compare \
              ratios within this report, not absolute numbers across reports.\n"
         );
-        Report { out, problems: Vec::new() }
+        Report {
+            out,
+            problems: Vec::new(),
+        }
     }
 
     fn problem(&mut self, msg: String) {
@@ -618,19 +772,35 @@ impl Report {
     fn validation(&mut self, bench: &Path, root: &Path, target: &Path, tmp: &Path, s: &Settings) {
         progress("validation throughput");
         let sample = tmp.join("patient.json");
-        let _ = writeln!(self.out, "## Validation throughput (in-process, one UK Core Patient, parse + validate)\n");
-        let _ = writeln!(self.out, "| validator | validations/s | µs each | Carebridge ÷ it |\n|---|---:|---:|---:|");
+        let _ = writeln!(
+            self.out,
+            "## Validation throughput (in-process, one UK Core Patient, parse + validate)\n"
+        );
+        let _ = writeln!(
+            self.out,
+            "| validator | validations/s | µs each | Carebridge ÷ it |\n|---|---:|---:|---:|"
+        );
         let cb = Command::new(bench)
-            .args(["--iterations", &s.validate_iterations.to_string(), "--json", "--write-sample"])
+            .args([
+                "--iterations",
+                &s.validate_iterations.to_string(),
+                "--json",
+                "--write-sample",
+            ])
             .arg(&sample)
             .output();
         let cb_rate = match cb {
             Ok(o) if o.status.success() => {
                 let text = String::from_utf8_lossy(&o.stdout);
-                text.lines().filter(|l| l.starts_with('{')).find_map(|l| json_field(l, "per_s")?.parse::<f64>().ok())
+                text.lines()
+                    .filter(|l| l.starts_with('{'))
+                    .find_map(|l| json_field(l, "per_s")?.parse::<f64>().ok())
             }
             Ok(o) => {
-                self.problem(format!("cb-validate-bench failed: {}", String::from_utf8_lossy(&o.stderr).trim()));
+                self.problem(format!(
+                    "cb-validate-bench failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
                 None
             }
             Err(e) => {
@@ -639,12 +809,22 @@ impl Report {
             }
         };
         if let Some(r) = cb_rate {
-            let _ = writeln!(self.out, "| Carebridge `fhir::validate_json` (Rust) | {r:.0} | {:.1} | 1.00 |", 1e6 / r);
+            let _ = writeln!(
+                self.out,
+                "| Carebridge `fhir::validate_json` (Rust) | {r:.0} | {:.1} | 1.00 |",
+                1e6 / r
+            );
         }
         match python_validate(root, target, &sample, s.python_iterations) {
             Ok((name, r)) => {
-                let ratio = cb_rate.map(|c| format!("{:.1}", c / r)).unwrap_or_else(|| "n/a".into());
-                let _ = writeln!(self.out, "| {name} (Python) | {r:.0} | {:.1} | {ratio} |", 1e6 / r);
+                let ratio = cb_rate
+                    .map(|c| format!("{:.1}", c / r))
+                    .unwrap_or_else(|| "n/a".into());
+                let _ = writeln!(
+                    self.out,
+                    "| {name} (Python) | {r:.0} | {:.1} | {ratio} |",
+                    1e6 / r
+                );
             }
             Err(e) => self.problem(format!("fhir.resources comparison skipped: {e}")),
         }
@@ -657,16 +837,37 @@ impl Report {
     }
 
     fn load_tables(&mut self, servers: &[Target], s: &Settings) {
-        let _ = writeln!(self.out, "## Servers and durability\n\n| server | durability / validation | start-up to first 200 |\n|---|---|---:|");
+        let _ = writeln!(
+            self.out,
+            "## Servers and durability\n\n| server | durability / validation | start-up to first 200 |\n|---|---|---:|"
+        );
         for t in servers {
-            let validation = if t.name.starts_with("Carebridge") { "; every write validated" } else { "" };
-            let _ = writeln!(self.out, "| {} | {}{validation} | {} |", t.name, t.durability, dur_ms(t.startup));
+            let validation = if t.name.starts_with("Carebridge") {
+                "; every write validated"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                self.out,
+                "| {} | {}{validation} | {} |",
+                t.name,
+                t.durability,
+                dur_ms(t.startup)
+            );
         }
-        let _ = writeln!(self.out, "\n## Seeding ({} patients, c=32)\n\n| server | creates/s | errors | non-2xx |\n|---|---:|---:|---:|", s.seed);
+        let _ = writeln!(
+            self.out,
+            "\n## Seeding ({} patients, c=32)\n\n| server | creates/s | errors | non-2xx |\n|---|---:|---:|---:|",
+            s.seed
+        );
         for t in servers.iter().filter(|t| !t.create_only) {
             match &t.seed {
                 Ok(r) => {
-                    let _ = writeln!(self.out, "| {} | {:.0} | {} | {} |", t.name, r.ok_per_s, r.errors, r.non_2xx);
+                    let _ = writeln!(
+                        self.out,
+                        "| {} | {:.0} | {} | {} |",
+                        t.name, r.ok_per_s, r.errors, r.non_2xx
+                    );
                 }
                 Err(e) => {
                     let _ = writeln!(self.out, "| {} | failed: {e} | | |", t.name);
@@ -675,8 +876,14 @@ impl Report {
         }
         let hfs = servers.iter().position(|t| t.name == "HFS");
         for scenario in SCENARIOS {
-            let cols: Vec<&Target> = servers.iter().filter(|t| scenario == "create" || !t.create_only).collect();
-            let _ = write!(self.out, "\n## {scenario} (2xx responses/s; latency p50 / p99 in ms)\n\n| C |");
+            let cols: Vec<&Target> = servers
+                .iter()
+                .filter(|t| scenario == "create" || !t.create_only)
+                .collect();
+            let _ = write!(
+                self.out,
+                "\n## {scenario} (2xx responses/s; latency p50 / p99 in ms)\n\n| C |"
+            );
             for t in &cols {
                 let _ = write!(self.out, " {} ok/s | p50 | p99 |", t.name);
             }
@@ -695,18 +902,31 @@ impl Report {
                         Some(Ok(r)) => {
                             let bad = r.errors + r.non_2xx;
                             let note = if bad > 0.0 {
-                                format!(" ({} errors, {} non-2xx of {})", r.errors, r.non_2xx, r.responses + r.errors)
+                                format!(
+                                    " ({} errors, {} non-2xx of {})",
+                                    r.errors,
+                                    r.non_2xx,
+                                    r.responses + r.errors
+                                )
                             } else {
                                 String::new()
                             };
-                            let _ = write!(self.out, " {:.0}{note} | {} | {} |", r.ok_per_s, ms(r.p50_us), ms(r.p99_us));
+                            let _ = write!(
+                                self.out,
+                                " {:.0}{note} | {} | {} |",
+                                r.ok_per_s,
+                                ms(r.p50_us),
+                                ms(r.p99_us)
+                            );
                             if let Some(p) = &r.problem {
-                                self.problems.push(format!("{scenario} c={c} on {}: {p}", t.name));
+                                self.problems
+                                    .push(format!("{scenario} c={c} on {}: {p}", t.name));
                             }
                         }
                         Some(Err(e)) => {
                             let _ = write!(self.out, " failed | | |");
-                            self.problems.push(format!("{scenario} c={c} on {}: {e}", t.name));
+                            self.problems
+                                .push(format!("{scenario} c={c} on {}: {e}", t.name));
                         }
                         None => {
                             let _ = write!(self.out, " n/a | | |");
@@ -747,7 +967,12 @@ impl Report {
             ready.sort();
             let fmt = |v: &[Duration]| match v {
                 [] => "n/a".to_string(),
-                _ => format!("{} (min {}, max {})", dur_ms(v[v.len() / 2]), dur_ms(v[0]), dur_ms(v[v.len() - 1])),
+                _ => format!(
+                    "{} (min {}, max {})",
+                    dur_ms(v[(v.len() - 1) / 2]),
+                    dur_ms(v[0]),
+                    dur_ms(v[v.len() - 1])
+                ),
             };
             let _ = writeln!(
                 self.out,
@@ -767,9 +992,24 @@ impl Report {
             );
         }
         for t in servers {
-            let path = if t.name == "HFS" { "`/metadata`" } else { "`/health`" };
-            let _ = writeln!(self.out, "| {}, idle after start | | {} ({path}) | {} |", t.name, dur_ms(t.startup), mib(t.rss_idle_kb));
-            let _ = writeln!(self.out, "| {}, after the load | | | {} |", t.name, mib(t.rss_loaded_kb));
+            let path = if t.name == "HFS" {
+                "`/metadata`"
+            } else {
+                "`/health`"
+            };
+            let _ = writeln!(
+                self.out,
+                "| {}, idle after start | | {} ({path}) | {} |",
+                t.name,
+                dur_ms(t.startup),
+                mib(t.rss_idle_kb)
+            );
+            let _ = writeln!(
+                self.out,
+                "| {}, after the load | | | {} |",
+                t.name,
+                mib(t.rss_loaded_kb)
+            );
         }
     }
 
@@ -784,18 +1024,32 @@ impl Report {
 }
 
 /// Time fhir.resources on `sample` in a venv under `target/bench-venv` (created and filled on first use).
-fn python_validate(root: &Path, target: &Path, sample: &Path, iterations: u64) -> Result<(String, f64), String> {
+fn python_validate(
+    root: &Path,
+    target: &Path,
+    sample: &Path,
+    iterations: u64,
+) -> Result<(String, f64), String> {
     let venv = target.join("bench-venv");
     let python = venv.join("bin/python");
     if !python.is_file() {
         progress("creating target/bench-venv");
-        let ok = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !ok {
             return Err("`python3 -m venv` failed (is python3 with venv installed?)".into());
         }
     }
     let have = Command::new(&python)
-        .args(["-c", "import fhir.resources as f, sys; sys.exit(f.__version__ != '8.3.0')"])
+        .args([
+            "-c",
+            "import fhir.resources as f, sys; sys.exit(f.__version__ != '8.3.0')",
+        ])
         .stderr(Stdio::null())
         .status()
         .map(|s| s.success())
@@ -803,13 +1057,23 @@ fn python_validate(root: &Path, target: &Path, sample: &Path, iterations: u64) -
     if !have {
         progress("pip install -r bench/requirements.txt (fhir.resources==8.3.0)");
         let out = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
             .arg(root.join("bench/requirements.txt"))
             .output()
             .map_err(|e| format!("running pip: {e}"))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            return Err(format!("pip install failed: {}", err.trim().lines().last().unwrap_or("")));
+            return Err(format!(
+                "pip install failed: {}",
+                err.trim().lines().last().unwrap_or("")
+            ));
         }
     }
     let out = Command::new(&python)
@@ -820,12 +1084,23 @@ fn python_validate(root: &Path, target: &Path, sample: &Path, iterations: u64) -
         .output()
         .map_err(|e| format!("running the script: {e}"))?;
     if !out.status.success() {
-        return Err(format!("the script failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "the script failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with('{')).ok_or("the script printed no JSON line")?;
-    let rate = json_field(line, "per_s").and_then(|v| v.parse::<f64>().ok()).ok_or("no per_s in the script's output")?;
-    let name = json_field(line, "validator").unwrap_or("\"fhir.resources\"").trim_matches('"').to_string();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .ok_or("the script printed no JSON line")?;
+    let rate = json_field(line, "per_s")
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or("no per_s in the script's output")?;
+    let name = json_field(line, "validator")
+        .unwrap_or("\"fhir.resources\"")
+        .trim_matches('"')
+        .to_string();
     Ok((name, rate))
 }
 

@@ -257,7 +257,7 @@ pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<P
                             any_of.push(Predicate::String { value: fhir::normalize_string(&alt), exact: false })
                         }
                         (ParamKind::String, Some("exact")) => {
-                            any_of.push(Predicate::String { value: fhir::normalize_string(&alt), exact: true })
+                            any_of.push(Predicate::String { value: alt.clone(), exact: true })
                         }
                         (ParamKind::Date, None) => any_of.push(date_predicate(n, &alt, false)?),
                         (ParamKind::Reference, m) => any_of.extend(reference_predicates(def, m, &alt)?),
@@ -266,7 +266,11 @@ pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<P
                         }
                     }
                 }
-                query.clauses.push(Clause { param: def.name.to_string(), any_of });
+                let param = match (def.kind, modifier) {
+                    (ParamKind::String, Some("exact")) => fhir::exact_param(def.name).unwrap_or(def.name),
+                    _ => def.name,
+                };
+                query.clauses.push(Clause { param: param.to_string(), any_of });
             }
         }
         if keep_in_links {

@@ -254,6 +254,17 @@ static APPOINTMENT: &[SearchParamDef] = &[
     ),
 ];
 
+/// The index name under which a string parameter's values are kept as sent, for the `:exact` modifier.
+pub fn exact_param(param: &str) -> Option<&'static str> {
+    match param {
+        "name" => Some("name:exact"),
+        "family" => Some("family:exact"),
+        "given" => Some("given:exact"),
+        "address-postalcode" => Some("address-postalcode:exact"),
+        _ => None,
+    }
+}
+
 /// All search parameters of a type (besides `_id` and `_lastUpdated`, which every type has).
 pub fn search_params(rtype: ResourceType) -> &'static [SearchParamDef] {
     match rtype {
@@ -566,6 +577,12 @@ impl Out {
             if !normalized.is_empty() {
                 self.push(param, IndexValue::String(normalized));
             }
+            // `:exact` matches case and accents, so the value is also indexed as sent.
+            if let Some(exact) = exact_param(param) {
+                if !s.is_empty() {
+                    self.push(exact, IndexValue::String(s.to_string()));
+                }
+            }
         }
     }
 
@@ -694,7 +711,8 @@ mod tests {
     /// Every entry's parameter is declared for the type, and no (param, value) pair repeats.
     fn check_consistency(rtype: ResourceType, entries: &[IndexEntry]) {
         for (i, e) in entries.iter().enumerate() {
-            let Some(def) = search_param(rtype, e.param) else {
+            let declared = e.param.strip_suffix(":exact").unwrap_or(e.param);
+            let Some(def) = search_param(rtype, declared) else {
                 unreachable!("{rtype}: undeclared {}", e.param)
             };
             let kind_ok = matches!(

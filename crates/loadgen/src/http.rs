@@ -63,7 +63,10 @@ pub struct Response {
 impl Response {
     /// First value of a header, by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// Whether the status is 2xx.
@@ -86,7 +89,12 @@ impl Conn {
     async fn open(addr: &str) -> Result<Conn, Error> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Conn { stream, buf: Vec::with_capacity(16 * 1024), pos: 0, reused: false })
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+            pos: 0,
+            reused: false,
+        })
     }
 
     fn pending(&self) -> &[u8] {
@@ -115,7 +123,9 @@ impl Conn {
     async fn fill_to(&mut self, n: usize) -> Result<(), Error> {
         while self.pending().len() < n {
             if self.fill().await? == 0 {
-                return Err(protocol("connection closed in the middle of a response body"));
+                return Err(protocol(
+                    "connection closed in the middle of a response body",
+                ));
             }
         }
         Ok(())
@@ -133,7 +143,9 @@ impl Conn {
                 return Err(protocol("line too long in a chunked body"));
             }
             if self.fill().await? == 0 {
-                return Err(protocol("connection closed in the middle of a chunked body"));
+                return Err(protocol(
+                    "connection closed in the middle of a chunked body",
+                ));
             }
         }
     }
@@ -147,22 +159,30 @@ impl Conn {
             }
             scanned = self.pending().len().saturating_sub(3);
             if self.pending().len() > MAX_HEAD {
-                return Err(protocol(format!("response head larger than {MAX_HEAD} bytes")));
+                return Err(protocol(format!(
+                    "response head larger than {MAX_HEAD} bytes"
+                )));
             }
             if self.fill().await? == 0 {
                 if self.pending().is_empty() {
                     return Ok(None);
                 }
-                return Err(protocol("connection closed in the middle of a response head"));
+                return Err(protocol(
+                    "connection closed in the middle of a response head",
+                ));
             }
         };
-        let text = std::str::from_utf8(&self.pending()[..end]).map_err(|_| protocol("response head is not UTF-8"))?;
+        let text = std::str::from_utf8(&self.pending()[..end])
+            .map_err(|_| protocol("response head is not UTF-8"))?;
         let mut lines = text.split("\r\n");
         let status_line = lines.next().unwrap_or("");
         let mut parts = status_line.splitn(3, ' ');
         let version = parts.next().unwrap_or("");
         if !version.starts_with("HTTP/1.") {
-            return Err(protocol(format!("not an HTTP/1.x status line: {:?}", truncate(status_line, 80))));
+            return Err(protocol(format!(
+                "not an HTTP/1.x status line: {:?}",
+                truncate(status_line, 80)
+            )));
         }
         let http10 = version == "HTTP/1.0";
         let status = parts
@@ -172,7 +192,9 @@ impl Conn {
             .ok_or_else(|| protocol(format!("bad status line: {:?}", truncate(status_line, 80))))?;
         let mut headers = Vec::new();
         for line in lines {
-            let (k, v) = line.split_once(':').ok_or_else(|| protocol(format!("bad header line: {:?}", truncate(line, 80))))?;
+            let (k, v) = line
+                .split_once(':')
+                .ok_or_else(|| protocol(format!("bad header line: {:?}", truncate(line, 80))))?;
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
         self.consume(end + 4);
@@ -182,7 +204,9 @@ impl Conn {
     /// Read a body of exactly `n` bytes.
     async fn sized_body(&mut self, n: usize) -> Result<Vec<u8>, Error> {
         if n > MAX_BODY {
-            return Err(protocol(format!("Content-Length {n} exceeds the {MAX_BODY}-byte limit")));
+            return Err(protocol(format!(
+                "Content-Length {n} exceeds the {MAX_BODY}-byte limit"
+            )));
         }
         self.fill_to(n).await?;
         let body = self.pending()[..n].to_vec();
@@ -195,14 +219,17 @@ impl Conn {
         loop {
             let line = self.line().await?;
             let size_hex = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_hex, 16).map_err(|_| protocol(format!("bad chunk size {size_hex:?}")))?;
+            let size = usize::from_str_radix(size_hex, 16)
+                .map_err(|_| protocol(format!("bad chunk size {size_hex:?}")))?;
             if size == 0 {
                 // Trailers, up to the empty line.
                 while !self.line().await?.is_empty() {}
                 return Ok(body);
             }
             if body.len() + size > MAX_BODY {
-                return Err(protocol(format!("chunked body exceeds the {MAX_BODY}-byte limit")));
+                return Err(protocol(format!(
+                    "chunked body exceeds the {MAX_BODY}-byte limit"
+                )));
             }
             self.fill_to(size + 2).await?;
             body.extend_from_slice(&self.pending()[..size]);
@@ -255,7 +282,12 @@ impl Client {
     /// Connect to `addr` (`host:port`), which is also sent as the `Host` header.
     pub async fn connect(addr: &str) -> Result<Client, Error> {
         let conn = Conn::open(addr).await?;
-        Ok(Client { addr: addr.to_string(), conn: Some(conn), timeout: Duration::from_secs(30), out: Vec::with_capacity(4096) })
+        Ok(Client {
+            addr: addr.to_string(),
+            conn: Some(conn),
+            timeout: Duration::from_secs(30),
+            out: Vec::with_capacity(4096),
+        })
     }
 
     /// Time limit for one request, from writing it to the end of the response body (default 30 s).
@@ -265,14 +297,24 @@ impl Client {
 
     /// Send one request and read its complete response. `path` is the request target (path and query).
     /// `Host` and (for a non-empty body, or POST/PUT/PATCH) `Content-Length` are added.
-    pub async fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Response, Error> {
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Response, Error> {
         self.out.clear();
-        self.out.extend_from_slice(format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr).as_bytes());
+        self.out.extend_from_slice(
+            format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr).as_bytes(),
+        );
         for (k, v) in headers {
-            self.out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+            self.out
+                .extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
         }
         if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-            self.out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+            self.out
+                .extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
         }
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(body);
@@ -314,33 +356,58 @@ impl Client {
 async fn attempt(conn: &mut Conn, request: &[u8], head_only: bool) -> Result<Attempt, Error> {
     let reused = conn.reused;
     if let Err(e) = conn.stream.write_all(request).await {
-        return if reused { Ok(Attempt::Stale) } else { Err(e.into()) };
+        return if reused {
+            Ok(Attempt::Stale)
+        } else {
+            Err(e.into())
+        };
     }
     loop {
         let (status, http10, headers) = match conn.head().await {
             Ok(Some(h)) => h,
             Ok(None) if reused => return Ok(Attempt::Stale),
             Ok(None) => return Err(protocol("server closed the connection without answering")),
-            Err(Error::Io(e)) if reused && e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(Attempt::Stale),
+            Err(Error::Io(e)) if reused && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(Attempt::Stale);
+            }
             Err(e) => return Err(e),
         };
         if (100..200).contains(&status) && status != 101 {
             continue; // interim response (100 Continue, 103 Early Hints)
         }
-        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.to_ascii_lowercase());
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_ascii_lowercase())
+        };
         let connection = get("connection").unwrap_or_default();
-        let mut keep = if http10 { connection.contains("keep-alive") } else { !connection.contains("close") };
+        let mut keep = if http10 {
+            connection.contains("keep-alive")
+        } else {
+            !connection.contains("close")
+        };
         let body = if head_only || status == 204 || status == 304 {
             Vec::new()
         } else if get("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
             conn.chunked_body().await?
         } else if let Some(len) = get("content-length") {
-            let n = len.trim().parse::<usize>().map_err(|_| protocol(format!("bad Content-Length {len:?}")))?;
+            let n = len
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| protocol(format!("bad Content-Length {len:?}")))?;
             conn.sized_body(n).await?
         } else {
             keep = false;
             conn.body_to_close().await?
         };
-        return Ok(Attempt::Done(Response { status, headers, body }, keep));
+        return Ok(Attempt::Done(
+            Response {
+                status,
+                headers,
+                body,
+            },
+            keep,
+        ));
     }
 }

@@ -50,7 +50,9 @@ pub struct NhsNumbers {
 impl NhsNumbers {
     /// Numbers from stem offset `start` (taken modulo the range size) upwards.
     pub fn starting_at(start: u64) -> NhsNumbers {
-        NhsNumbers { next: AtomicU64::new(start % STEM_SPAN) }
+        NhsNumbers {
+            next: AtomicU64::new(start % STEM_SPAN),
+        }
     }
 
     /// The next valid number (wraps after about 909,000 numbers).
@@ -65,14 +67,25 @@ impl NhsNumbers {
 }
 
 const FAMILY: [&str; 16] = [
-    "SMITH", "JONES", "WILLIAMS", "TAYLOR", "BROWN", "DAVIES", "EVANS", "WILSON", "THOMAS", "JOHNSON", "ROBERTS", "ROBINSON",
-    "THOMPSON", "WRIGHT", "WALKER", "O'BRIEN",
+    "SMITH", "JONES", "WILLIAMS", "TAYLOR", "BROWN", "DAVIES", "EVANS", "WILSON", "THOMAS",
+    "JOHNSON", "ROBERTS", "ROBINSON", "THOMPSON", "WRIGHT", "WALKER", "O'BRIEN",
 ];
-const GIVEN_F: [&str; 8] = ["Olivia", "Amelia", "Isla", "Ava", "Mia", "Priya", "Siobhan", "Zoë"];
-const GIVEN_M: [&str; 8] = ["Oliver", "George", "Arthur", "Noah", "Muhammad", "Leo", "Rhys", "Jakub"];
+const GIVEN_F: [&str; 8] = [
+    "Olivia", "Amelia", "Isla", "Ava", "Mia", "Priya", "Siobhan", "Zoë",
+];
+const GIVEN_M: [&str; 8] = [
+    "Oliver", "George", "Arthur", "Noah", "Muhammad", "Leo", "Rhys", "Jakub",
+];
 const MIDDLE: [&str; 6] = ["Jane", "Marie", "James", "Alexander", "Rose", "David"];
 const STREETS: [&str; 8] = [
-    "Sandmoor Drive", "Boar Lane", "Station Road", "Church Street", "Victoria Road", "Green Lane", "Manor Road", "Park Avenue",
+    "Sandmoor Drive",
+    "Boar Lane",
+    "Station Road",
+    "Church Street",
+    "Victoria Road",
+    "Green Lane",
+    "Manor Road",
+    "Park Avenue",
 ];
 /// (city, district, postcode outward code)
 const TOWNS: [(&str, &str, &str); 6] = [
@@ -87,8 +100,11 @@ const TOWNS: [(&str, &str, &str); 6] = [
 /// A UK Core Patient (JSON, about 1.5 KB) for index `i` with NHS number `nhs`.
 pub fn patient_json(i: u64, nhs: &str) -> String {
     let female = i.is_multiple_of(2);
-    let (gender, given, prefix) =
-        if female { ("female", GIVEN_F[(i / 2 % 8) as usize], "Ms") } else { ("male", GIVEN_M[(i / 2 % 8) as usize], "Mr") };
+    let (gender, given, prefix) = if female {
+        ("female", GIVEN_F[(i / 2 % 8) as usize], "Ms")
+    } else {
+        ("male", GIVEN_M[(i / 2 % 8) as usize], "Mr")
+    };
     let family = FAMILY[(i / 16 % 16) as usize];
     let middle = MIDDLE[(i % 6) as usize];
     let year = 1930 + i % 90;
@@ -97,10 +113,20 @@ pub fn patient_json(i: u64, nhs: &str) -> String {
     let house = 1 + i % 180;
     let street = STREETS[(i % 8) as usize];
     let (city, district, outward) = TOWNS[(i % 6) as usize];
-    let inward = format!("{}{}{}", i % 10, (b'A' + (i % 20) as u8) as char, (b'A' + (i / 20 % 20) as u8) as char);
+    let inward = format!(
+        "{}{}{}",
+        i % 10,
+        (b'A' + (i % 20) as u8) as char,
+        (b'A' + (i / 20 % 20) as u8) as char
+    );
     let phone = format!("0113 496 {:04}", i % 10_000);
     let mobile = format!("07700 9{:05}", i % 100_000);
-    let email = format!("{}.{}{}@example.nhs.net", given.to_ascii_lowercase(), family.to_ascii_lowercase().replace('\'', ""), i);
+    let email = format!(
+        "{}.{}{}@example.nhs.net",
+        given.to_ascii_lowercase(),
+        family.to_ascii_lowercase().replace('\'', ""),
+        i
+    );
     let practice = format!("B{:05}", 80_000 + i % 1000);
     format!(
         r#"{{"resourceType":"Patient","meta":{{"profile":["https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient"]}},"extension":[{{"url":"https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-EthnicCategory","valueCodeableConcept":{{"coding":[{{"system":"https://fhir.hl7.org.uk/CodeSystem/UKCore-EthnicCategoryEngland","code":"A","display":"White - British"}}]}}}}],"identifier":[{{"extension":[{{"url":"https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-NHSNumberVerificationStatus","valueCodeableConcept":{{"coding":[{{"system":"https://fhir.hl7.org.uk/CodeSystem/UKCore-NHSNumberVerificationStatusEngland","code":"01","display":"Number present and verified"}}]}}}}],"system":"{NHS_NUMBER_SYSTEM}","value":"{nhs}"}}],"active":true,"name":[{{"use":"official","family":"{family}","given":["{given}","{middle}"],"prefix":["{prefix}"],"period":{{"start":"{year}-{month:02}-{day:02}"}}}}],"telecom":[{{"system":"phone","value":"{phone}","use":"home","rank":1}},{{"system":"phone","value":"{mobile}","use":"mobile","rank":2}},{{"system":"email","value":"{email}","use":"home"}}],"gender":"{gender}","birthDate":"{year}-{month:02}-{day:02}","address":[{{"use":"home","type":"physical","line":["{house} {street}"],"city":"{city}","district":"{district}","postalCode":"{outward} {inward}","country":"GB","period":{{"start":"2015-03-01"}}}}],"generalPractitioner":[{{"type":"Organization","identifier":{{"system":"https://fhir.nhs.uk/Id/ods-organization-code","value":"{practice}"}}}}],"communication":[{{"language":{{"coding":[{{"system":"https://fhir.hl7.org.uk/CodeSystem/UKCore-HumanLanguage","code":"en","display":"English"}}]}},"preferred":true}}]}}"#

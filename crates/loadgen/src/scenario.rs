@@ -8,12 +8,12 @@
 //! server-assigned ids come from the `Location` header (or the body's `id`).
 
 use crate::http::{Client, Response};
-use crate::patient::{patient_json, NhsNumbers, NHS_NUMBER_SYSTEM};
+use crate::patient::{NHS_NUMBER_SYSTEM, NhsNumbers, patient_json};
 use crate::stats::{Recorder, Summary};
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where the FHIR endpoint is: `addr` is `host:port`, `base` the path prefix without trailing slash (`""` for
@@ -27,7 +27,9 @@ pub struct Target {
 impl Target {
     /// Parse `http://host[:port][/base]`.
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| format!("only http:// URLs are supported, got {url:?}"))?;
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("only http:// URLs are supported, got {url:?}"))?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -35,12 +37,18 @@ impl Target {
         if authority.is_empty() {
             return Err(format!("no host in {url:?}"));
         }
-        let addr = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        let addr = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             authority.to_string()
         } else {
             format!("{authority}:80")
         };
-        Ok(Target { addr, base: path.trim_end_matches('/').to_string() })
+        Ok(Target {
+            addr,
+            base: path.trim_end_matches('/').to_string(),
+        })
     }
 }
 
@@ -105,10 +113,17 @@ impl Seeded {
 
     /// Read a file written by [`Seeded::save`].
     pub fn load(path: &Path) -> Result<Seeded, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
         let mut s = Seeded::default();
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let (id, nhs) = line.split_once('\t').ok_or_else(|| format!("{}:{}: expected id<TAB>nhs", path.display(), n + 1))?;
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let (id, nhs) = line
+                .split_once('\t')
+                .ok_or_else(|| format!("{}:{}: expected id<TAB>nhs", path.display(), n + 1))?;
             s.ids.push(id.to_string());
             s.nhs_numbers.push(nhs.to_string());
         }
@@ -157,7 +172,10 @@ pub fn created_id(resp: &Response) -> Option<String> {
     v.get("id").and_then(|i| i.as_str()).map(str::to_string)
 }
 
-const CREATE_HEADERS: [(&str, &str); 2] = [("Content-Type", "application/fhir+json"), ("Accept", "application/fhir+json")];
+const CREATE_HEADERS: [(&str, &str); 2] = [
+    ("Content-Type", "application/fhir+json"),
+    ("Accept", "application/fhir+json"),
+];
 const GET_HEADERS: [(&str, &str); 1] = [("Accept", "application/fhir+json")];
 
 async fn worker(shared: Arc<Shared>) -> (Recorder, Seeded) {
@@ -189,18 +207,26 @@ async fn worker(shared: Arc<Shared>) -> (Recorder, Seeded) {
             }
             Scenario::Read => {
                 let ids = &shared.seeded.ids;
-                path.push_str(&format!("{base}/Patient/{}", ids[(i % ids.len() as u64) as usize]));
+                path.push_str(&format!(
+                    "{base}/Patient/{}",
+                    ids[(i % ids.len() as u64) as usize]
+                ));
                 ("GET", &GET_HEADERS)
             }
             Scenario::SearchIdentifier => {
                 let nums = &shared.seeded.nhs_numbers;
                 let n = &nums[(i % nums.len() as u64) as usize];
-                path.push_str(&format!("{base}/Patient?identifier={NHS_NUMBER_SYSTEM}%7C{n}"));
+                path.push_str(&format!(
+                    "{base}/Patient?identifier={NHS_NUMBER_SYSTEM}%7C{n}"
+                ));
                 ("GET", &GET_HEADERS)
             }
         };
         let t0 = Instant::now();
-        match client.request(method, &path, headers, body.as_bytes()).await {
+        match client
+            .request(method, &path, headers, body.as_bytes())
+            .await
+        {
             Ok(resp) => {
                 rec.response(t0.elapsed(), resp.status, &resp.body);
                 if shared.collect && resp.is_success() {
@@ -209,7 +235,9 @@ async fn worker(shared: Arc<Shared>) -> (Recorder, Seeded) {
                             created.ids.push(id);
                             created.nhs_numbers.push(nhs);
                         }
-                        None => rec.error(|| "a create response carried neither a Location nor a body id".into()),
+                        None => rec.error(|| {
+                            "a create response carried neither a Location nor a body id".into()
+                        }),
                     }
                 }
             }
@@ -234,20 +262,39 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(target: Target, nhs_start: u64) -> Runner {
-        Runner { target, nhs: Arc::new(NhsNumbers::starting_at(nhs_start)), timeout: Duration::from_secs(30) }
+        Runner {
+            target,
+            nhs: Arc::new(NhsNumbers::starting_at(nhs_start)),
+            timeout: Duration::from_secs(30),
+        }
     }
 
     /// Run `scenario` at `concurrency` connections until `stop`. Read and search runs need a non-empty `seeded`.
-    pub async fn run(&self, scenario: Scenario, concurrency: usize, stop: Stop, seeded: Arc<Seeded>) -> Result<Summary, String> {
-        let (rec, _, elapsed) = self.drive(scenario, concurrency, stop, seeded, false).await?;
+    pub async fn run(
+        &self,
+        scenario: Scenario,
+        concurrency: usize,
+        stop: Stop,
+        seeded: Arc<Seeded>,
+    ) -> Result<Summary, String> {
+        let (rec, _, elapsed) = self
+            .drive(scenario, concurrency, stop, seeded, false)
+            .await?;
         Ok(Summary::new(scenario.name(), concurrency, rec, elapsed))
     }
 
     /// Create `n` patients at `concurrency` and return the ones the server accepted, with the seeding run's
     /// summary (named `seed`).
     pub async fn seed(&self, n: u64, concurrency: usize) -> Result<(Seeded, Summary), String> {
-        let (rec, created, elapsed) =
-            self.drive(Scenario::Create, concurrency, Stop::Requests(n), Arc::new(Seeded::default()), true).await?;
+        let (rec, created, elapsed) = self
+            .drive(
+                Scenario::Create,
+                concurrency,
+                Stop::Requests(n),
+                Arc::new(Seeded::default()),
+                true,
+            )
+            .await?;
         Ok((created, Summary::new("seed", concurrency, rec, elapsed)))
     }
 
@@ -260,7 +307,10 @@ impl Runner {
         collect: bool,
     ) -> Result<(Recorder, Seeded, Duration), String> {
         if scenario.needs_seed() && seeded.ids.is_empty() {
-            return Err(format!("scenario {} needs seeded patients (use --seed N or --seed-file)", scenario.name()));
+            return Err(format!(
+                "scenario {} needs seeded patients (use --seed N or --seed-file)",
+                scenario.name()
+            ));
         }
         let start = Instant::now();
         let deadline = match stop {
@@ -279,7 +329,9 @@ impl Runner {
             seeded,
             collect,
         });
-        let handles: Vec<_> = (0..concurrency.max(1)).map(|_| tokio::spawn(worker(shared.clone()))).collect();
+        let handles: Vec<_> = (0..concurrency.max(1))
+            .map(|_| tokio::spawn(worker(shared.clone())))
+            .collect();
         let mut rec = Recorder::default();
         let mut created = Seeded::default();
         for h in handles {
@@ -305,9 +357,18 @@ mod tests {
     fn parses_targets() {
         assert_eq!(
             Target::parse("http://127.0.0.1:8080/fhir/").unwrap(),
-            Target { addr: "127.0.0.1:8080".into(), base: "/fhir".into() }
+            Target {
+                addr: "127.0.0.1:8080".into(),
+                base: "/fhir".into()
+            }
         );
-        assert_eq!(Target::parse("http://localhost:9").unwrap(), Target { addr: "localhost:9".into(), base: "".into() });
+        assert_eq!(
+            Target::parse("http://localhost:9").unwrap(),
+            Target {
+                addr: "localhost:9".into(),
+                base: "".into()
+            }
+        );
         assert_eq!(Target::parse("http://example/").unwrap().addr, "example:80");
         assert!(Target::parse("https://x").is_err());
     }
@@ -316,12 +377,23 @@ mod tests {
     fn id_from_location_or_body() {
         let r = |loc: Option<&str>, body: &str| Response {
             status: 201,
-            headers: loc.map(|l| vec![("location".to_string(), l.to_string())]).unwrap_or_default(),
+            headers: loc
+                .map(|l| vec![("location".to_string(), l.to_string())])
+                .unwrap_or_default(),
             body: body.as_bytes().to_vec(),
         };
-        assert_eq!(created_id(&r(Some("http://h/fhir/Patient/abc/_history/1"), "")).as_deref(), Some("abc"));
-        assert_eq!(created_id(&r(Some("Patient/x-1"), "")).as_deref(), Some("x-1"));
-        assert_eq!(created_id(&r(None, r#"{"resourceType":"Patient","id":"q"}"#)).as_deref(), Some("q"));
+        assert_eq!(
+            created_id(&r(Some("http://h/fhir/Patient/abc/_history/1"), "")).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            created_id(&r(Some("Patient/x-1"), "")).as_deref(),
+            Some("x-1")
+        );
+        assert_eq!(
+            created_id(&r(None, r#"{"resourceType":"Patient","id":"q"}"#)).as_deref(),
+            Some("q")
+        );
         assert_eq!(created_id(&r(None, "not json")), None);
     }
 }

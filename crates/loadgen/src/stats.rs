@@ -22,7 +22,8 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn response(&mut self, latency: Duration, status: u16, body: &[u8]) {
-        self.latencies_us.push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
+        self.latencies_us
+            .push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
         *self.statuses.entry(status).or_default() += 1;
         if !(200..300).contains(&status) && self.first_non_2xx.is_none() {
             let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
@@ -83,13 +84,27 @@ pub fn percentile(sorted: &[u32], q: f64) -> u32 {
 }
 
 impl Summary {
-    pub fn new(scenario: &str, concurrency: usize, mut rec: Recorder, elapsed: Duration) -> Summary {
+    pub fn new(
+        scenario: &str,
+        concurrency: usize,
+        mut rec: Recorder,
+        elapsed: Duration,
+    ) -> Summary {
         rec.latencies_us.sort_unstable();
         let lat = &rec.latencies_us;
         let responses = lat.len() as u64;
-        let ok: u64 = rec.statuses.iter().filter(|(s, _)| (200..300).contains(*s)).map(|(_, n)| n).sum();
+        let ok: u64 = rec
+            .statuses
+            .iter()
+            .filter(|(s, _)| (200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum();
         let secs = elapsed.as_secs_f64().max(1e-9);
-        let mean_us = if lat.is_empty() { 0 } else { lat.iter().map(|&v| u64::from(v)).sum::<u64>() / responses };
+        let mean_us = if lat.is_empty() {
+            0
+        } else {
+            lat.iter().map(|&v| u64::from(v)).sum::<u64>() / responses
+        };
         Summary {
             scenario: scenario.to_string(),
             concurrency,

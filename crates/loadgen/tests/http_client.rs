@@ -9,7 +9,10 @@ use tokio::net::TcpListener;
 
 /// Serve each accepted connection with `replies` in order (one per request head read), then close it; stop
 /// after `max_connections` connections and return how many were served.
-async fn scripted(replies: Vec<&'static [u8]>, max_connections: usize) -> (String, tokio::task::JoinHandle<usize>) {
+async fn scripted(
+    replies: Vec<&'static [u8]>,
+    max_connections: usize,
+) -> (String, tokio::task::JoinHandle<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let handle = tokio::spawn(async move {
@@ -53,7 +56,15 @@ async fn content_length_chunked_and_keep_alive() {
     ], 1)
     .await;
     let mut c = Client::connect(&addr).await.unwrap();
-    let r = c.request("POST", "/fhir/Patient", &[("Content-Type", "application/fhir+json")], b"{}").await.unwrap();
+    let r = c
+        .request(
+            "POST",
+            "/fhir/Patient",
+            &[("Content-Type", "application/fhir+json")],
+            b"{}",
+        )
+        .await
+        .unwrap();
     assert_eq!((r.status, r.body.as_slice()), (201, &b"hello"[..]));
     assert_eq!(r.header("LOCATION"), Some("/fhir/Patient/a/_history/1"));
     let r = c.request("GET", "/x", &[], b"").await.unwrap();
@@ -63,19 +74,31 @@ async fn content_length_chunked_and_keep_alive() {
     let r = c.request("GET", "/z", &[], b"").await.unwrap();
     assert!(!r.is_success());
     drop(c);
-    assert_eq!(server.await.unwrap(), 1, "all four requests on one connection");
+    assert_eq!(
+        server.await.unwrap(),
+        1,
+        "all four requests on one connection"
+    );
 }
 
 #[tokio::test]
 async fn read_to_close_then_reconnect() {
-    let (addr, server) = scripted(vec![b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close"], 2).await;
+    let (addr, server) = scripted(
+        vec![b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close"],
+        2,
+    )
+    .await;
     let mut c = Client::connect(&addr).await.unwrap();
     let r = c.request("GET", "/", &[], b"").await.unwrap();
     assert_eq!(r.body, b"until close");
     let r = c.request("GET", "/", &[], b"").await.unwrap();
     assert_eq!(r.status, 200);
     drop(c);
-    assert_eq!(server.await.unwrap(), 2, "the closed connection was replaced");
+    assert_eq!(
+        server.await.unwrap(),
+        2,
+        "the closed connection was replaced"
+    );
 }
 
 #[tokio::test]
@@ -91,7 +114,10 @@ async fn malformed_responses_are_errors() {
         let mut c = Client::connect(&addr).await.unwrap();
         match c.request("GET", "/", &[], b"").await {
             Err(Error::Protocol(_)) => {}
-            other => panic!("expected a protocol error for {:?}, got {other:?}", String::from_utf8_lossy(reply)),
+            other => panic!(
+                "expected a protocol error for {:?}, got {other:?}",
+                String::from_utf8_lossy(reply)
+            ),
         }
     }
 }

@@ -162,7 +162,11 @@ async fn bench(durability: Durability, puts: usize, tasks: usize) {
         e.as_secs_f64() * 1e6 / n_family as f64
     );
     drop(store);
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("WRITE_BENCH_KEEP").is_some() {
+        println!("  kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 fn main() {

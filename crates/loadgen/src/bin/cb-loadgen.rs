@@ -46,7 +46,10 @@ struct Args {
 fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut url = None;
     let mut a = Args {
-        target: Target { addr: String::new(), base: String::new() },
+        target: Target {
+            addr: String::new(),
+            base: String::new(),
+        },
         scenarios: Vec::new(),
         concurrency: vec![32],
         stop: Stop::After(Duration::from_secs(10)),
@@ -55,12 +58,18 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         seed_concurrency: 32,
         seed_file: None,
         save_seed: None,
-        nhs_start: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() * 7919 + u64::from(d.subsec_micros())).unwrap_or(0),
+        nhs_start: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() * 7919 + u64::from(d.subsec_micros()))
+            .unwrap_or(0),
         threads: 1,
         timeout: Duration::from_secs(30),
         json: false,
     };
-    let num = |v: &str, what: &str| v.parse::<u64>().map_err(|_| format!("{what} must be a whole number, got {v:?}"));
+    let num = |v: &str, what: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{what} must be a whole number, got {v:?}"))
+    };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
         if flag == "--json" {
@@ -83,14 +92,24 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--concurrency" => {
                 a.concurrency = v
                     .split(',')
-                    .map(|c| num(c, "--concurrency").and_then(|n| if n == 0 { Err("--concurrency must be > 0".into()) } else { Ok(n as usize) }))
+                    .map(|c| {
+                        num(c, "--concurrency").and_then(|n| {
+                            if n == 0 {
+                                Err("--concurrency must be > 0".into())
+                            } else {
+                                Ok(n as usize)
+                            }
+                        })
+                    })
                     .collect::<Result<_, _>>()?
             }
             "--duration" => a.stop = Stop::After(loadgen::parse_duration(v)?),
             "--requests" => a.stop = Stop::Requests(num(v, "--requests")?),
             "--warmup" => a.warmup = loadgen::parse_duration(v)?,
             "--seed" => a.seed = Some(num(v, "--seed")?),
-            "--seed-concurrency" => a.seed_concurrency = num(v, "--seed-concurrency")?.max(1) as usize,
+            "--seed-concurrency" => {
+                a.seed_concurrency = num(v, "--seed-concurrency")?.max(1) as usize
+            }
             "--seed-file" => a.seed_file = Some(PathBuf::from(v)),
             "--save-seed" => a.save_seed = Some(PathBuf::from(v)),
             "--nhs-start" => a.nhs_start = num(v, "--nhs-start")?,
@@ -122,10 +141,15 @@ async fn run(a: Args) -> Result<bool, String> {
             let (seeded, summary) = runner.seed(n, a.seed_concurrency).await?;
             report(&summary, a.json);
             if seeded.ids.is_empty() {
-                return Err(format!("seeding created no patients at {}{}/Patient", a.target.addr, a.target.base));
+                return Err(format!(
+                    "seeding created no patients at {}{}/Patient",
+                    a.target.addr, a.target.base
+                ));
             }
             if let Some(path) = &a.save_seed {
-                seeded.save(path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+                seeded
+                    .save(path)
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
             }
             seeded
         }
@@ -135,7 +159,9 @@ async fn run(a: Args) -> Result<bool, String> {
     for &sc in &a.scenarios {
         for &c in &a.concurrency {
             if !a.warmup.is_zero() {
-                runner.run(sc, c, Stop::After(a.warmup), seeded.clone()).await?;
+                runner
+                    .run(sc, c, Stop::After(a.warmup), seeded.clone())
+                    .await?;
             }
             let s = runner.run(sc, c, a.stop, seeded.clone()).await?;
             all_ok &= s.ok_per_s > 0.0;
@@ -158,9 +184,14 @@ fn main() {
         }
     };
     let rt = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
     };
     let code = match rt {
         Err(e) => {

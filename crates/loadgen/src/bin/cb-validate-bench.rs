@@ -20,7 +20,12 @@ fn main() {
                 Some(n) if n > 0 => iterations = n,
                 _ => usage("--iterations needs a positive whole number"),
             },
-            "--write-sample" => sample_out = Some(it.next().unwrap_or_else(|| usage("--write-sample needs a file"))),
+            "--write-sample" => {
+                sample_out = Some(
+                    it.next()
+                        .unwrap_or_else(|| usage("--write-sample needs a file")),
+                )
+            }
             _ => usage(&format!("unknown option {flag}")),
         }
     }
@@ -33,13 +38,21 @@ fn main() {
     }
     let bytes = body.as_bytes();
     if let Err(issues) = fhir::validate_json(bytes, Some(fhir::ResourceType::Patient)) {
-        eprintln!("cb-validate-bench: the sample Patient does not validate ({} issues): {issues:?}", issues.len());
+        eprintln!(
+            "cb-validate-bench: the sample Patient does not validate ({} issues): {issues:?}",
+            issues.len()
+        );
         std::process::exit(1);
     }
     let start = Instant::now();
     let mut ok = 0u64;
     for _ in 0..iterations {
-        if fhir::validate_json(std::hint::black_box(bytes), Some(fhir::ResourceType::Patient)).is_ok() {
+        if fhir::validate_json(
+            std::hint::black_box(bytes),
+            Some(fhir::ResourceType::Patient),
+        )
+        .is_ok()
+        {
             ok += 1;
         }
     }

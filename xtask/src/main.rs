@@ -30,12 +30,17 @@ fn main() -> ExitCode {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 pub fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -54,20 +59,33 @@ fn python_env() -> Result<PathBuf, String> {
     let root = root();
     let venv = root.join("target/py-venv");
     let requirements = root.join("tests/python/requirements.txt");
-    let wanted = std::fs::read_to_string(&requirements).map_err(|e| format!("reading {}: {e}", requirements.display()))?;
+    let wanted = std::fs::read_to_string(&requirements)
+        .map_err(|e| format!("reading {}: {e}", requirements.display()))?;
     let stamp = venv.join(".requirements");
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
         return Ok(venv);
     }
-    let venv_ok = Command::new("python3").args(["-m", "venv", "--help"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let venv_ok = Command::new("python3")
+        .args(["-m", "venv", "--help"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !venv_ok {
         eprintln!("xtask: python3 with venv is missing; installing it from Debian's packages");
         run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "python3", "python3-venv", "python3-pip"]))?;
+        run(Command::new("apt-get").args([
+            "install",
+            "-y",
+            "python3",
+            "python3-venv",
+            "python3-pip",
+        ]))?;
     }
     let _ = std::fs::remove_dir_all(&venv);
     run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", "-r"]).arg(&requirements))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(&requirements))?;
     std::fs::write(&stamp, wanted).map_err(|e| e.to_string())?;
     Ok(venv)
 }
@@ -84,15 +102,25 @@ fn ci() -> Result<(), String> {
     build.args(["build", "--workspace", "--bins"]).envs(env);
     run(&mut build)?;
     let mut nextest = cargo();
-    nextest.args(["nextest", "run", "--workspace", "--profile", "ci"]).envs(env);
+    nextest
+        .args(["nextest", "run", "--workspace", "--profile", "ci"])
+        .envs(env);
     run(&mut nextest)?;
 
     let venv = python_env()?;
     let bin = root.join("target/debug/carebridge");
     let mut pytest = Command::new(venv.join("bin/pytest"));
-    pytest.current_dir(&root).arg("tests/python").arg("-q").arg("-rs").env("CAREBRIDGE_BIN", &bin);
+    pytest
+        .current_dir(&root)
+        .arg("tests/python")
+        .arg("-q")
+        .arg("-rs")
+        .env("CAREBRIDGE_BIN", &bin);
     run(&mut pytest)?;
 
-    eprintln!("xtask: ci passed in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask: ci passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -1,12 +1,12 @@
 //! `GET /fhir/metadata`: a CapabilityStatement listing exactly what this server implements.
 
-use crate::error::FHIR_JSON;
 use crate::App;
+use crate::error::FHIR_JSON;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use fhir::{ParamKind, ResourceType};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::sync::Arc;
 use store::Store;
 

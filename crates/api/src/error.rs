@@ -1,8 +1,8 @@
 //! Every failure the API reports becomes an OperationOutcome with a fitting HTTP status.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use fhir::{operation_outcome, Issue, IssueType};
+use fhir::{Issue, IssueType, operation_outcome};
 use store::StoreError;
 
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
@@ -16,7 +16,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: IssueType, diagnostics: impl Into<String>) -> ApiError {
-        ApiError { status, issues: vec![Issue::error(code, diagnostics)] }
+        ApiError {
+            status,
+            issues: vec![Issue::error(code, diagnostics)],
+        }
     }
 
     pub fn at(mut self, expression: impl Into<String>) -> ApiError {
@@ -35,7 +38,10 @@ impl ApiError {
     }
 
     pub fn invalid_resource(issues: Vec<Issue>) -> ApiError {
-        ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, issues }
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            issues,
+        }
     }
 }
 
@@ -43,22 +49,32 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match &e {
             StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
-            StoreError::Gone { .. } => ApiError::new(StatusCode::GONE, IssueType::Deleted, e.to_string()),
-            StoreError::VersionConflict { .. } => {
-                ApiError::new(StatusCode::PRECONDITION_FAILED, IssueType::Conflict, e.to_string())
+            StoreError::Gone { .. } => {
+                ApiError::new(StatusCode::GONE, IssueType::Deleted, e.to_string())
             }
+            StoreError::VersionConflict { .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                IssueType::Conflict,
+                e.to_string(),
+            ),
             StoreError::Duplicate { message, existing } => {
-                let mut err = ApiError::new(StatusCode::CONFLICT, IssueType::Duplicate, message.clone());
+                let mut err =
+                    ApiError::new(StatusCode::CONFLICT, IssueType::Duplicate, message.clone());
                 if let Some(existing) = existing {
-                    err.issues.push(Issue::information(format!("existing resource: {existing}")));
+                    err.issues
+                        .push(Issue::information(format!("existing resource: {existing}")));
                 }
                 err
             }
-            StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, IssueType::Conflict, m.clone()),
-            StoreError::Invalid(m) => ApiError::bad_request(m.clone()),
-            StoreError::Unavailable(m) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, IssueType::Exception, m.clone())
+            StoreError::Conflict(m) => {
+                ApiError::new(StatusCode::CONFLICT, IssueType::Conflict, m.clone())
             }
+            StoreError::Invalid(m) => ApiError::bad_request(m.clone()),
+            StoreError::Unavailable(m) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                IssueType::Exception,
+                m.clone(),
+            ),
             StoreError::Backend(m) => {
                 tracing::error!(error = %m, "storage failure");
                 ApiError::new(
@@ -75,7 +91,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = operation_outcome(&self.issues).to_string();
         let mut res = (self.status, body).into_response();
-        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
         res
     }
 }

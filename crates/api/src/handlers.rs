@@ -1,18 +1,20 @@
 //! FHIR interactions: create, read, vread, update, delete, history, search, $validate.
 
+use crate::App;
 use crate::error::{ApiError, FHIR_JSON};
 use crate::http_date::http_date;
 use crate::search::{self, link_url, parse_pairs, parse_search, push_entry, push_json_str};
-use crate::App;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use fhir::{operation_outcome, Issue, IssueType, ResourceType};
+use fhir::{Issue, IssueType, ResourceType, operation_outcome};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use store::{HistoryQuery, IdempotencyRecord, NewEvent, Put, SearchQuery, Store, StoreError, Stored, Tx};
+use store::{
+    HistoryQuery, IdempotencyRecord, NewEvent, Put, SearchQuery, Store, StoreError, Stored, Tx,
+};
 
 type AppState<S> = State<Arc<App<S>>>;
 
@@ -29,7 +31,9 @@ impl IntoResponse for Reply {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut res = (status, self.body).into_response();
         for (k, v) in self.headers {
-            if let (Ok(name), Ok(value)) = (header::HeaderName::try_from(k), HeaderValue::from_str(&v)) {
+            if let (Ok(name), Ok(value)) =
+                (header::HeaderName::try_from(k), HeaderValue::from_str(&v))
+            {
                 res.headers_mut().insert(name, value);
             }
         }
@@ -43,20 +47,29 @@ fn parse_type(s: &str) -> Result<ResourceType, ApiError> {
         ApiError::new(
             StatusCode::NOT_FOUND,
             IssueType::NotSupported,
-            format!("resource type '{s}' is not served here; supported: {}", known.join(", ")),
+            format!(
+                "resource type '{s}' is not served here; supported: {}",
+                known.join(", ")
+            ),
         )
     })
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
     if valid_id(id) {
         Ok(())
     } else {
-        Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")))
+        Err(ApiError::bad_request(format!(
+            "'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)"
+        )))
     }
 }
 
@@ -69,7 +82,10 @@ enum Return {
 }
 
 fn prefer_return(headers: &HeaderMap) -> Return {
-    let prefer = headers.get("prefer").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let prefer = headers
+        .get("prefer")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     for part in prefer.split(',') {
         match part.trim() {
             "return=minimal" => return Return::Minimal,
@@ -83,13 +99,16 @@ fn prefer_return(headers: &HeaderMap) -> Return {
 
 /// `If-Match: W/"3"` -> 3.
 fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
     let s = v.to_str().unwrap_or("").trim();
     let inner = s.trim_start_matches("W/").trim_matches('"');
-    inner
-        .parse::<u64>()
-        .map(Some)
-        .map_err(|_| ApiError::bad_request(format!("If-Match must be a version ETag like W/\"3\", got '{s}'")))
+    inner.parse::<u64>().map(Some).map_err(|_| {
+        ApiError::bad_request(format!(
+            "If-Match must be a version ETag like W/\"3\", got '{s}'"
+        ))
+    })
 }
 
 fn etag(version: u64) -> String {
@@ -103,7 +122,10 @@ fn resource_headers(base: &str, s: &Stored, with_location: bool) -> Vec<(String,
         ("last-modified".to_string(), http_date(s.last_updated_ms)),
     ];
     if with_location {
-        h.push(("location".to_string(), format!("{base}/{}/{}/_history/{}", s.rtype, s.id, s.version)));
+        h.push((
+            "location".to_string(),
+            format!("{base}/{}/{}/_history/{}", s.rtype, s.id, s.version),
+        ));
     }
     h
 }
@@ -114,15 +136,22 @@ fn stored_reply(base: &str, s: &Stored, status: u16, ret: Return, with_location:
         Return::Representation => s.json.clone(),
         Return::OperationOutcome => {
             let verb = if status == 201 { "created" } else { "updated" };
-            operation_outcome(&[Issue::information(format!("{}/{} {verb} (version {})", s.rtype, s.id, s.version))])
-                .to_string()
+            operation_outcome(&[Issue::information(format!(
+                "{}/{} {verb} (version {})",
+                s.rtype, s.id, s.version
+            ))])
+            .to_string()
         }
         Return::Minimal => {
             headers.retain(|(k, _)| k != "content-type");
             String::new()
         }
     };
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// Kind of the domain event for a plain REST change.
@@ -130,7 +159,17 @@ pub fn event_kind(rtype: ResourceType, action: &str) -> String {
     let key = match rtype {
         ResourceType::PractitionerRole => "practitioner-role",
         ResourceType::HealthcareService => "healthcare-service",
-        other => return format!("{}.{}", other.as_str().to_ascii_lowercase(), if other == ResourceType::Patient && action == "created" { "registered" } else { action }),
+        other => {
+            return format!(
+                "{}.{}",
+                other.as_str().to_ascii_lowercase(),
+                if other == ResourceType::Patient && action == "created" {
+                    "registered"
+                } else {
+                    action
+                }
+            );
+        }
     };
     format!("{key}.{action}")
 }
@@ -150,14 +189,21 @@ fn append_change_event(tx: &mut dyn Tx, s: &Stored, action: &str) -> store::Resu
 /// Parse and validate a request body as a resource of `rtype`.
 fn validated_body(rtype: ResourceType, body: &[u8]) -> Result<Value, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::bad_request(format!("request body is empty; expected a {rtype} resource")));
+        return Err(ApiError::bad_request(format!(
+            "request body is empty; expected a {rtype} resource"
+        )));
     }
     match fhir::validate_json(body, Some(rtype)) {
         Ok(v) => Ok(v.resource),
         Err(issues) => {
-            let parse_failure = issues.iter().all(|i| i.code == IssueType::Structure && i.expression.is_empty());
+            let parse_failure = issues
+                .iter()
+                .all(|i| i.code == IssueType::Structure && i.expression.is_empty());
             if parse_failure {
-                Err(ApiError { status: StatusCode::BAD_REQUEST, issues })
+                Err(ApiError {
+                    status: StatusCode::BAD_REQUEST,
+                    issues,
+                })
             } else {
                 Err(ApiError::invalid_resource(issues))
             }
@@ -171,7 +217,9 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         Some(v) => {
             let k = v.to_str().unwrap_or("").trim();
             if k.is_empty() || k.len() > 255 {
-                Err(ApiError::bad_request("Idempotency-Key must be 1-255 visible characters"))
+                Err(ApiError::bad_request(
+                    "Idempotency-Key must be 1-255 visible characters",
+                ))
             } else {
                 Ok(Some(k.to_string()))
             }
@@ -193,7 +241,12 @@ fn request_hash(method: &str, path: &str, query: Option<&str>, body: &[u8]) -> S
 
 /// Run a write with optional `Idempotency-Key` handling: a retry with the same key and the same request
 /// replays the stored reply; the same key with a different request is refused.
-async fn idempotent_write<S, F>(store: &S, key: Option<String>, hash: String, f: F) -> Result<Reply, ApiError>
+async fn idempotent_write<S, F>(
+    store: &S,
+    key: Option<String>,
+    hash: String,
+    f: F,
+) -> Result<Reply, ApiError>
 where
     S: Store,
     F: FnOnce(&mut dyn Tx) -> store::Result<Result<Reply, ApiError>> + Send + 'static,
@@ -237,7 +290,9 @@ where
 fn conditional_query(rtype: ResourceType, raw: &str) -> Result<SearchQuery, ApiError> {
     let pairs = parse_pairs(Some(raw));
     if pairs.is_empty() {
-        return Err(ApiError::bad_request("a conditional request needs search parameters"));
+        return Err(ApiError::bad_request(
+            "a conditional request needs search parameters",
+        ));
     }
     let mut parsed = parse_search(rtype, &pairs)?;
     parsed.query.count = 2;
@@ -278,12 +333,18 @@ pub async fn create<S: Store>(
                         StatusCode::PRECONDITION_FAILED,
                         IssueType::Duplicate,
                         "If-None-Exist matched more than one resource",
-                    )))
+                    )));
                 }
             }
         }
         let index = fhir::index_entries(rtype, &resource);
-        let s = tx.put(Put { rtype, id, resource, index, expected_version: Some(0) })?;
+        let s = tx.put(Put {
+            rtype,
+            id,
+            resource,
+            index,
+            expected_version: Some(0),
+        })?;
         append_change_event(tx, &s, "created")?;
         Ok(Ok(stored_reply(&base, &s, 201, ret, true)))
     })
@@ -303,19 +364,33 @@ fn put_resource(
     let current = tx.read(rtype, &id)?;
     let existed = matches!(&current, Some(c) if !c.deleted);
     let index = fhir::index_entries(rtype, &resource);
-    let s = match tx.put(Put { rtype, id, resource, index, expected_version: expected }) {
+    let s = match tx.put(Put {
+        rtype,
+        id,
+        resource,
+        index,
+        expected_version: expected,
+    }) {
         Ok(s) => s,
-        Err(StoreError::VersionConflict { expected, actual, .. }) => {
+        Err(StoreError::VersionConflict {
+            expected, actual, ..
+        }) => {
             return Ok(Err(ApiError::new(
                 StatusCode::PRECONDITION_FAILED,
                 IssueType::Conflict,
                 format!("If-Match version {expected} does not match the current version {actual}"),
-            )))
+            )));
         }
         Err(e) => return Err(e),
     };
     append_change_event(tx, &s, if existed { "updated" } else { "created" })?;
-    Ok(Ok(stored_reply(base, &s, if existed { 200 } else { 201 }, ret, !existed)))
+    Ok(Ok(stored_reply(
+        base,
+        &s,
+        if existed { 200 } else { 201 },
+        ret,
+        !existed,
+    )))
 }
 
 /// PUT /fhir/{type}/{id}
@@ -330,12 +405,16 @@ pub async fn update<S: Store>(
     let resource = validated_body(rtype, &body)?;
     match resource.get("id").and_then(Value::as_str) {
         None => {
-            return Err(ApiError::bad_request(format!("the resource must carry id '{id}' to match the URL"))
-                .at(format!("{rtype}.id")))
+            return Err(ApiError::bad_request(format!(
+                "the resource must carry id '{id}' to match the URL"
+            ))
+            .at(format!("{rtype}.id")));
         }
         Some(body_id) if body_id != id => {
-            return Err(ApiError::bad_request(format!("resource id '{body_id}' does not match the URL id '{id}'"))
-                .at(format!("{rtype}.id")))
+            return Err(ApiError::bad_request(format!(
+                "resource id '{body_id}' does not match the URL id '{id}'"
+            ))
+            .at(format!("{rtype}.id")));
         }
         _ => {}
     }
@@ -344,8 +423,10 @@ pub async fn update<S: Store>(
     let hash = request_hash("PUT", &format!("{rtype}/{id}"), None, &body);
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
-    idempotent_write(app.store.as_ref(), key, hash, move |tx| put_resource(tx, &base, rtype, id, resource, expected, ret))
-        .await
+    idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+        put_resource(tx, &base, rtype, id, resource, expected, ret)
+    })
+    .await
 }
 
 /// PUT /fhir/{type}?search
@@ -366,11 +447,17 @@ pub async fn conditional_update<S: Store>(
     let base = app.fhir_base();
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
         let found = tx.search(&condition)?;
-        let body_id = resource.get("id").and_then(Value::as_str).map(str::to_string);
+        let body_id = resource
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let id = match (found.as_slice(), body_id) {
             ([], Some(id)) => {
                 if !valid_id(&id) {
-                    return Ok(Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id")).at(format!("{rtype}.id"))));
+                    return Ok(Err(ApiError::bad_request(format!(
+                        "'{id}' is not a valid FHIR id"
+                    ))
+                    .at(format!("{rtype}.id"))));
                 }
                 id
             }
@@ -380,7 +467,7 @@ pub async fn conditional_update<S: Store>(
                     "resource id '{id}' differs from the matching resource {}/{}",
                     one.rtype, one.id
                 ))
-                .at(format!("{rtype}.id"))))
+                .at(format!("{rtype}.id"))));
             }
             ([one], _) => one.id.clone(),
             _ => {
@@ -388,7 +475,7 @@ pub async fn conditional_update<S: Store>(
                     StatusCode::PRECONDITION_FAILED,
                     IssueType::Duplicate,
                     "the conditional update's search matched more than one resource",
-                )))
+                )));
             }
         };
         let mut resource = resource;
@@ -420,7 +507,9 @@ pub async fn delete<S: Store>(
         })
         .await
         .map_err(|e| match e {
-            StoreError::VersionConflict { expected, actual, .. } => ApiError::new(
+            StoreError::VersionConflict {
+                expected, actual, ..
+            } => ApiError::new(
                 StatusCode::PRECONDITION_FAILED,
                 IssueType::Conflict,
                 format!("If-Match version {expected} does not match the current version {actual}"),
@@ -437,7 +526,10 @@ pub async fn delete<S: Store>(
 }
 
 fn read_response(base: &str, s: &Stored, headers: &HeaderMap) -> Response {
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
         if inm.trim() == etag(s.version) {
             let mut res = StatusCode::NOT_MODIFIED.into_response();
             if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
@@ -480,7 +572,9 @@ pub async fn vread<S: Store>(
         .parse()
         .map_err(|_| ApiError::bad_request(format!("version '{vid}' is not a number")))?;
     match app.store.vread(rtype, &id, version).await? {
-        None => Err(ApiError::not_found(format!("{rtype}/{id} has no version {version}"))),
+        None => Err(ApiError::not_found(format!(
+            "{rtype}/{id} has no version {version}"
+        ))),
         Some(s) if s.deleted => Err(ApiError::new(
             StatusCode::GONE,
             IssueType::Deleted,
@@ -490,8 +584,19 @@ pub async fn vread<S: Store>(
     }
 }
 
-fn history_bundle(base: &str, result: &store::SearchResult, self_url: &str, next: Option<String>) -> String {
-    let mut out = String::with_capacity(256 + result.resources.iter().map(|s| s.json.len() + 200).sum::<usize>());
+fn history_bundle(
+    base: &str,
+    result: &store::SearchResult,
+    self_url: &str,
+    next: Option<String>,
+) -> String {
+    let mut out = String::with_capacity(
+        256 + result
+            .resources
+            .iter()
+            .map(|s| s.json.len() + 200)
+            .sum::<usize>(),
+    );
     out.push_str("{\"resourceType\":\"Bundle\",\"type\":\"history\"");
     if let Some(total) = result.total {
         out.push_str(&format!(",\"total\":{total}"));
@@ -539,39 +644,73 @@ fn history_params(raw: Option<&str>) -> Result<(usize, usize, Option<i64>), ApiE
     for (k, v) in parse_pairs(raw) {
         match k.as_str() {
             "_count" => {
-                count = v.parse::<usize>().map_err(|_| ApiError::bad_request("_count must be a number"))?.min(search::MAX_COUNT)
+                count = v
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::bad_request("_count must be a number"))?
+                    .min(search::MAX_COUNT)
             }
-            "_offset" => offset = v.parse().map_err(|_| ApiError::bad_request("_offset must be a number"))?,
+            "_offset" => {
+                offset = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("_offset must be a number"))?
+            }
             "_since" => {
                 since = Some(fhir::parse_instant_ms(&v).ok_or_else(|| {
-                    ApiError::bad_request(format!("_since must be a FHIR instant with a time zone, got '{v}'"))
+                    ApiError::bad_request(format!(
+                        "_since must be a FHIR instant with a time zone, got '{v}'"
+                    ))
                 })?)
             }
             "_format" | "_pretty" => {}
-            other => return Err(ApiError::bad_request(format!("_history does not support parameter '{other}'"))),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "_history does not support parameter '{other}'"
+                )));
+            }
         }
     }
     Ok((count, offset, since))
 }
 
-async fn history<S: Store>(app: &App<S>, rtype: ResourceType, id: Option<String>, raw: Option<&str>) -> Result<Response, ApiError> {
+async fn history<S: Store>(
+    app: &App<S>,
+    rtype: ResourceType,
+    id: Option<String>,
+    raw: Option<&str>,
+) -> Result<Response, ApiError> {
     let (count, offset, since_ms) = history_params(raw)?;
     let base = app.fhir_base();
     let path = match &id {
         Some(id) => format!("{base}/{rtype}/{id}/_history"),
         None => format!("{base}/{rtype}/_history"),
     };
-    let q = HistoryQuery { rtype, id: id.clone(), since_ms, count: count + 1, offset };
+    let q = HistoryQuery {
+        rtype,
+        id: id.clone(),
+        since_ms,
+        count: count + 1,
+        offset,
+    };
     let mut result = app.store.history(&q).await?;
     if let Some(id) = &id {
-        if result.resources.is_empty() && offset == 0 && app.store.read(rtype, id).await?.is_none() {
+        if result.resources.is_empty() && offset == 0 && app.store.read(rtype, id).await?.is_none()
+        {
             return Err(ApiError::not_found(format!("{rtype}/{id} is not known")));
         }
     }
     let more = result.resources.len() > count;
     result.resources.truncate(count);
-    let since_q = since_ms.map(|s| format!("&_since={}", search::encode(&fhir::format_instant_ms(s)))).unwrap_or_default();
-    let self_url = format!("{path}?_count={count}{since_q}{}", if offset > 0 { format!("&_offset={offset}") } else { String::new() });
+    let since_q = since_ms
+        .map(|s| format!("&_since={}", search::encode(&fhir::format_instant_ms(s))))
+        .unwrap_or_default();
+    let self_url = format!(
+        "{path}?_count={count}{since_q}{}",
+        if offset > 0 {
+            format!("&_offset={offset}")
+        } else {
+            String::new()
+        }
+    );
     let next = more.then(|| format!("{path}?_count={count}{since_q}&_offset={}", offset + count));
     let body = history_bundle(&base, &result, &self_url, next);
     Ok(([(header::CONTENT_TYPE, FHIR_JSON)], body).into_response())
@@ -598,7 +737,11 @@ pub async fn type_history<S: Store>(
     history(&app, rtype, None, raw.as_deref()).await
 }
 
-async fn run_search<S: Store>(app: &App<S>, rtype: ResourceType, pairs: Vec<(String, String)>) -> Result<Response, ApiError> {
+async fn run_search<S: Store>(
+    app: &App<S>,
+    rtype: ResourceType,
+    pairs: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
     let parsed = parse_search(rtype, &pairs)?;
     let base = app.fhir_base();
     let count = parsed.query.count;
@@ -612,7 +755,9 @@ async fn run_search<S: Store>(app: &App<S>, rtype: ResourceType, pairs: Vec<(Str
     let mut result = app.store.search(&q).await?;
     let more = result.resources.len() > count;
     result.resources.truncate(count);
-    let total = result.total.or_else(|| (!more && !parsed.summary_count).then(|| (offset + result.resources.len()) as u64));
+    let total = result.total.or_else(|| {
+        (!more && !parsed.summary_count).then(|| (offset + result.resources.len()) as u64)
+    });
 
     // _include: resolve the references of the matches.
     let mut included: Vec<Stored> = Vec::new();
@@ -622,17 +767,25 @@ async fn run_search<S: Store>(app: &App<S>, rtype: ResourceType, pairs: Vec<(Str
             seen.insert(format!("{}/{}", s.rtype, s.id));
         }
         for s in &result.resources {
-            let Ok(v) = serde_json::from_str::<Value>(&s.json) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(&s.json) else {
+                continue;
+            };
             for e in fhir::index_entries(rtype, &v) {
                 if !parsed.includes.iter().any(|d| d.name == e.param) {
                     continue;
                 }
-                let fhir::IndexValue::Reference(r) = e.value else { continue };
+                let fhir::IndexValue::Reference(r) = e.value else {
+                    continue;
+                };
                 if !seen.insert(r.clone()) {
                     continue;
                 }
-                let Some((t, id)) = r.split_once('/') else { continue };
-                let Some(t) = ResourceType::parse(t) else { continue };
+                let Some((t, id)) = r.split_once('/') else {
+                    continue;
+                };
+                let Some(t) = ResourceType::parse(t) else {
+                    continue;
+                };
                 if let Some(found) = app.store.read(t, id).await? {
                     if !found.deleted {
                         included.push(found);
@@ -643,23 +796,43 @@ async fn run_search<S: Store>(app: &App<S>, rtype: ResourceType, pairs: Vec<(Str
     }
 
     let mut out = String::with_capacity(
-        512 + result.resources.iter().chain(included.iter()).map(|s| s.json.len() + 120).sum::<usize>(),
+        512 + result
+            .resources
+            .iter()
+            .chain(included.iter())
+            .map(|s| s.json.len() + 120)
+            .sum::<usize>(),
     );
     out.push_str("{\"resourceType\":\"Bundle\",\"type\":\"searchset\"");
     if let Some(t) = total {
         out.push_str(&format!(",\"total\":{t}"));
     }
     out.push_str(",\"link\":[{\"relation\":\"self\",\"url\":");
-    push_json_str(&mut out, &link_url(&base, rtype, &parsed.link_params, count, offset));
+    push_json_str(
+        &mut out,
+        &link_url(&base, rtype, &parsed.link_params, count, offset),
+    );
     out.push('}');
     if more && !parsed.summary_count {
         out.push_str(",{\"relation\":\"next\",\"url\":");
-        push_json_str(&mut out, &link_url(&base, rtype, &parsed.link_params, count, offset + count));
+        push_json_str(
+            &mut out,
+            &link_url(&base, rtype, &parsed.link_params, count, offset + count),
+        );
         out.push('}');
     }
     if offset > 0 && !parsed.summary_count {
         out.push_str(",{\"relation\":\"previous\",\"url\":");
-        push_json_str(&mut out, &link_url(&base, rtype, &parsed.link_params, count, offset.saturating_sub(count)));
+        push_json_str(
+            &mut out,
+            &link_url(
+                &base,
+                rtype,
+                &parsed.link_params,
+                count,
+                offset.saturating_sub(count),
+            ),
+        );
         out.push('}');
     }
     out.push(']');
@@ -696,7 +869,8 @@ pub async fn search_post<S: Store>(
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&rtype)?;
     let mut pairs = parse_pairs(raw.as_deref());
-    let form = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("_search body must be UTF-8 form data"))?;
+    let form = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("_search body must be UTF-8 form data"))?;
     pairs.extend(parse_pairs(Some(form)));
     run_search(&app, rtype, pairs).await
 }
@@ -713,9 +887,15 @@ pub async fn validate<S: Store>(
             let resource = v
                 .get("parameter")
                 .and_then(Value::as_array)
-                .and_then(|ps| ps.iter().find(|p| p.get("name").and_then(Value::as_str) == Some("resource")))
+                .and_then(|ps| {
+                    ps.iter()
+                        .find(|p| p.get("name").and_then(Value::as_str) == Some("resource"))
+                })
                 .and_then(|p| p.get("resource"))
-                .ok_or_else(|| ApiError::bad_request("Parameters must carry a 'resource' parameter").at("Parameters.parameter"))?;
+                .ok_or_else(|| {
+                    ApiError::bad_request("Parameters must carry a 'resource' parameter")
+                        .at("Parameters.parameter")
+                })?;
             serde_json::to_vec(resource).map_err(|e| ApiError::bad_request(e.to_string()))?
         }
         _ => body.to_vec(),
@@ -724,5 +904,9 @@ pub async fn validate<S: Store>(
         Ok(v) => v.warnings,
         Err(issues) => issues,
     };
-    Ok(([(header::CONTENT_TYPE, FHIR_JSON)], operation_outcome(&issues).to_string()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, FHIR_JSON)],
+        operation_outcome(&issues).to_string(),
+    )
+        .into_response())
 }

@@ -9,8 +9,13 @@ pub fn http_date(ms: i64) -> String {
     let (y, mo, d) = civil_from_days(days);
     // 1970-01-01 was a Thursday.
     const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let wd = WEEKDAYS.get(days.rem_euclid(7) as usize).copied().unwrap_or("Thu");
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let wd = WEEKDAYS
+        .get(days.rem_euclid(7) as usize)
+        .copied()
+        .unwrap_or("Thu");
     let mon = MONTHS.get((mo - 1) as usize).copied().unwrap_or("Jan");
     format!("{wd}, {d:02} {mon} {y:04} {h:02}:{m:02}:{s:02} GMT")
 }
@@ -37,7 +42,10 @@ mod tests {
     fn formats_known_instants() {
         assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
         // 2026-11-24T02:15:05Z
-        assert_eq!(http_date(1_795_486_505_000), "Tue, 24 Nov 2026 02:15:05 GMT");
+        assert_eq!(
+            http_date(1_795_486_505_000),
+            "Tue, 24 Nov 2026 02:15:05 GMT"
+        );
         assert_eq!(http_date(951_782_400_000), "Tue, 29 Feb 2000 00:00:00 GMT");
     }
 }

@@ -13,12 +13,12 @@ mod handlers;
 mod http_date;
 mod search;
 
+use axum::Router;
 use axum::extract::Request;
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use fhir::IssueType;
 use std::sync::Arc;
 use store::Store;
@@ -53,15 +53,25 @@ pub fn router<S: Store>(store: Arc<S>, config: ApiConfig) -> Router {
     let app = Arc::new(App { store, config });
     let fhir = Router::new()
         .route("/metadata", get(capability::metadata::<S>))
-        .route("/{rtype}", get(handlers::search::<S>).post(handlers::create::<S>).put(handlers::conditional_update::<S>))
+        .route(
+            "/{rtype}",
+            get(handlers::search::<S>)
+                .post(handlers::create::<S>)
+                .put(handlers::conditional_update::<S>),
+        )
         .route("/{rtype}/_search", post(handlers::search_post::<S>))
         .route("/{rtype}/_history", get(handlers::type_history::<S>))
         .route("/{rtype}/$validate", post(handlers::validate::<S>))
         .route(
             "/{rtype}/{id}",
-            get(handlers::read::<S>).put(handlers::update::<S>).delete(handlers::delete::<S>),
+            get(handlers::read::<S>)
+                .put(handlers::update::<S>)
+                .delete(handlers::delete::<S>),
         )
-        .route("/{rtype}/{id}/_history", get(handlers::instance_history::<S>))
+        .route(
+            "/{rtype}/{id}/_history",
+            get(handlers::instance_history::<S>),
+        )
         .route("/{rtype}/{id}/_history/{vid}", get(handlers::vread::<S>))
         .fallback(fhir_fallback)
         .layer(middleware::from_fn(negotiate));
@@ -73,14 +83,20 @@ pub fn router<S: Store>(store: Arc<S>, config: ApiConfig) -> Router {
 }
 
 async fn health() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], "{\"status\":\"ok\"}")
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        "{\"status\":\"ok\"}",
+    )
 }
 
 async fn fhir_fallback(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         IssueType::NotSupported,
-        format!("{method} {} is not an interaction this server supports", uri.path()),
+        format!(
+            "{method} {} is not an interaction this server supports",
+            uri.path()
+        ),
     )
 }
 
@@ -91,7 +107,10 @@ async fn request_ids(req: Request, next: Next) -> Response {
         .headers()
         .get(&X_REQUEST_ID)
         .cloned()
-        .unwrap_or_else(|| HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("-")));
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .unwrap_or(HeaderValue::from_static("-"))
+        });
     let correlation_id = req.headers().get(&X_CORRELATION_ID).cloned();
     let span = tracing::info_span!(
         "request",
@@ -115,21 +134,44 @@ async fn negotiate(req: Request, next: Next) -> Response {
     let wants_xml_format = search::parse_pairs(Some(query))
         .iter()
         .any(|(k, v)| k == "_format" && v.contains("xml"));
-    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if wants_xml_format || (!accept.is_empty() && !accepts_json(accept)) {
         return ApiError::new(
             StatusCode::NOT_ACCEPTABLE,
             IssueType::NotSupported,
-            format!("this server produces application/fhir+json only (requested: {})", if wants_xml_format { "_format=xml" } else { accept }),
+            format!(
+                "this server produces application/fhir+json only (requested: {})",
+                if wants_xml_format {
+                    "_format=xml"
+                } else {
+                    accept
+                }
+            ),
         )
         .into_response();
     }
     if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if let Some(ct) = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        {
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             let ok = matches!(
                 mime.as_str(),
-                "application/fhir+json" | "application/json" | "application/json-patch+json" | "application/x-www-form-urlencoded"
+                "application/fhir+json"
+                    | "application/json"
+                    | "application/json-patch+json"
+                    | "application/x-www-form-urlencoded"
             );
             if !ok {
                 return ApiError::new(
@@ -146,10 +188,12 @@ async fn negotiate(req: Request, next: Next) -> Response {
 
 fn accepts_json(accept: &str) -> bool {
     accept.split(',').any(|part| {
-        let mime = part.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        mime == "*/*"
-            || mime == "application/*"
-            || mime.contains("json")
-            || mime == "text/html" // browsers; answered with JSON
+        let mime = part
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        mime == "*/*" || mime == "application/*" || mime.contains("json") || mime == "text/html" // browsers; answered with JSON
     })
 }

@@ -22,7 +22,9 @@ pub fn parse_pairs(raw: Option<&str>) -> Vec<(String, String)> {
 
 fn decode(s: &str) -> String {
     let s = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&s).decode_utf8_lossy().into_owned()
+    percent_encoding::percent_decode_str(&s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 pub fn encode(s: &str) -> String {
@@ -102,23 +104,42 @@ fn date_predicate(name: &str, v: &str, last_updated: bool) -> Result<Predicate, 
         )));
     };
     Ok(if last_updated {
-        Predicate::LastUpdated { cmp, low_ms, high_ms }
+        Predicate::LastUpdated {
+            cmp,
+            low_ms,
+            high_ms,
+        }
     } else {
-        Predicate::Date { cmp, low_ms, high_ms }
+        Predicate::Date {
+            cmp,
+            low_ms,
+            high_ms,
+        }
     })
 }
 
 fn token_predicate(v: &str) -> Predicate {
     match v.split_once('|') {
-        None => Predicate::Token { system: None, code: Some(v.to_string()) },
+        None => Predicate::Token {
+            system: None,
+            code: Some(v.to_string()),
+        },
         Some((s, c)) => Predicate::Token {
             system: Some(s.to_string()),
-            code: if c.is_empty() { None } else { Some(c.to_string()) },
+            code: if c.is_empty() {
+                None
+            } else {
+                Some(c.to_string())
+            },
         },
     }
 }
 
-fn reference_predicates(def: &SearchParamDef, modifier: Option<&str>, v: &str) -> Result<Vec<Predicate>, ApiError> {
+fn reference_predicates(
+    def: &SearchParamDef,
+    modifier: Option<&str>,
+    v: &str,
+) -> Result<Vec<Predicate>, ApiError> {
     // Absolute URL: keep the `Type/id` tail.
     let trimmed = v.trim_end_matches('/');
     let segments: Vec<&str> = trimmed.rsplitn(3, '/').collect();
@@ -137,14 +158,24 @@ fn reference_predicates(def: &SearchParamDef, modifier: Option<&str>, v: &str) -
     }
     if let Some(m) = modifier {
         let Some(t) = ResourceType::parse(m) else {
-            return Err(unsupported(format!("modifier ':{m}' is not supported on '{}'", def.name)));
+            return Err(unsupported(format!(
+                "modifier ':{m}' is not supported on '{}'",
+                def.name
+            )));
         };
         return Ok(vec![Predicate::Reference(format!("{t}/{v}"))]);
     }
-    Ok(def.targets.iter().map(|t| Predicate::Reference(format!("{t}/{v}"))).collect())
+    Ok(def
+        .targets
+        .iter()
+        .map(|t| Predicate::Reference(format!("{t}/{v}")))
+        .collect())
 }
 
-pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<ParsedSearch, ApiError> {
+pub fn parse_search(
+    rtype: ResourceType,
+    pairs: &[(String, String)],
+) -> Result<ParsedSearch, ApiError> {
     let mut query = SearchQuery::new(rtype);
     query.count = DEFAULT_COUNT;
     let mut includes = Vec::new();
@@ -159,27 +190,39 @@ pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<P
         let keep_in_links = !matches!(name, "_offset" | "_format" | "_pretty" | "_totalMethod");
         match name {
             "_count" => {
-                let n: usize = value
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(format!("_count must be a non-negative integer, got '{value}'")))?;
+                let n: usize = value.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "_count must be a non-negative integer, got '{value}'"
+                    ))
+                })?;
                 query.count = n.min(MAX_COUNT);
             }
             "_offset" => {
-                query.offset = value
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(format!("_offset must be a non-negative integer, got '{value}'")))?;
+                query.offset = value.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "_offset must be a non-negative integer, got '{value}'"
+                    ))
+                })?;
             }
             // `_totalMethod` is sent by fhirpy's count(); the total is always exact here.
             "_format" | "_pretty" | "_totalMethod" => {}
             "_summary" => match value.as_str() {
                 "count" => summary_count = true,
                 "false" => {}
-                other => return Err(unsupported(format!("_summary={other} is not supported (supported: count, false)"))),
+                other => {
+                    return Err(unsupported(format!(
+                        "_summary={other} is not supported (supported: count, false)"
+                    )));
+                }
             },
             "_total" => match value.as_str() {
                 "accurate" | "estimate" => query.want_total = true,
                 "none" => {}
-                other => return Err(ApiError::bad_request(format!("_total={other} is not valid (none, estimate, accurate)"))),
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "_total={other} is not valid (none, estimate, accurate)"
+                    )));
+                }
             },
             "_sort" => {
                 for item in value.split(',').filter(|s| !s.is_empty()) {
@@ -197,7 +240,7 @@ pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<P
                             _ => {
                                 return Err(unsupported(format!(
                                     "_sort by '{f}' is not supported for {rtype} (use _id, _lastUpdated or a string/date parameter)"
-                                )))
+                                )));
                             }
                         },
                     };
@@ -208,7 +251,10 @@ pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<P
                 let mut parts = value.split(':');
                 let (src, param) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
                 if modifier.is_some() {
-                    return Err(unsupported(format!("_include:{} is not supported", modifier.unwrap_or(""))));
+                    return Err(unsupported(format!(
+                        "_include:{} is not supported",
+                        modifier.unwrap_or("")
+                    )));
                 }
                 if src != rtype.as_str() {
                     return Err(unsupported(format!(
@@ -220,30 +266,44 @@ pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<P
                     _ => {
                         return Err(unsupported(format!(
                             "_include={value}: '{param}' is not a reference search parameter of {rtype}"
-                        )))
+                        )));
                     }
                 }
             }
             "_id" => {
-                let any_of = split_alternatives(value).into_iter().map(Predicate::Id).collect();
-                query.clauses.push(Clause { param: "_id".into(), any_of });
+                let any_of = split_alternatives(value)
+                    .into_iter()
+                    .map(Predicate::Id)
+                    .collect();
+                query.clauses.push(Clause {
+                    param: "_id".into(),
+                    any_of,
+                });
             }
             "_lastUpdated" => {
                 let any_of = split_alternatives(value)
                     .iter()
                     .map(|v| date_predicate("_lastUpdated", v, true))
                     .collect::<Result<Vec<_>, _>>()?;
-                query.clauses.push(Clause { param: "_lastUpdated".into(), any_of });
+                query.clauses.push(Clause {
+                    param: "_lastUpdated".into(),
+                    any_of,
+                });
             }
             n if n.starts_with('_') => {
-                return Err(unsupported(format!("search parameter '{n}' is not supported")));
+                return Err(unsupported(format!(
+                    "search parameter '{n}' is not supported"
+                )));
             }
             n if n.contains('.') => {
-                return Err(unsupported(format!("chained search '{n}' is not supported yet")));
+                return Err(unsupported(format!(
+                    "chained search '{n}' is not supported yet"
+                )));
             }
             n => {
                 let Some(def) = fhir::search_param(rtype, n) else {
-                    let known: Vec<&str> = fhir::search_params(rtype).iter().map(|p| p.name).collect();
+                    let known: Vec<&str> =
+                        fhir::search_params(rtype).iter().map(|p| p.name).collect();
                     return Err(ApiError::bad_request(format!(
                         "unknown search parameter '{n}' for {rtype}; supported: _id, _lastUpdated, {}",
                         known.join(", ")
@@ -253,24 +313,35 @@ pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<P
                 for alt in split_alternatives(value) {
                     match (def.kind, modifier) {
                         (ParamKind::Token, None) => any_of.push(token_predicate(&alt)),
-                        (ParamKind::String, None) => {
-                            any_of.push(Predicate::String { value: fhir::normalize_string(&alt), exact: false })
-                        }
-                        (ParamKind::String, Some("exact")) => {
-                            any_of.push(Predicate::String { value: alt.clone(), exact: true })
-                        }
+                        (ParamKind::String, None) => any_of.push(Predicate::String {
+                            value: fhir::normalize_string(&alt),
+                            exact: false,
+                        }),
+                        (ParamKind::String, Some("exact")) => any_of.push(Predicate::String {
+                            value: alt.clone(),
+                            exact: true,
+                        }),
                         (ParamKind::Date, None) => any_of.push(date_predicate(n, &alt, false)?),
-                        (ParamKind::Reference, m) => any_of.extend(reference_predicates(def, m, &alt)?),
+                        (ParamKind::Reference, m) => {
+                            any_of.extend(reference_predicates(def, m, &alt)?)
+                        }
                         (_, Some(m)) => {
-                            return Err(unsupported(format!("modifier ':{m}' is not supported on '{n}'")));
+                            return Err(unsupported(format!(
+                                "modifier ':{m}' is not supported on '{n}'"
+                            )));
                         }
                     }
                 }
                 let param = match (def.kind, modifier) {
-                    (ParamKind::String, Some("exact")) => fhir::exact_param(def.name).unwrap_or(def.name),
+                    (ParamKind::String, Some("exact")) => {
+                        fhir::exact_param(def.name).unwrap_or(def.name)
+                    }
                     _ => def.name,
                 };
-                query.clauses.push(Clause { param: param.to_string(), any_of });
+                query.clauses.push(Clause {
+                    param: param.to_string(),
+                    any_of,
+                });
             }
         }
         if keep_in_links {
@@ -284,7 +355,12 @@ pub fn parse_search(rtype: ResourceType, pairs: &[(String, String)]) -> Result<P
     if summary_count {
         query.want_total = true;
     }
-    Ok(ParsedSearch { query, includes, summary_count, link_params })
+    Ok(ParsedSearch {
+        query,
+        includes,
+        summary_count,
+        link_params,
+    })
 }
 
 /// Append one Bundle entry for a stored resource to `out` (a JSON array being built).
@@ -305,7 +381,13 @@ pub fn push_json_str(out: &mut String, s: &str) {
     out.push_str(&serde_json::Value::String(s.to_string()).to_string());
 }
 
-pub fn link_url(base: &str, rtype: ResourceType, params: &[(String, String)], count: usize, offset: usize) -> String {
+pub fn link_url(
+    base: &str,
+    rtype: ResourceType,
+    params: &[(String, String)],
+    count: usize,
+    offset: usize,
+) -> String {
     let mut url = format!("{base}/{rtype}?");
     for (k, v) in params {
         if k == "_count" {
@@ -329,7 +411,10 @@ mod tests {
 
     #[test]
     fn alternatives_respect_escapes() {
-        assert_eq!(split_alternatives(r"a,b\,c"), vec!["a".to_string(), "b,c".to_string()]);
+        assert_eq!(
+            split_alternatives(r"a,b\,c"),
+            vec!["a".to_string(), "b,c".to_string()]
+        );
     }
 
     #[test]
@@ -340,7 +425,9 @@ mod tests {
 
     #[test]
     fn pairs_decode() {
-        let p = parse_pairs(Some("identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9000000009&name=a+b"));
+        let p = parse_pairs(Some(
+            "identifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C9000000009&name=a+b",
+        ));
         assert_eq!(p[0].1, "https://fhir.nhs.uk/Id/nhs-number|9000000009");
         assert_eq!(p[1].1, "a b");
     }

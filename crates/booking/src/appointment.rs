@@ -49,7 +49,11 @@ pub(crate) fn write_appointment(
         Ok(d) => d,
         Err(e) => return Ok(Err(BookingError::Decision(e))),
     };
-    let Some(main) = decision.events.iter().find(|e| e.kind.is_appointment_event()) else {
+    let Some(main) = decision
+        .events
+        .iter()
+        .find(|e| e.kind.is_appointment_event())
+    else {
         return Err(StoreError::Backend(
             "scheduling::decide returned no appointment event".into(),
         ));
@@ -224,7 +228,11 @@ fn check(
             }
             Some(_) => {}
         }
-        let instant = |name: &str| sj.get(name).and_then(Value::as_str).and_then(parse_instant_ms);
+        let instant = |name: &str| {
+            sj.get(name)
+                .and_then(Value::as_str)
+                .and_then(parse_instant_ms)
+        };
         let (Some(start), Some(end)) = (instant("start"), instant("end")) else {
             return Ok(Err(BookingError::invalid(
                 format!("{slot_ref} has no usable start and end"),
@@ -373,11 +381,13 @@ fn slot_expression(resource: &Value, slot_ref: &str) -> String {
         .get("slot")
         .and_then(Value::as_array)
         .and_then(|a| {
-            a.iter().position(|s| {
-                s.get("reference").and_then(Value::as_str) == Some(slot_ref)
-            })
+            a.iter()
+                .position(|s| s.get("reference").and_then(Value::as_str) == Some(slot_ref))
         })
-        .map_or_else(|| "Appointment.slot".to_owned(), |i| format!("Appointment.slot[{i}]"))
+        .map_or_else(
+            || "Appointment.slot".to_owned(),
+            |i| format!("Appointment.slot[{i}]"),
+        )
 }
 
 /// `link` with type replaced-by, if any.

@@ -7,9 +7,7 @@ use store::{Clause, Predicate, SearchQuery, Stored, Tx};
 
 use crate::appointment::replaced_by;
 use crate::error::BookingError;
-use crate::util::{
-    check_expected, event, is_active, json_of, live, put, reference, search_all,
-};
+use crate::util::{check_expected, event, is_active, json_of, live, put, reference, search_all};
 use crate::{MergeResult, Outcome, Refusal, event_kind};
 
 /// Create or update `Patient/{id}`, refusing an NHS number held by another active Patient.
@@ -36,7 +34,13 @@ pub(crate) fn write_patient(
             }
         }
     }
-    let stored = put(tx, RT::Patient, id, resource, Some(expected.unwrap_or(live_version)))?;
+    let stored = put(
+        tx,
+        RT::Patient,
+        id,
+        resource,
+        Some(expected.unwrap_or(live_version)),
+    )?;
     let created = current.is_none();
     event(
         tx,
@@ -64,7 +68,8 @@ fn nhs_numbers(resource: &Value) -> Vec<String> {
         let Some(value) = identifier.get("value").and_then(Value::as_str) else {
             continue;
         };
-        let canonical = NhsNumber::parse(value).map_or_else(|_| value.to_owned(), |n| n.as_str().to_owned());
+        let canonical =
+            NhsNumber::parse(value).map_or_else(|_| value.to_owned(), |n| n.as_str().to_owned());
         if !out.contains(&canonical) {
             out.push(canonical);
         }
@@ -146,12 +151,15 @@ pub(crate) fn merge(tx: &mut dyn Tx, source_id: &str, target_id: &str) -> Refusa
 
     // The source's future appointments, rewritten to the target (computed before any write).
     let now = tx.now_ms();
-    let query = SearchQuery::new(RT::Appointment)
-        .with("patient", Predicate::Reference(source_ref.clone()));
+    let query =
+        SearchQuery::new(RT::Appointment).with("patient", Predicate::Reference(source_ref.clone()));
     let mut moves: Vec<(Stored, Value)> = Vec::new();
     for appointment in search_all(tx, query)? {
         let mut json = json_of(&appointment)?;
-        let start = json.get("start").and_then(Value::as_str).and_then(parse_instant_ms);
+        let start = json
+            .get("start")
+            .and_then(Value::as_str)
+            .and_then(parse_instant_ms);
         if start.is_none_or(|s| s <= now) {
             continue;
         }
@@ -177,10 +185,27 @@ pub(crate) fn merge(tx: &mut dyn Tx, source_id: &str, target_id: &str) -> Refusa
     push_link(&mut source_json, &target_ref, "replaced-by");
     push_link(&mut target_json, &source_ref, "replaces");
 
-    let source = put(tx, RT::Patient, source_id, source_json, Some(source.version))?;
+    let source = put(
+        tx,
+        RT::Patient,
+        source_id,
+        source_json,
+        Some(source.version),
+    )?;
     event(tx, &source, "patient.merged", json!({"target": target_ref}))?;
-    let target = put(tx, RT::Patient, target_id, target_json, Some(target.version))?;
-    event(tx, &target, "patient.updated", json!({"mergedFrom": source_ref}))?;
+    let target = put(
+        tx,
+        RT::Patient,
+        target_id,
+        target_json,
+        Some(target.version),
+    )?;
+    event(
+        tx,
+        &target,
+        "patient.updated",
+        json!({"mergedFrom": source_ref}),
+    )?;
     let mut appointments = Vec::with_capacity(moves.len());
     for (old, json) in moves {
         let data = json!({

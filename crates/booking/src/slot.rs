@@ -59,7 +59,13 @@ pub(crate) fn write_slot(
             }
         }
     }
-    let stored = put(tx, RT::Slot, id, resource, Some(expected.unwrap_or(live_version)))?;
+    let stored = put(
+        tx,
+        RT::Slot,
+        id,
+        resource,
+        Some(expected.unwrap_or(live_version)),
+    )?;
     let created = current.is_none();
     event(
         tx,
@@ -98,7 +104,10 @@ fn changed_core_field(old: &Value, new: &Value) -> Option<&'static str> {
 }
 
 /// Refuse deleting a slot an appointment holds.
-pub(crate) fn check_slot_delete(tx: &mut dyn Tx, id: &str) -> store::Result<Result<(), BookingError>> {
+pub(crate) fn check_slot_delete(
+    tx: &mut dyn Tx,
+    id: &str,
+) -> store::Result<Result<(), BookingError>> {
     let held = holders(tx, id)?;
     if held.is_empty() {
         return Ok(Ok(()));
@@ -118,7 +127,10 @@ pub(crate) fn check_schedule_delete(
     id: &str,
 ) -> store::Result<Result<(), BookingError>> {
     let query = SearchQuery::new(RT::Slot)
-        .with("schedule", Predicate::Reference(reference(RT::Schedule, id)))
+        .with(
+            "schedule",
+            Predicate::Reference(reference(RT::Schedule, id)),
+        )
         .with(
             "status",
             Predicate::Token {
@@ -166,7 +178,9 @@ pub(crate) fn generate(
     let schedule_json = json_of(&schedule)?;
     if !is_active(&schedule_json) {
         return Ok(Err(BookingError::conflict(
-            format!("Schedule/{schedule_id} is not active; slots are generated only for active schedules"),
+            format!(
+                "Schedule/{schedule_id} is not active; slots are generated only for active schedules"
+            ),
             None,
         )));
     }

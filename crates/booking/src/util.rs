@@ -3,20 +3,29 @@
 use fhir::ResourceType;
 use scheduling::{AppointmentStatus, AppointmentView};
 use serde_json::Value;
-use store::{Clause, NewEvent, Predicate, Put, SearchQuery, Sort, SortField, StoreError, Stored, Tx};
+use store::{
+    Clause, NewEvent, Predicate, Put, SearchQuery, Sort, SortField, StoreError, Stored, Tx,
+};
 
 /// Page size used when a service function needs every match of a search.
 const PAGE: usize = 500;
 
 /// The current live version (`None` when absent or deleted).
-pub(crate) fn live(tx: &mut dyn Tx, rtype: ResourceType, id: &str) -> store::Result<Option<Stored>> {
+pub(crate) fn live(
+    tx: &mut dyn Tx,
+    rtype: ResourceType,
+    id: &str,
+) -> store::Result<Option<Stored>> {
     Ok(tx.read(rtype, id)?.filter(|s| !s.deleted))
 }
 
 /// The JSON of a stored version.
 pub(crate) fn json_of(s: &Stored) -> store::Result<Value> {
     serde_json::from_str(&s.json).map_err(|e| {
-        StoreError::Backend(format!("stored JSON of {}/{} is unreadable: {e}", s.rtype, s.id))
+        StoreError::Backend(format!(
+            "stored JSON of {}/{} is unreadable: {e}",
+            s.rtype, s.id
+        ))
     })
 }
 

@@ -1,7 +1,7 @@
 //! Configuration: command-line flags, then environment variables, then the TOML file given by `--config`,
 //! then defaults.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -49,8 +49,10 @@ pub struct Config {
 pub fn resolve(args: ServeArgs) -> Result<Config> {
     let file = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing {}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<FileConfig>(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
         }
         None => FileConfig::default(),
     };
@@ -60,9 +62,18 @@ pub fn resolve(args: ServeArgs) -> Result<Config> {
         Some(other) => bail!("durability must be 'fsync' or 'os', not '{other}'"),
     };
     Ok(Config {
-        http: args.http.or(file.http).unwrap_or_else(|| "127.0.0.1:8080".into()),
-        data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("carebridge-data")),
-        public_url: args.public_url.or(file.public_url).map(|u| u.trim_end_matches('/').to_string()),
+        http: args
+            .http
+            .or(file.http)
+            .unwrap_or_else(|| "127.0.0.1:8080".into()),
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("carebridge-data")),
+        public_url: args
+            .public_url
+            .or(file.public_url)
+            .map(|u| u.trim_end_matches('/').to_string()),
         durability,
         log: file.log.unwrap_or_else(|| "info".into()),
     })

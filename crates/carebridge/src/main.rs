@@ -13,7 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
-#[command(name = "carebridge", version, about = "Integration hub for NHS patient and appointment messaging")]
+#[command(
+    name = "carebridge",
+    version,
+    about = "Integration hub for NHS patient and appointment messaging"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,7 +103,7 @@ fn serve(args: config::ServeArgs) -> Result<()> {
 
 /// Registers SIGINT and SIGTERM handlers now and returns a future that resolves on either.
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     Ok(async move {

@@ -212,7 +212,7 @@ fn acknowledged_creates_survive_sigkill() {
         acked.len()
     );
 
-    let server = Server::start(&data, &dir.path().join("server-2.log"));
+    let mut server = Server::start(&data, &dir.path().join("server-2.log"));
     let mut conn = server.conn();
 
     // 1. Every acknowledged create is there, at version 1, with what was sent.
@@ -268,9 +268,37 @@ fn acknowledged_creates_survive_sigkill() {
             "Patient/{id} appears twice in _history"
         );
     }
-    // TODO(events feed): when the outbox has an HTTP feed, also check it holds exactly one `patient.registered`
-    // event per stored create (same ids, version 1), with strictly increasing seq and no event for a create
-    // that was rolled back by the crash. Until then the type history stands in for the outbox.
+    // 3. The outbox agrees with the store: exactly one `patient.registered` event (version 1, subject_seq 1) per
+    //    stored create, strictly increasing seq, and no event for a create the crash rolled back. Read through
+    //    the storage port after stopping the server (the outbox has no HTTP feed yet).
+    server.sigterm();
+    let exit = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("server exits after SIGTERM");
+    assert!(exit.success(), "server exit after SIGTERM: {exit:?}");
+    let events = outbox_events(&data);
+    let mut event_ids = BTreeSet::new();
+    let mut last_seq = 0;
+    for e in &events {
+        assert!(
+            e.seq > last_seq,
+            "outbox seq not increasing: {} after {last_seq}",
+            e.seq
+        );
+        last_seq = e.seq;
+        assert_eq!(e.kind, "patient.registered", "{e:?}");
+        assert_eq!((e.version, e.subject_seq), (1, 1), "{e:?}");
+        assert_eq!(e.subject, format!("Patient/{}", e.id), "{e:?}");
+        assert!(
+            event_ids.insert(e.id.clone()),
+            "two events for Patient/{}",
+            e.id
+        );
+    }
+    assert_eq!(
+        event_ids, stored,
+        "outbox events and stored Patients differ"
+    );
     assert_eq!(
         history_ids, stored,
         "type _history and the stored Patients differ"
@@ -491,4 +519,26 @@ fn sigterm_right_after_listening_exits_zero() {
         codes.iter().all(|c| c == "exit status: 0"),
         "SIGTERM right after 'listening on' did not stop the server gracefully in every round: {codes:?}"
     );
+}
+
+/// Every outbox event of a stopped hub's embedded store, read through the storage port.
+fn outbox_events(data: &std::path::Path) -> Vec<store::Event> {
+    use store::Store;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let st = store_sqlite::SqliteStore::open(data, store_sqlite::SqliteOptions::default())
+            .expect("reopen store");
+        let mut out = Vec::new();
+        loop {
+            let after = out.last().map(|e: &store::Event| e.seq).unwrap_or(0);
+            let page = st.events_after(after, 1000).await.expect("events");
+            if page.is_empty() {
+                break;
+            }
+            out.extend(page);
+        }
+        out
+    })
 }

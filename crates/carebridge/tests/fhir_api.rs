@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::sync::Arc;
 use store::Store;
 use store_sqlite::{SqliteOptions, SqliteStore};
@@ -24,7 +24,12 @@ impl Drop for Hub {
 fn hub() -> Hub {
     let dir = std::env::temp_dir().join(format!("cb-api-test-{}", uuid::Uuid::new_v4()));
     let store = Arc::new(SqliteStore::open(&dir, SqliteOptions::default()).expect("open store"));
-    let app = api::router(store.clone(), api::ApiConfig { public_url: "http://hub.test".into() });
+    let app = api::router(
+        store.clone(),
+        api::ApiConfig {
+            public_url: "http://hub.test".into(),
+        },
+    );
     Hub { app, store, dir }
 }
 
@@ -37,11 +42,20 @@ struct Res {
 
 impl Res {
     fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 }
 
-async fn call(h: &Hub, method: &str, uri: &str, headers: &[(&str, &str)], body: Option<&Value>) -> Res {
+async fn call(
+    h: &Hub,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Res {
     let mut req = Request::builder().method(method).uri(uri);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -53,13 +67,25 @@ async fn call(h: &Hub, method: &str, uri: &str, headers: &[(&str, &str)], body: 
         }
         None => Body::empty(),
     };
-    let res = h.app.clone().oneshot(req.body(body).expect("request")).await.expect("response");
+    let res = h
+        .app
+        .clone()
+        .oneshot(req.body(body).expect("request"))
+        .await
+        .expect("response");
     let status = res.status();
     let headers = res.headers().clone();
-    let bytes = axum::body::to_bytes(res.into_body(), 64 << 20).await.expect("body");
+    let bytes = axum::body::to_bytes(res.into_body(), 64 << 20)
+        .await
+        .expect("body");
     let raw = String::from_utf8_lossy(&bytes).into_owned();
     let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
-    Res { status, headers, body, raw }
+    Res {
+        status,
+        headers,
+        body,
+        raw,
+    }
 }
 
 fn patient(nhs: &str, family: &str) -> Value {
@@ -90,7 +116,10 @@ async fn create_read_update_delete_history() {
     assert_eq!(r.header("etag"), "W/\"1\"");
     assert!(r.header("last-modified").ends_with("GMT"));
     let id = r.body["id"].as_str().expect("id").to_string();
-    assert_eq!(r.header("location"), format!("http://hub.test/fhir/Patient/{id}/_history/1"));
+    assert_eq!(
+        r.header("location"),
+        format!("http://hub.test/fhir/Patient/{id}/_history/1")
+    );
     assert_eq!(r.body["meta"]["versionId"], "1");
     assert_eq!(strip_meta(r.body.clone()), p);
 
@@ -100,15 +129,41 @@ async fn create_read_update_delete_history() {
 
     let mut changed = read.body.clone();
     changed["gender"] = json!("male");
-    let up = call(&h, "PUT", &format!("/fhir/Patient/{id}"), &[("if-match", "W/\"1\"")], Some(&changed)).await;
+    let up = call(
+        &h,
+        "PUT",
+        &format!("/fhir/Patient/{id}"),
+        &[("if-match", "W/\"1\"")],
+        Some(&changed),
+    )
+    .await;
     assert_eq!(up.status, StatusCode::OK, "{}", up.raw);
     assert_eq!(up.header("etag"), "W/\"2\"");
 
-    let stale = call(&h, "PUT", &format!("/fhir/Patient/{id}"), &[("if-match", "W/\"1\"")], Some(&changed)).await;
-    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED, "{}", stale.raw);
+    let stale = call(
+        &h,
+        "PUT",
+        &format!("/fhir/Patient/{id}"),
+        &[("if-match", "W/\"1\"")],
+        Some(&changed),
+    )
+    .await;
+    assert_eq!(
+        stale.status,
+        StatusCode::PRECONDITION_FAILED,
+        "{}",
+        stale.raw
+    );
     assert_eq!(stale.body["resourceType"], "OperationOutcome");
 
-    let v1 = call(&h, "GET", &format!("/fhir/Patient/{id}/_history/1"), &[], None).await;
+    let v1 = call(
+        &h,
+        "GET",
+        &format!("/fhir/Patient/{id}/_history/1"),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(v1.body["gender"], "female");
 
     let del = call(&h, "DELETE", &format!("/fhir/Patient/{id}"), &[], None).await;
@@ -116,10 +171,21 @@ async fn create_read_update_delete_history() {
     let gone = call(&h, "GET", &format!("/fhir/Patient/{id}"), &[], None).await;
     assert_eq!(gone.status, StatusCode::GONE);
 
-    let hist = call(&h, "GET", &format!("/fhir/Patient/{id}/_history"), &[], None).await;
+    let hist = call(
+        &h,
+        "GET",
+        &format!("/fhir/Patient/{id}/_history"),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(hist.body["type"], "history");
-    let methods: Vec<&str> =
-        hist.body["entry"].as_array().expect("entries").iter().map(|e| e["request"]["method"].as_str().unwrap_or("")).collect();
+    let methods: Vec<&str> = hist.body["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["request"]["method"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(methods, ["DELETE", "PUT", "POST"]);
 
     // Events: registered, updated, deleted with a gap-free per-subject sequence, in the same order.
@@ -131,7 +197,11 @@ async fn create_read_update_delete_history() {
         .collect();
     assert_eq!(
         mine,
-        [("patient.registered".to_string(), 1), ("patient.updated".to_string(), 2), ("patient.deleted".to_string(), 3)]
+        [
+            ("patient.registered".to_string(), 1),
+            ("patient.updated".to_string(), 2),
+            ("patient.deleted".to_string(), 3)
+        ]
     );
 }
 
@@ -160,7 +230,10 @@ async fn concurrent_conditional_creates_make_one_resource() {
                 &h,
                 "POST",
                 "/fhir/Patient",
-                &[("if-none-exist", "identifier=https://fhir.nhs.uk/Id/nhs-number|9000000033")],
+                &[(
+                    "if-none-exist",
+                    "identifier=https://fhir.nhs.uk/Id/nhs-number|9000000033",
+                )],
                 Some(&p),
             )
             .await;
@@ -171,13 +244,23 @@ async fn concurrent_conditional_creates_make_one_resource() {
     let mut created = 0;
     for t in tasks {
         let (status, id) = t.await.expect("task");
-        assert!(status == StatusCode::CREATED || status == StatusCode::OK, "{status}");
+        assert!(
+            status == StatusCode::CREATED || status == StatusCode::OK,
+            "{status}"
+        );
         created += usize::from(status == StatusCode::CREATED);
         ids.insert(id);
     }
     assert_eq!(created, 1);
     assert_eq!(ids.len(), 1);
-    let count = call(&h, "GET", "/fhir/Patient?identifier=9000000033&_summary=count", &[], None).await;
+    let count = call(
+        &h,
+        "GET",
+        "/fhir/Patient?identifier=9000000033&_summary=count",
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(count.body["total"], 1, "{}", count.raw);
 }
 
@@ -185,14 +268,35 @@ async fn concurrent_conditional_creates_make_one_resource() {
 async fn idempotency_key_replays_and_refuses_reuse() {
     let h = hub();
     let p = patient("9111231130", "Key");
-    let a = call(&h, "POST", "/fhir/Patient", &[("idempotency-key", "k-1")], Some(&p)).await;
-    let b = call(&h, "POST", "/fhir/Patient", &[("idempotency-key", "k-1")], Some(&p)).await;
+    let a = call(
+        &h,
+        "POST",
+        "/fhir/Patient",
+        &[("idempotency-key", "k-1")],
+        Some(&p),
+    )
+    .await;
+    let b = call(
+        &h,
+        "POST",
+        "/fhir/Patient",
+        &[("idempotency-key", "k-1")],
+        Some(&p),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::CREATED);
     assert_eq!(b.status, StatusCode::CREATED);
     assert_eq!(a.body["id"], b.body["id"]);
     assert_eq!(b.header("idempotent-replayed"), "true");
     let other = patient("9990548609", "Other");
-    let c = call(&h, "POST", "/fhir/Patient", &[("idempotency-key", "k-1")], Some(&other)).await;
+    let c = call(
+        &h,
+        "POST",
+        "/fhir/Patient",
+        &[("idempotency-key", "k-1")],
+        Some(&other),
+    )
+    .await;
     assert_eq!(c.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", c.raw);
     let all = call(&h, "GET", "/fhir/Patient?_summary=count", &[], None).await;
     assert_eq!(all.body["total"], 1);
@@ -212,7 +316,10 @@ async fn invalid_resources_are_refused_with_locations_and_nothing_is_stored() {
         .flat_map(|i| i["expression"].as_array().cloned().unwrap_or_default())
         .filter_map(|e| e.as_str().map(str::to_string))
         .collect();
-    assert!(exprs.iter().any(|e| e == "Patient.identifier[0].value"), "{exprs:?}");
+    assert!(
+        exprs.iter().any(|e| e == "Patient.identifier[0].value"),
+        "{exprs:?}"
+    );
 
     let r = call(&h, "POST", "/fhir/Patient", &[], None).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -227,13 +334,26 @@ async fn invalid_resources_are_refused_with_locations_and_nothing_is_stored() {
 
     let all = call(&h, "GET", "/fhir/Patient?_summary=count", &[], None).await;
     assert_eq!(all.body["total"], 0);
-    assert!(h.store.events_after(0, 10).await.expect("events").is_empty());
+    assert!(
+        h.store
+            .events_after(0, 10)
+            .await
+            .expect("events")
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_negotiation_and_request_ids() {
     let h = hub();
-    let r = call(&h, "GET", "/fhir/metadata", &[("accept", "application/fhir+xml")], None).await;
+    let r = call(
+        &h,
+        "GET",
+        "/fhir/metadata",
+        &[("accept", "application/fhir+xml")],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::NOT_ACCEPTABLE);
     assert_eq!(r.body["resourceType"], "OperationOutcome");
     let req = Request::builder()
@@ -245,7 +365,14 @@ async fn content_negotiation_and_request_ids() {
     let res = h.app.clone().oneshot(req).await.expect("res");
     assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
-    let r = call(&h, "GET", "/fhir/metadata", &[("x-request-id", "abc"), ("x-correlation-id", "flow-1")], None).await;
+    let r = call(
+        &h,
+        "GET",
+        "/fhir/metadata",
+        &[("x-request-id", "abc"), ("x-correlation-id", "flow-1")],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-request-id"), "abc");
     assert_eq!(r.header("x-correlation-id"), "flow-1");
@@ -258,34 +385,101 @@ async fn content_negotiation_and_request_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_paging_sort_summary_and_prefer() {
     let h = hub();
-    let numbers = ["9000000009", "9000000025", "9000000033", "9111231130", "9990548609"];
+    let numbers = [
+        "9000000009",
+        "9000000025",
+        "9000000033",
+        "9111231130",
+        "9990548609",
+    ];
     for (i, n) in numbers.iter().enumerate() {
         let mut p = patient(n, &format!("Family{i}"));
         p["birthDate"] = json!(format!("19{}0-01-01", 5 + i));
-        let r = call(&h, "POST", "/fhir/Patient", &[("prefer", "return=minimal")], Some(&p)).await;
+        let r = call(
+            &h,
+            "POST",
+            "/fhir/Patient",
+            &[("prefer", "return=minimal")],
+            Some(&p),
+        )
+        .await;
         assert_eq!(r.status, StatusCode::CREATED);
         assert!(r.raw.is_empty());
     }
-    let r = call(&h, "GET", "/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9111231130", &[], None).await;
-    assert_eq!(r.body["entry"].as_array().map(Vec::len), Some(1), "{}", r.raw);
+    let r = call(
+        &h,
+        "GET",
+        "/fhir/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|9111231130",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.body["entry"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        r.raw
+    );
     assert_eq!(r.body["entry"][0]["search"]["mode"], "match");
 
-    let r = call(&h, "GET", "/fhir/Patient?_count=2&_sort=-birthdate", &[], None).await;
-    let fams: Vec<&str> = r.body["entry"].as_array().expect("e").iter().map(|e| e["resource"]["name"][0]["family"].as_str().unwrap_or("")).collect();
+    let r = call(
+        &h,
+        "GET",
+        "/fhir/Patient?_count=2&_sort=-birthdate",
+        &[],
+        None,
+    )
+    .await;
+    let fams: Vec<&str> = r.body["entry"]
+        .as_array()
+        .expect("e")
+        .iter()
+        .map(|e| e["resource"]["name"][0]["family"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(fams, ["Family4", "Family3"]);
-    let next = r.body["link"].as_array().expect("links").iter().find(|l| l["relation"] == "next").expect("next link");
-    let next_url = next["url"].as_str().expect("url").replace("http://hub.test", "");
+    let next = r.body["link"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .expect("next link");
+    let next_url = next["url"]
+        .as_str()
+        .expect("url")
+        .replace("http://hub.test", "");
     let r2 = call(&h, "GET", &next_url, &[], None).await;
-    let fams: Vec<&str> = r2.body["entry"].as_array().expect("e").iter().map(|e| e["resource"]["name"][0]["family"].as_str().unwrap_or("")).collect();
+    let fams: Vec<&str> = r2.body["entry"]
+        .as_array()
+        .expect("e")
+        .iter()
+        .map(|e| e["resource"]["name"][0]["family"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(fams, ["Family2", "Family1"]);
 
-    let r = call(&h, "GET", "/fhir/Patient?birthdate=ge1970-01-01&_summary=count", &[], None).await;
+    let r = call(
+        &h,
+        "GET",
+        "/fhir/Patient?birthdate=ge1970-01-01&_summary=count",
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(r.body["total"], 3, "{}", r.raw);
     let r = call(&h, "GET", "/fhir/Patient?family=family1", &[], None).await;
-    assert_eq!(r.body["entry"].as_array().map(Vec::len), Some(1), "{}", r.raw);
+    assert_eq!(
+        r.body["entry"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        r.raw
+    );
     let r = call(&h, "GET", "/fhir/Patient?colour=blue", &[], None).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.body["issue"][0]["diagnostics"].as_str().unwrap_or("").contains("colour"));
+    assert!(
+        r.body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap_or("")
+            .contains("colour")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,15 +492,37 @@ async fn include_follows_references() {
     }))).await;
     assert_eq!(org.status, StatusCode::CREATED, "{}", org.raw);
     // ODS system spelling normalised on input.
-    assert_eq!(org.body["identifier"][0]["system"], "https://fhir.nhs.uk/Id/ods-organization-code");
+    assert_eq!(
+        org.body["identifier"][0]["system"],
+        "https://fhir.nhs.uk/Id/ods-organization-code"
+    );
     let org_id = org.body["id"].as_str().expect("id");
-    let sched = call(&h, "POST", "/fhir/Schedule", &[], Some(&json!({
-        "resourceType": "Schedule",
-        "active": true,
-        "actor": [{"reference": format!("Organization/{org_id}")}]
-    }))).await;
+    let sched = call(
+        &h,
+        "POST",
+        "/fhir/Schedule",
+        &[],
+        Some(&json!({
+            "resourceType": "Schedule",
+            "active": true,
+            "actor": [{"reference": format!("Organization/{org_id}")}]
+        })),
+    )
+    .await;
     assert_eq!(sched.status, StatusCode::CREATED, "{}", sched.raw);
-    let r = call(&h, "GET", &format!("/fhir/Schedule?actor=Organization/{org_id}&_include=Schedule:actor"), &[], None).await;
-    let modes: Vec<&str> = r.body["entry"].as_array().expect("entries").iter().map(|e| e["search"]["mode"].as_str().unwrap_or("")).collect();
+    let r = call(
+        &h,
+        "GET",
+        &format!("/fhir/Schedule?actor=Organization/{org_id}&_include=Schedule:actor"),
+        &[],
+        None,
+    )
+    .await;
+    let modes: Vec<&str> = r.body["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["search"]["mode"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(modes, ["match", "include"], "{}", r.raw);
 }

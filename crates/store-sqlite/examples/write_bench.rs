@@ -6,7 +6,12 @@
 //! each) from `tasks` concurrent tasks (default 32), reporting puts/s and p50/p99 latency; then, on the
 //! first 10,000 rows, point reads/s and identifier searches/s from one thread.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "benchmark"
+)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,23 +48,55 @@ fn patient(n: usize) -> (Value, Vec<IndexEntry>) {
     });
     let tok = |param, system: &str, code: &str| IndexEntry {
         param,
-        value: IndexValue::Token { system: Some(system.to_string()), code: code.to_string() },
+        value: IndexValue::Token {
+            system: Some(system.to_string()),
+            code: code.to_string(),
+        },
     };
     let index = vec![
         tok("identifier", NHS, &nhs),
-        tok("identifier", "https://example.nhs.uk/Id/local-mrn", &format!("MRN{n:08}")),
-        tok("gender", "http://hl7.org/fhir/administrative-gender", "female"),
-        IndexEntry { param: "family", value: IndexValue::String(family) },
-        IndexEntry { param: "given", value: IndexValue::String("alexandra".into()) },
-        IndexEntry { param: "birthdate", value: IndexValue::Date { low_ms: 459_043_200_000, high_ms: 459_129_599_999 } },
-        IndexEntry { param: "general-practitioner", value: IndexValue::Reference("Organization/Y12345".into()) },
-        IndexEntry { param: "organization", value: IndexValue::Reference("Organization/RR8".into()) },
+        tok(
+            "identifier",
+            "https://example.nhs.uk/Id/local-mrn",
+            &format!("MRN{n:08}"),
+        ),
+        tok(
+            "gender",
+            "http://hl7.org/fhir/administrative-gender",
+            "female",
+        ),
+        IndexEntry {
+            param: "family",
+            value: IndexValue::String(family),
+        },
+        IndexEntry {
+            param: "given",
+            value: IndexValue::String("alexandra".into()),
+        },
+        IndexEntry {
+            param: "birthdate",
+            value: IndexValue::Date {
+                low_ms: 459_043_200_000,
+                high_ms: 459_129_599_999,
+            },
+        },
+        IndexEntry {
+            param: "general-practitioner",
+            value: IndexValue::Reference("Organization/Y12345".into()),
+        },
+        IndexEntry {
+            param: "organization",
+            value: IndexValue::Reference("Organization/RR8".into()),
+        },
     ];
     (resource, index)
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     std::env::temp_dir().join(format!("write-bench-{tag}-{}-{nanos}", std::process::id()))
 }
 
@@ -69,7 +106,16 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 async fn bench(durability: Durability, puts: usize, tasks: usize) {
     let dir = temp_dir(&format!("{durability:?}"));
-    let store = Arc::new(SqliteStore::open(&dir, SqliteOptions { durability, ..SqliteOptions::default() }).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(
+            &dir,
+            SqliteOptions {
+                durability,
+                ..SqliteOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     let json_len = serde_json::to_string(&patient(0).0).unwrap().len();
 
     let start = Instant::now();
@@ -81,7 +127,13 @@ async fn bench(durability: Durability, puts: usize, tasks: usize) {
                 for n in (t..puts).step_by(tasks) {
                     let (resource, index) = patient(n);
                     let id = format!("p{n}");
-                    let put = Put { rtype: ResourceType::Patient, id: id.clone(), resource, index, expected_version: None };
+                    let put = Put {
+                        rtype: ResourceType::Patient,
+                        id: id.clone(),
+                        resource,
+                        index,
+                        expected_version: None,
+                    };
                     let t0 = Instant::now();
                     store
                         .write(move |tx| {
@@ -128,7 +180,11 @@ async fn bench(durability: Durability, puts: usize, tasks: usize) {
         assert!(s.is_some());
     }
     let e = t0.elapsed();
-    println!("  point reads: {:.0}/s ({:.1} µs each)", n_reads as f64 / e.as_secs_f64(), e.as_secs_f64() * 1e6 / n_reads as f64);
+    println!(
+        "  point reads: {:.0}/s ({:.1} µs each)",
+        n_reads as f64 / e.as_secs_f64(),
+        e.as_secs_f64() * 1e6 / n_reads as f64
+    );
 
     let n_search = 100_000;
     let t0 = Instant::now();
@@ -136,7 +192,10 @@ async fn bench(durability: Durability, puts: usize, tasks: usize) {
         let n = (i * 7919) % rows;
         let q = SearchQuery::new(ResourceType::Patient).with(
             "identifier",
-            Predicate::Token { system: Some(NHS.into()), code: Some(format!("{:010}", 9_000_000_000u64 + n as u64)) },
+            Predicate::Token {
+                system: Some(NHS.into()),
+                code: Some(format!("{:010}", 9_000_000_000u64 + n as u64)),
+            },
         );
         let r = store.search(&q).await.unwrap();
         assert_eq!(r.resources.len(), 1);
@@ -150,8 +209,13 @@ async fn bench(durability: Durability, puts: usize, tasks: usize) {
     let n_family = 20_000;
     let t0 = Instant::now();
     for i in 0..n_family {
-        let q = SearchQuery::new(ResourceType::Patient)
-            .with("family", Predicate::String { value: format!("family{:05}", (i * 31) % (rows / 10)), exact: false });
+        let q = SearchQuery::new(ResourceType::Patient).with(
+            "family",
+            Predicate::String {
+                value: format!("family{:05}", (i * 31) % (rows / 10)),
+                exact: false,
+            },
+        );
         let r = store.search(&q).await.unwrap();
         assert_eq!(r.resources.len(), 10.min(rows));
     }
@@ -173,7 +237,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let puts: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let tasks: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(32);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         bench(Durability::Fsync, puts, tasks).await;
         bench(Durability::OsCrash, puts, tasks).await;

@@ -35,7 +35,10 @@ use std::future::{Future, ready};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use store::{Event, HistoryQuery, ResourceType, Result, SearchQuery, SearchResult, Store, StoreError, Stored, Tx};
+use store::{
+    Event, HistoryQuery, ResourceType, Result, SearchQuery, SearchResult, Store, StoreError,
+    Stored, Tx,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use pool::ReadPool;
@@ -65,7 +68,11 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { durability: Durability::Fsync, read_connections: 4, max_batch: 256 }
+        SqliteOptions {
+            durability: Durability::Fsync,
+            read_connections: 4,
+            max_batch: 256,
+        }
     }
 }
 
@@ -81,14 +88,20 @@ impl SqliteStore {
     /// Open (creating if needed) the store in `dir`, migrating the schema to this binary's version.
     /// Refuses ([`StoreError::Unavailable`]) a database whose schema is newer than this binary.
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+        })?;
         let path = dir.join(DB_FILE);
         let conn = schema::open_writer(&path, options.durability)?;
         let last_ms = sql::newest_instant(&conn)?;
         let max_batch = options.max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
-        let writer = Writer { conn, jobs: rx, max_batch, last_ms };
+        let writer = Writer {
+            conn,
+            jobs: rx,
+            max_batch,
+            last_ms,
+        };
         let handle = std::thread::Builder::new()
             .name("carebridge-sqlite-writer".into())
             .spawn(move || writer.run())
@@ -141,16 +154,32 @@ impl Store for SqliteStore {
             if jobs.send(job).await.is_err() {
                 return Err(StoreError::Unavailable("the writer has stopped".into()));
             }
-            answer.await.unwrap_or_else(|_| Err(StoreError::Unavailable("the writer stopped mid-write".into())))
+            answer.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the writer stopped mid-write".into(),
+                ))
+            })
         }
     }
 
-    fn read(&self, rtype: ResourceType, id: &str) -> impl Future<Output = Result<Option<Stored>>> + Send {
+    fn read(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Stored>>> + Send {
         ready(self.reads.with(|c| sql::read_current(c, rtype, id)))
     }
 
-    fn vread(&self, rtype: ResourceType, id: &str, version: u64) -> impl Future<Output = Result<Option<Stored>>> + Send {
-        ready(self.reads.with(|c| sql::read_version(c, rtype, id, version)))
+    fn vread(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+        version: u64,
+    ) -> impl Future<Output = Result<Option<Stored>>> + Send {
+        ready(
+            self.reads
+                .with(|c| sql::read_version(c, rtype, id, version)),
+        )
     }
 
     fn history(&self, query: &HistoryQuery) -> impl Future<Output = Result<SearchResult>> + Send {
@@ -161,7 +190,11 @@ impl Store for SqliteStore {
         ready(self.reads.with(|c| sql::search(c, query, true)))
     }
 
-    fn events_after(&self, after: i64, limit: usize) -> impl Future<Output = Result<Vec<Event>>> + Send {
+    fn events_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Event>>> + Send {
         ready(self.reads.with(|c| sql::events_after(c, after, limit)))
     }
 }

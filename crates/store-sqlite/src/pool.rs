@@ -40,11 +40,21 @@ impl Drop for Checkout<'_> {
 
 impl ReadPool {
     pub(crate) fn new(path: PathBuf, max: usize) -> ReadPool {
-        ReadPool { path, max: max.max(1), state: Mutex::new(State { idle: Vec::new(), open: 0 }), returned: Condvar::new() }
+        ReadPool {
+            path,
+            max: max.max(1),
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            returned: Condvar::new(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn checkout(&self) -> Result<Connection> {
@@ -61,16 +71,24 @@ impl ReadPool {
                     self.returned.notify_one();
                 });
             }
-            state = self.returned.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            state = self
+                .returned
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
     }
 
     /// Run `f` with a read connection.
     pub(crate) fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
-        let checkout = Checkout { pool: self, conn: Some(self.checkout()?) };
+        let checkout = Checkout {
+            pool: self,
+            conn: Some(self.checkout()?),
+        };
         match &checkout.conn {
             Some(conn) => f(conn),
-            None => Err(store::StoreError::Backend("read pool invariant broken".into())),
+            None => Err(store::StoreError::Backend(
+                "read pool invariant broken".into(),
+            )),
         }
     }
 }

@@ -125,10 +125,14 @@ fn unavailable(path: &Path, e: rusqlite::Error) -> StoreError {
 
 /// Open the single read-write connection (the writer's), switch to WAL and bring the schema up to date.
 pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connection> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(db)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Unavailable(format!(
             "{}: cannot switch to WAL journal mode (got {mode})",
@@ -140,8 +144,10 @@ pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connect
         Durability::OsCrash => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", sync).map_err(db)?;
-    conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(db)?;
-    conn.pragma_update(None, "temp_store", "MEMORY").map_err(db)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)
+        .map_err(db)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(db)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     migrate(&mut conn)?;
     Ok(conn)
@@ -152,8 +158,10 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
-    conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(db)?;
-    conn.pragma_update(None, "temp_store", "MEMORY").map_err(db)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)
+        .map_err(db)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(db)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
@@ -161,7 +169,9 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
 /// Apply every migration newer than the database's `user_version`, each in its own transaction. Refuses a
 /// database written by a newer binary.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
-    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db)?;
+    let current: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(db)?;
     let latest = latest_version();
     if current > latest {
         return Err(StoreError::Unavailable(format!(
@@ -169,10 +179,22 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
              run a newer Carebridge or restore a backup"
         )));
     }
-    for (done, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
-        tx.execute_batch(sql).map_err(|e| StoreError::Backend(format!("migration {}: {e}", done + 1)))?;
-        tx.pragma_update(None, "user_version", i64::try_from(done + 1).unwrap_or(i64::MAX)).map_err(db)?;
+    for (done, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::Backend(format!("migration {}: {e}", done + 1)))?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(done + 1).unwrap_or(i64::MAX),
+        )
+        .map_err(db)?;
         tx.commit().map_err(db)?;
     }
     Ok(())

@@ -6,8 +6,8 @@ use rusqlite::types::{ToSqlOutput, Type};
 use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
 use serde_json::{Map, Value};
 use store::{
-    Clause, Cmp, Event, HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put, ResourceType, Result,
-    SearchQuery, SearchResult, SortField, Stored, StoreError,
+    Clause, Cmp, Event, HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put,
+    ResourceType, Result, SearchQuery, SearchResult, SortField, StoreError, Stored,
 };
 
 /// A driver error as a [`StoreError`] (the text is for logs).
@@ -30,7 +30,11 @@ fn usize_i64(n: usize) -> i64 {
 fn parse_rtype(row: &Row<'_>, idx: usize) -> rusqlite::Result<ResourceType> {
     let s: String = row.get(idx)?;
     ResourceType::parse(&s).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, format!("unknown resource type {s:?}").into())
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            Type::Text,
+            format!("unknown resource type {s:?}").into(),
+        )
     })
 }
 
@@ -49,31 +53,56 @@ fn stored_from_row(row: &Row<'_>) -> rusqlite::Result<Stored> {
 // ---------------------------------------------------------------------------------------------------------
 // Point reads
 
-pub(crate) fn read_current(conn: &Connection, rtype: ResourceType, id: &str) -> Result<Option<Stored>> {
+pub(crate) fn read_current(
+    conn: &Connection,
+    rtype: ResourceType,
+    id: &str,
+) -> Result<Option<Stored>> {
     conn.prepare_cached(
         "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
          FROM resources r JOIN versions v ON v.rid = r.rid AND v.version = r.version
          WHERE r.rtype = ?1 AND r.id = ?2",
     )
-    .and_then(|mut s| s.query_row(params![rtype.as_str(), id], stored_from_row).optional())
+    .and_then(|mut s| {
+        s.query_row(params![rtype.as_str(), id], stored_from_row)
+            .optional()
+    })
     .map_err(db)
 }
 
-pub(crate) fn read_version(conn: &Connection, rtype: ResourceType, id: &str, version: u64) -> Result<Option<Stored>> {
+pub(crate) fn read_version(
+    conn: &Connection,
+    rtype: ResourceType,
+    id: &str,
+    version: u64,
+) -> Result<Option<Stored>> {
     conn.prepare_cached(
         "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
          FROM resources r JOIN versions v ON v.rid = r.rid
          WHERE r.rtype = ?1 AND r.id = ?2 AND v.version = ?3",
     )
-    .and_then(|mut s| s.query_row(params![rtype.as_str(), id, to_i64(version)], stored_from_row).optional())
+    .and_then(|mut s| {
+        s.query_row(
+            params![rtype.as_str(), id, to_i64(version)],
+            stored_from_row,
+        )
+        .optional()
+    })
     .map_err(db)
 }
 
 /// (rid, version, deleted) of the current version.
-fn current_state(conn: &Connection, rtype: ResourceType, id: &str) -> Result<Option<(i64, u64, bool)>> {
+fn current_state(
+    conn: &Connection,
+    rtype: ResourceType,
+    id: &str,
+) -> Result<Option<(i64, u64, bool)>> {
     conn.prepare_cached("SELECT rid, version, deleted FROM resources WHERE rtype = ?1 AND id = ?2")
         .and_then(|mut s| {
-            s.query_row(params![rtype.as_str(), id], |r| Ok((r.get(0)?, to_u64(r.get(1)?), r.get(2)?))).optional()
+            s.query_row(params![rtype.as_str(), id], |r| {
+                Ok((r.get(0)?, to_u64(r.get(1)?), r.get(2)?))
+            })
+            .optional()
         })
         .map_err(db)
 }
@@ -81,7 +110,12 @@ fn current_state(conn: &Connection, rtype: ResourceType, id: &str) -> Result<Opt
 // ---------------------------------------------------------------------------------------------------------
 // Writes (only ever called on the writer thread, inside its transaction)
 
-fn check_expected(rtype: ResourceType, id: &str, expected: Option<u64>, live_version: u64) -> Result<()> {
+fn check_expected(
+    rtype: ResourceType,
+    id: &str,
+    expected: Option<u64>,
+    live_version: u64,
+) -> Result<()> {
     match expected {
         Some(expected) if expected != live_version => Err(StoreError::VersionConflict {
             rtype,
@@ -95,9 +129,17 @@ fn check_expected(rtype: ResourceType, id: &str, expected: Option<u64>, live_ver
 
 /// Set `resourceType` (if absent), `id`, `meta.versionId` and `meta.lastUpdated`, keeping every other member
 /// and its order; `resourceType`, `id` and `meta` come first.
-fn stamp(rtype: ResourceType, id: &str, version: u64, last_updated: String, resource: Value) -> Result<String> {
+fn stamp(
+    rtype: ResourceType,
+    id: &str,
+    version: u64,
+    last_updated: String,
+    resource: Value,
+) -> Result<String> {
     let Value::Object(obj) = resource else {
-        return Err(StoreError::Invalid(format!("{rtype}/{id}: a resource must be a JSON object")));
+        return Err(StoreError::Invalid(format!(
+            "{rtype}/{id}: a resource must be a JSON object"
+        )));
     };
     let mut resource_type = None;
     let mut meta = None;
@@ -114,23 +156,33 @@ fn stamp(rtype: ResourceType, id: &str, version: u64, last_updated: String, reso
         None => {}
         Some(Value::String(s)) if s == rtype.as_str() => {}
         Some(other) => {
-            return Err(StoreError::Invalid(format!("{rtype}/{id}: resourceType is {other}, expected \"{rtype}\"")));
+            return Err(StoreError::Invalid(format!(
+                "{rtype}/{id}: resourceType is {other}, expected \"{rtype}\""
+            )));
         }
     }
     let mut meta = match meta {
         None => Map::new(),
         Some(Value::Object(m)) => m,
-        Some(_) => return Err(StoreError::Invalid(format!("{rtype}/{id}: meta must be a JSON object"))),
+        Some(_) => {
+            return Err(StoreError::Invalid(format!(
+                "{rtype}/{id}: meta must be a JSON object"
+            )));
+        }
     };
     meta.insert("versionId".to_string(), Value::String(version.to_string()));
     meta.insert("lastUpdated".to_string(), Value::String(last_updated));
 
     let mut out = Map::with_capacity(rest.len() + 3);
-    out.insert("resourceType".to_string(), resource_type.unwrap_or_else(|| Value::String(rtype.to_string())));
+    out.insert(
+        "resourceType".to_string(),
+        resource_type.unwrap_or_else(|| Value::String(rtype.to_string())),
+    );
     out.insert("id".to_string(), Value::String(id.to_string()));
     out.insert("meta".to_string(), Value::Object(meta));
     out.extend(rest);
-    serde_json::to_string(&Value::Object(out)).map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))
+    serde_json::to_string(&Value::Object(out))
+        .map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))
 }
 
 fn insert_version(
@@ -150,10 +202,18 @@ fn insert_version(
     Ok(())
 }
 
-fn update_current(conn: &Connection, rid: i64, version: u64, now_ms: i64, deleted: bool) -> Result<()> {
-    conn.prepare_cached("UPDATE resources SET version = ?2, last_updated_ms = ?3, deleted = ?4 WHERE rid = ?1")
-        .and_then(|mut s| s.execute(params![rid, to_i64(version), now_ms, deleted]))
-        .map_err(db)?;
+fn update_current(
+    conn: &Connection,
+    rid: i64,
+    version: u64,
+    now_ms: i64,
+    deleted: bool,
+) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE resources SET version = ?2, last_updated_ms = ?3, deleted = ?4 WHERE rid = ?1",
+    )
+    .and_then(|mut s| s.execute(params![rid, to_i64(version), now_ms, deleted]))
+    .map_err(db)?;
     Ok(())
 }
 
@@ -164,12 +224,19 @@ fn remove_index(conn: &Connection, rid: i64) -> Result<()> {
         "DELETE FROM idx_date WHERE rid = ?1",
         "DELETE FROM idx_reference WHERE rid = ?1",
     ] {
-        conn.prepare_cached(sql).and_then(|mut s| s.execute([rid])).map_err(db)?;
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([rid]))
+            .map_err(db)?;
     }
     Ok(())
 }
 
-fn insert_index(conn: &Connection, rid: i64, rtype: ResourceType, entries: &[store::IndexEntry]) -> Result<()> {
+fn insert_index(
+    conn: &Connection,
+    rid: i64,
+    rtype: ResourceType,
+    entries: &[store::IndexEntry],
+) -> Result<()> {
     let rt = rtype.as_str();
     for e in entries {
         let r = match &e.value {
@@ -198,7 +265,13 @@ fn insert_index(conn: &Connection, rid: i64, rtype: ResourceType, entries: &[sto
 }
 
 pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<Stored> {
-    let Put { rtype, id, resource, index, expected_version } = put;
+    let Put {
+        rtype,
+        id,
+        resource,
+        index,
+        expected_version,
+    } = put;
     if id.is_empty() {
         return Err(StoreError::Invalid(format!("{rtype}: empty id")));
     }
@@ -209,7 +282,13 @@ pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<Stored> {
     };
     check_expected(rtype, &id, expected_version, live_version)?;
     let version = current.map_or(0, |(_, v, _)| v) + 1;
-    let json = stamp(rtype, &id, version, fhir::format_instant_ms(now_ms), resource)?;
+    let json = stamp(
+        rtype,
+        &id,
+        version,
+        fhir::format_instant_ms(now_ms),
+        resource,
+    )?;
 
     let rid = match current {
         Some((rid, _, deleted)) => {
@@ -230,7 +309,14 @@ pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<Stored> {
     };
     insert_version(conn, rid, rtype, version, now_ms, false, &json)?;
     insert_index(conn, rid, rtype, &index)?;
-    Ok(Stored { rtype, id, version, last_updated_ms: now_ms, deleted: false, json })
+    Ok(Stored {
+        rtype,
+        id,
+        version,
+        last_updated_ms: now_ms,
+        deleted: false,
+        json,
+    })
 }
 
 pub(crate) fn delete(
@@ -253,11 +339,25 @@ pub(crate) fn delete(
     update_current(conn, rid, version, now_ms, true)?;
     insert_version(conn, rid, rtype, version, now_ms, true, "")?;
     remove_index(conn, rid)?;
-    Ok(Some(Stored { rtype, id: id.to_string(), version, last_updated_ms: now_ms, deleted: true, json: String::new() }))
+    Ok(Some(Stored {
+        rtype,
+        id: id.to_string(),
+        version,
+        last_updated_ms: now_ms,
+        deleted: true,
+        json: String::new(),
+    }))
 }
 
 pub(crate) fn append_event(conn: &Connection, now_ms: i64, event: NewEvent) -> Result<Event> {
-    let NewEvent { subject, kind, rtype, id, version, data } = event;
+    let NewEvent {
+        subject,
+        kind,
+        rtype,
+        id,
+        version,
+        data,
+    } = event;
     let subject_seq: i64 = conn
         .prepare_cached(
             "INSERT INTO subjects (subject, last_seq) VALUES (?1, 1)
@@ -266,17 +366,37 @@ pub(crate) fn append_event(conn: &Connection, now_ms: i64, event: NewEvent) -> R
         )
         .and_then(|mut s| s.query_row([&subject], |r| r.get(0)))
         .map_err(db)?;
-    let data_text = serde_json::to_string(&data).map_err(|e| StoreError::Invalid(format!("event data: {e}")))?;
+    let data_text = serde_json::to_string(&data)
+        .map_err(|e| StoreError::Invalid(format!("event data: {e}")))?;
     conn.prepare_cached(
         "INSERT INTO outbox (subject, subject_seq, kind, rtype, id, version, time_ms, data)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .and_then(|mut s| {
-        s.execute(params![subject, subject_seq, kind, rtype.as_str(), id, to_i64(version), now_ms, data_text])
+        s.execute(params![
+            subject,
+            subject_seq,
+            kind,
+            rtype.as_str(),
+            id,
+            to_i64(version),
+            now_ms,
+            data_text
+        ])
     })
     .map_err(db)?;
     let seq = conn.last_insert_rowid();
-    Ok(Event { seq, subject, subject_seq, kind, rtype, id, version, time_ms: now_ms, data })
+    Ok(Event {
+        seq,
+        subject,
+        subject_seq,
+        kind,
+        rtype,
+        id,
+        version,
+        time_ms: now_ms,
+        data,
+    })
 }
 
 pub(crate) fn idempotency_get(conn: &Connection, key: &str) -> Result<Option<IdempotencyRecord>> {
@@ -307,7 +427,8 @@ pub(crate) fn idempotency_get(conn: &Connection, key: &str) -> Result<Option<Ide
 }
 
 pub(crate) fn idempotency_put(conn: &Connection, record: IdempotencyRecord) -> Result<()> {
-    let headers = serde_json::to_string(&record.headers).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let headers =
+        serde_json::to_string(&record.headers).map_err(|e| StoreError::Invalid(e.to_string()))?;
     conn.prepare_cached(
         "INSERT INTO idempotency (key, request_hash, status, headers_json, body, created_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -400,7 +521,10 @@ fn range_cmp(f: &mut Frag<'_>, low: &str, high: &str, cmp: Cmp, qlo: i64, qhi: i
 fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> Option<Frag<'a>> {
     let mut f = Frag::default();
     let head = |f: &mut Frag<'a>, table: &str| {
-        f.arg(&format!("SELECT rid FROM {table} WHERE rtype = ?"), rtype.as_str());
+        f.arg(
+            &format!("SELECT rid FROM {table} WHERE rtype = ?"),
+            rtype.as_str(),
+        );
         f.arg(" AND param = ?", param);
     };
     match p {
@@ -425,7 +549,11 @@ fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> 
                 }
             }
         }
-        Predicate::Date { cmp, low_ms, high_ms } => {
+        Predicate::Date {
+            cmp,
+            low_ms,
+            high_ms,
+        } => {
             head(&mut f, "idx_date");
             f.push(" AND ");
             range_cmp(&mut f, "low_ms", "high_ms", *cmp, *low_ms, *high_ms);
@@ -449,9 +577,20 @@ fn clause_sql(rtype: ResourceType, clause: &Clause) -> Frag<'_> {
                 f.arg("r.id = ?", id.as_str());
                 terms.push(f);
             }
-            Predicate::LastUpdated { cmp, low_ms, high_ms } => {
+            Predicate::LastUpdated {
+                cmp,
+                low_ms,
+                high_ms,
+            } => {
                 let mut f = Frag::default();
-                range_cmp(&mut f, "r.last_updated_ms", "r.last_updated_ms", *cmp, *low_ms, *high_ms);
+                range_cmp(
+                    &mut f,
+                    "r.last_updated_ms",
+                    "r.last_updated_ms",
+                    *cmp,
+                    *low_ms,
+                    *high_ms,
+                );
                 terms.push(f);
             }
             other => subs.extend(index_subquery(rtype, &clause.param, other)),
@@ -513,8 +652,14 @@ fn order_by(q: &SearchQuery) -> Frag<'_> {
             }
             SortField::Param(name) => {
                 f.arg("COALESCE((SELECT MIN(s.value) FROM idx_string s WHERE s.rid = r.rid AND s.param = ?)", name.as_str());
-                f.arg(", (SELECT MIN(d.low_ms) FROM idx_date d WHERE d.rid = r.rid AND d.param = ?)", name.as_str());
-                f.arg(", (SELECT MIN(t.code) FROM idx_token t WHERE t.rid = r.rid AND t.param = ?)", name.as_str());
+                f.arg(
+                    ", (SELECT MIN(d.low_ms) FROM idx_date d WHERE d.rid = r.rid AND d.param = ?)",
+                    name.as_str(),
+                );
+                f.arg(
+                    ", (SELECT MIN(t.code) FROM idx_token t WHERE t.rid = r.rid AND t.param = ?)",
+                    name.as_str(),
+                );
                 f.arg(", (SELECT MIN(x.target) FROM idx_reference x WHERE x.rid = r.rid AND x.param = ?))", name.as_str());
                 f.push(dir);
                 f.push(" NULLS LAST");
@@ -540,7 +685,10 @@ pub(crate) fn search(conn: &Connection, q: &SearchQuery, with_total: bool) -> Re
         None
     };
     if q.count == 0 {
-        return Ok(SearchResult { resources: Vec::new(), total });
+        return Ok(SearchResult {
+            resources: Vec::new(),
+            total,
+        });
     }
 
     // Phase 1: the page of matches, with small columns only (no JSON through the sorter).
@@ -553,18 +701,30 @@ pub(crate) fn search(conn: &Connection, q: &SearchQuery, with_total: bool) -> Re
     let rows: Vec<(i64, String, i64, i64)> = conn
         .prepare_cached(&page.sql)
         .and_then(|mut s| {
-            s.query_map(params_from_iter(page.args.iter()), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect()
+            s.query_map(params_from_iter(page.args.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect()
         })
         .map_err(db)?;
 
     // Phase 2: the JSON of each, by primary key.
-    let mut stmt =
-        conn.prepare_cached("SELECT json FROM versions WHERE rid = ?1 AND version = ?2").map_err(db)?;
+    let mut stmt = conn
+        .prepare_cached("SELECT json FROM versions WHERE rid = ?1 AND version = ?2")
+        .map_err(db)?;
     let mut resources = Vec::with_capacity(rows.len());
     for (rid, id, version, last_updated_ms) in rows {
-        let json: String = stmt.query_row(params![rid, version], |r| r.get(0)).map_err(db)?;
-        resources.push(Stored { rtype: q.rtype, id, version: to_u64(version), last_updated_ms, deleted: false, json });
+        let json: String = stmt
+            .query_row(params![rid, version], |r| r.get(0))
+            .map_err(db)?;
+        resources.push(Stored {
+            rtype: q.rtype,
+            id,
+            version: to_u64(version),
+            last_updated_ms,
+            deleted: false,
+            json,
+        });
     }
     Ok(SearchResult { resources, total })
 }
@@ -601,10 +761,16 @@ pub(crate) fn history(conn: &Connection, q: &HistoryQuery) -> Result<SearchResul
         Vec::new()
     } else {
         conn.prepare_cached(page_sql)
-            .and_then(|mut s| s.query_map(params_from_iter(page_args.iter()), stored_from_row)?.collect())
+            .and_then(|mut s| {
+                s.query_map(params_from_iter(page_args.iter()), stored_from_row)?
+                    .collect()
+            })
             .map_err(db)?
     };
-    Ok(SearchResult { resources, total: Some(to_u64(total)) })
+    Ok(SearchResult {
+        resources,
+        total: Some(to_u64(total)),
+    })
 }
 
 pub(crate) fn events_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Event>> {
@@ -635,8 +801,9 @@ pub(crate) fn events_after(conn: &Connection, after: i64, limit: usize) -> Resul
         .map_err(db)?;
     rows.into_iter()
         .map(|(mut e, data)| {
-            e.data = serde_json::from_str(&data)
-                .map_err(|err| StoreError::Backend(format!("outbox event {}: bad data: {err}", e.seq)))?;
+            e.data = serde_json::from_str(&data).map_err(|err| {
+                StoreError::Backend(format!("outbox event {}: bad data: {err}", e.seq))
+            })?;
             Ok(e)
         })
         .collect()
@@ -651,7 +818,10 @@ mod tests {
         assert_eq!(prefix_upper_bound("smi").as_deref(), Some("smj"));
         assert_eq!(prefix_upper_bound("").as_deref(), None);
         assert_eq!(prefix_upper_bound("zo\u{eb}").as_deref(), Some("zo\u{ec}"));
-        assert_eq!(prefix_upper_bound("a\u{d7ff}").as_deref(), Some("a\u{e000}"));
+        assert_eq!(
+            prefix_upper_bound("a\u{d7ff}").as_deref(),
+            Some("a\u{e000}")
+        );
         assert_eq!(prefix_upper_bound("a\u{10ffff}").as_deref(), Some("b"));
         assert_eq!(prefix_upper_bound("\u{10ffff}").as_deref(), None);
     }

@@ -6,7 +6,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
-use store::{Event, IdempotencyRecord, NewEvent, Put, ResourceType, Result, SearchQuery, Stored, StoreError, Tx};
+use store::{
+    Event, IdempotencyRecord, NewEvent, Put, ResourceType, Result, SearchQuery, StoreError, Stored,
+    Tx,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sql;
@@ -52,7 +55,10 @@ where
     fn run(self: Box<Self>, tx: &mut dyn Tx) -> Outcome {
         let WriteJob { f, reply } = *self;
         let result = catch_unwind(AssertUnwindSafe(move || f(tx))).unwrap_or_else(|payload| {
-            Err(StoreError::Backend(format!("write closure panicked: {}", panic_message(payload.as_ref()))))
+            Err(StoreError::Backend(format!(
+                "write closure panicked: {}",
+                panic_message(payload.as_ref())
+            )))
         });
         let ok = result.is_ok();
         let finish: Finish = Box::new(move |not_committed| {
@@ -93,7 +99,12 @@ impl Tx for WriteTx<'_> {
     fn put(&mut self, put: Put) -> Result<Stored> {
         sql::put(self.conn, self.now_ms, put)
     }
-    fn delete(&mut self, rtype: ResourceType, id: &str, expected_version: Option<u64>) -> Result<Option<Stored>> {
+    fn delete(
+        &mut self,
+        rtype: ResourceType,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Option<Stored>> {
         sql::delete(self.conn, self.now_ms, rtype, id, expected_version)
     }
     fn append_event(&mut self, event: NewEvent) -> Result<Event> {
@@ -147,7 +158,11 @@ impl Writer {
     }
 
     fn exec(&self, sql: &str) -> Result<()> {
-        self.conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(sql::db)
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map(|_| ())
+            .map_err(sql::db)
     }
 
     /// Roll back whatever is open, ignoring errors (used on failure paths only).
@@ -179,17 +194,25 @@ impl Writer {
                 continue;
             }
             let now_ms = self.tick();
-            let mut tx = WriteTx { conn: &self.conn, now_ms };
+            let mut tx = WriteTx {
+                conn: &self.conn,
+                now_ms,
+            };
             // `run` catches the closure's panics itself; this guard is for anything else.
-            let outcome = catch_unwind(AssertUnwindSafe(|| job.run(&mut tx)))
-                .unwrap_or_else(|_| Outcome { ok: false, finish: Box::new(|_| {}) });
+            let outcome =
+                catch_unwind(AssertUnwindSafe(|| job.run(&mut tx))).unwrap_or_else(|_| Outcome {
+                    ok: false,
+                    finish: Box::new(|_| {}),
+                });
 
             let mut keep = outcome.ok;
             if keep && self.exec("RELEASE job").is_err() {
                 keep = false;
             }
             if !keep && !self.conn.is_autocommit() {
-                let _ = self.exec("ROLLBACK TO job").and_then(|()| self.exec("RELEASE job"));
+                let _ = self
+                    .exec("ROLLBACK TO job")
+                    .and_then(|()| self.exec("RELEASE job"));
             }
             if self.conn.is_autocommit() {
                 // SQLite aborted the whole transaction (I/O error, disk full...): the changes of every job
@@ -206,7 +229,9 @@ impl Writer {
                 done.push(outcome);
             } else {
                 // Its changes are rolled back; it can be answered now (its own error, or the release error).
-                (outcome.finish)(Some(StoreError::Backend("could not release the job's savepoint".into())));
+                (outcome.finish)(Some(StoreError::Backend(
+                    "could not release the job's savepoint".into(),
+                )));
             }
         }
         if !open {

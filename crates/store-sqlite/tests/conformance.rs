@@ -1,6 +1,11 @@
 //! The backend conformance suite (`store::conformance`) on a fresh SQLite store per check.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 
@@ -53,7 +58,11 @@ async fn run_all_on_one_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn run_all_without_group_commit() {
     let dir = TempDir::new("run_all_single");
-    let options = SqliteOptions { durability: store_sqlite::Durability::OsCrash, read_connections: 1, max_batch: 1 };
+    let options = SqliteOptions {
+        durability: store_sqlite::Durability::OsCrash,
+        read_connections: 1,
+        max_batch: 1,
+    };
     let store = Arc::new(SqliteStore::open(dir.path(), options).unwrap());
     conformance::run_all(store).await;
 }

@@ -2,7 +2,12 @@
 //! acknowledged id; the parent `kill -9`s it mid-stream, reopens the store and checks that every acknowledged
 //! write is there, with exactly one outbox event each, and that no write is half there.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 
@@ -24,8 +29,14 @@ const KILL_AFTER: usize = 1500;
 /// Runs only as the child (when `CHILD_ENV` names the data directory): writes until killed.
 #[test]
 fn durability_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let store = Arc::new(SqliteStore::open(Path::new(&dir), SqliteOptions::default()).unwrap());
         let tasks: Vec<_> = (0..WRITERS)
@@ -80,7 +91,12 @@ fn acknowledged_writes_survive_kill_9() {
     }
     let dir = TempDir::new("kill9");
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["durability_child", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "durability_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -96,7 +112,11 @@ fn acknowledged_writes_survive_kill_9() {
             }
         }
     }
-    assert_eq!(acked.len(), KILL_AFTER, "the child stopped before {KILL_AFTER} acknowledgements");
+    assert_eq!(
+        acked.len(),
+        KILL_AFTER,
+        "the child stopped before {KILL_AFTER} acknowledgements"
+    );
     child.kill().unwrap(); // SIGKILL on Unix
     let status = child.wait().unwrap();
     assert!(!status.success(), "the child was killed");
@@ -107,12 +127,18 @@ fn acknowledged_writes_survive_kill_9() {
         }
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
         for id in &acked {
             let s = store.read(ResourceType::Patient, id).await.unwrap();
-            assert!(s.is_some_and(|s| s.version == 1 && !s.deleted), "acknowledged Patient/{id} lost after kill -9");
+            assert!(
+                s.is_some_and(|s| s.version == 1 && !s.deleted),
+                "acknowledged Patient/{id} lost after kill -9"
+            );
         }
         let events = store.events_after(0, usize::MAX >> 1).await.unwrap();
         let mut per_id: BTreeMap<&str, usize> = BTreeMap::new();
@@ -121,17 +147,38 @@ fn acknowledged_writes_survive_kill_9() {
             assert_eq!(e.subject_seq, 1, "one event per subject");
         }
         for id in &acked {
-            assert_eq!(per_id.get(id.as_str()), Some(&1), "acknowledged write {id} has exactly one event");
+            assert_eq!(
+                per_id.get(id.as_str()),
+                Some(&1),
+                "acknowledged write {id} has exactly one event"
+            );
         }
         // Writes committed but not yet acknowledged may exist; they must be whole (resource + event).
-        let q = SearchQuery { count: 0, want_total: true, ..SearchQuery::new(ResourceType::Patient) };
+        let q = SearchQuery {
+            count: 0,
+            want_total: true,
+            ..SearchQuery::new(ResourceType::Patient)
+        };
         let total = store.search(&q).await.unwrap().total.unwrap();
-        assert_eq!(total as usize, events.len(), "every committed resource has its event and vice versa");
+        assert_eq!(
+            total as usize,
+            events.len(),
+            "every committed resource has its event and vice versa"
+        );
         let event_ids: BTreeSet<&str> = per_id.keys().copied().collect();
         for id in &event_ids {
-            let q = SearchQuery::new(ResourceType::Patient)
-                .with("identifier", Predicate::Token { system: Some("urn:kill9".into()), code: Some(id.to_string()) });
-            assert_eq!(store.search(&q).await.unwrap().resources.len(), 1, "event {id} has its indexed resource");
+            let q = SearchQuery::new(ResourceType::Patient).with(
+                "identifier",
+                Predicate::Token {
+                    system: Some("urn:kill9".into()),
+                    code: Some(id.to_string()),
+                },
+            );
+            assert_eq!(
+                store.search(&q).await.unwrap().resources.len(),
+                1,
+                "event {id} has its indexed resource"
+            );
         }
         eprintln!(
             "kill -9 test: {} acknowledged, {} committed (the difference was in flight)",

@@ -106,12 +106,24 @@ pub enum StoreError {
     #[error("{rtype}/{id} not found")]
     NotFound { rtype: ResourceType, id: String },
     #[error("{rtype}/{id} was deleted (version {version})")]
-    Gone { rtype: ResourceType, id: String, version: u64 },
+    Gone {
+        rtype: ResourceType,
+        id: String,
+        version: u64,
+    },
     #[error("version conflict on {rtype}/{id}: expected {expected}, current {actual}")]
-    VersionConflict { rtype: ResourceType, id: String, expected: u64, actual: u64 },
+    VersionConflict {
+        rtype: ResourceType,
+        id: String,
+        expected: u64,
+        actual: u64,
+    },
     /// A uniqueness rule refused the write; `existing` names what is already there (e.g. `Patient/12`).
     #[error("duplicate: {message}")]
-    Duplicate { message: String, existing: Option<String> },
+    Duplicate {
+        message: String,
+        existing: Option<String>,
+    },
     /// A business conflict decided by domain code inside a write (slot taken, illegal transition...).
     #[error("conflict: {0}")]
     Conflict(String),
@@ -171,7 +183,11 @@ pub trait Store: Send + Sync + 'static {
         T: Send + 'static;
 
     /// Current version, tombstones included.
-    fn read(&self, rtype: ResourceType, id: &str) -> impl Future<Output = Result<Option<Stored>>> + Send;
+    fn read(
+        &self,
+        rtype: ResourceType,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Stored>>> + Send;
 
     /// A specific version.
     fn vread(
@@ -187,5 +203,9 @@ pub trait Store: Send + Sync + 'static {
     fn search(&self, query: &SearchQuery) -> impl Future<Output = Result<SearchResult>> + Send;
 
     /// Outbox events with `seq > after`, oldest first, at most `limit`.
-    fn events_after(&self, after: i64, limit: usize) -> impl Future<Output = Result<Vec<Event>>> + Send;
+    fn events_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Event>>> + Send;
 }

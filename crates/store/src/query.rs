@@ -27,7 +27,10 @@ pub enum Predicate {
     LastUpdated { cmp: Cmp, low_ms: i64, high_ms: i64 },
     /// Token parameter (identifier, gender, status, active...). `system: None` matches any system,
     /// `Some("")` matches values with no system. `code: None` (from `system|`) matches any code in the system.
-    Token { system: Option<String>, code: Option<String> },
+    Token {
+        system: Option<String>,
+        code: Option<String>,
+    },
     /// String parameter: normalised (see `fhir::normalize_string`) prefix match, or exact with `:exact`.
     String { value: String, exact: bool },
     /// Date parameter: the indexed range `[low, high]` compared with the query range per FHIR's rules.
@@ -74,12 +77,22 @@ pub struct SearchQuery {
 
 impl SearchQuery {
     pub fn new(rtype: ResourceType) -> Self {
-        SearchQuery { rtype, clauses: Vec::new(), sort: Vec::new(), count: 100, offset: 0, want_total: false }
+        SearchQuery {
+            rtype,
+            clauses: Vec::new(),
+            sort: Vec::new(),
+            count: 100,
+            offset: 0,
+            want_total: false,
+        }
     }
 
     /// Convenience: add a single-alternative clause.
     pub fn with(mut self, param: &str, predicate: Predicate) -> Self {
-        self.clauses.push(Clause { param: param.to_string(), any_of: vec![predicate] });
+        self.clauses.push(Clause {
+            param: param.to_string(),
+            any_of: vec![predicate],
+        });
         self
     }
 }

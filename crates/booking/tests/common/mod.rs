@@ -34,10 +34,8 @@ impl TempDir {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "booking-{tag}-{}-{nanos}-{n}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("booking-{tag}-{}-{nanos}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -159,11 +157,11 @@ pub fn appointment_json(
             ),
         );
     }
-    let mut participants = vec![
-        json!({"actor": {"reference": "Practitioner/dr"}, "status": "accepted"}),
-    ];
+    let mut participants =
+        vec![json!({"actor": {"reference": "Practitioner/dr"}, "status": "accepted"})];
     if let Some(p) = patient {
-        participants.push(json!({"actor": {"reference": format!("Patient/{p}")}, "status": "accepted"}));
+        participants
+            .push(json!({"actor": {"reference": format!("Patient/{p}")}, "status": "accepted"}));
     }
     obj.insert("participant".into(), Value::Array(participants));
     v
@@ -314,9 +312,7 @@ pub async fn check_invariants(store: &Arc<SqliteStore>) -> Result<(), String> {
         match slot_status.get(slot).map(String::as_str) {
             Some("busy") => {}
             other => {
-                return Err(format!(
-                    "{slot} held by {by:?} but its status is {other:?}"
-                ));
+                return Err(format!("{slot} held by {by:?} but its status is {other:?}"));
             }
         }
     }
@@ -346,10 +342,7 @@ pub async fn check_invariants(store: &Arc<SqliteStore>) -> Result<(), String> {
             let status = AppointmentStatus::parse(j["status"].as_str().unwrap()).unwrap();
             match previous {
                 None if !status.is_initial() => {
-                    return Err(format!(
-                        "Appointment/{} created as {status}",
-                        a.id
-                    ));
+                    return Err(format!("Appointment/{} created as {status}", a.id));
                 }
                 Some(p) if p != status && !p.can_transition_to(status) => {
                     return Err(format!(

@@ -43,12 +43,12 @@ def _binary() -> Path:
     return Path(os.environ.get("CAREBRIDGE_BIN") or REPO / "target" / "debug" / "carebridge")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def start_server(tmp_path_factory, name="carebridge"):
+    """Start `carebridge serve` on a fresh data dir; returns a Server (base_url None if it never got ready)."""
     binary = _binary()
     if not binary.exists():
         pytest.exit(f"server binary {binary} not found: run `cargo build -p carebridge` or set CAREBRIDGE_BIN", 2)
-    root = tmp_path_factory.mktemp("carebridge")
+    root = tmp_path_factory.mktemp(name)
     data_dir = root / "data"
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAREBRIDGE_")}
@@ -80,9 +80,12 @@ def server(tmp_path_factory):
         proc.kill()
         proc.wait()
         pytest.exit(f"carebridge did not print 'listening on http://...' (exit {proc.returncode}); log:\n{srv.log()}", 2)
+    return srv
 
-    yield srv
 
+def stop_server(srv):
+    """SIGTERM; the hub must drain and exit 0 within a few seconds."""
+    proc = srv.proc
     if proc.poll() is not None:
         pytest.fail(f"carebridge died during the session with exit {proc.returncode}; log:\n{srv.log()}")
     proc.send_signal(signal.SIGTERM)
@@ -93,6 +96,13 @@ def server(tmp_path_factory):
         proc.wait()
         pytest.fail(f"carebridge did not exit within {SHUTDOWN_TIMEOUT_S} s of SIGTERM; log:\n{srv.log()}")
     assert code == 0, f"carebridge exited {code} after SIGTERM (expected 0); log:\n{srv.log()}"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory)
+    yield srv
+    stop_server(srv)
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,28 @@
 """Real-world FHIR JSON from <repo>/../shared/corpus/fhir/**: every example of a served type (a whole file, or an
 entry of a Bundle file) is either stored losslessly (read back equal to what was sent, apart from id and meta)
-or refused and listed, with its reason, in <repo>/crates/fhir/tests/corpus-expected.json
-("fhir/bars/x.json" or "fhir/pds/y.json#entry[0]" -> reason; missing file = nothing listed)."""
+or refused and listed with its reason: in <repo>/crates/fhir/tests/corpus-expected.json when the resource is
+invalid FHIR/UK Core ("fhir/bars/x.json" or "fhir/pds/y.json#entry[0]" -> reason), or in
+tests/python/corpus-business-refusals.json when it is valid but a business rule of the hub refuses it (key ->
+{"status", "reason"}). The examples are loaded in file order into a hub of their own."""
 
 import json
 
 import pytest
 
-from conftest import REPO, describe
+from conftest import REPO, Raw, describe, start_server, stop_server
 from helpers import TYPES
 
 CORPUS = REPO.parent / "shared" / "corpus"
 EXPECTED_FILE = REPO / "crates" / "fhir" / "tests" / "corpus-expected.json"
+BUSINESS_FILE = REPO / "tests" / "python" / "corpus-business-refusals.json"
+
+
+@pytest.fixture(scope="module")
+def corpus_raw(tmp_path_factory):
+    """A hub of its own, so the examples meet only each other (and the order is the file order)."""
+    srv = start_server(tmp_path_factory, "corpus")
+    yield Raw(srv.base_url + "/fhir")
+    stop_server(srv)
 
 
 def corpus_cases():
@@ -75,12 +86,22 @@ def normalise_ods(value):
 
 
 @pytest.mark.parametrize("key,data", CASES or [("<none>", None)], ids=[k for k, _ in CASES] or ["<none>"])
-def test_corpus_example(raw, key, data):
+def test_corpus_example(corpus_raw, key, data):
+    raw = corpus_raw
     if not CASES:
         pytest.skip(f"no FHIR corpus: {CORPUS / 'fhir'} is absent or holds no JSON of a served type")
     sent = strip(data)
     refusals = expected_refusals()
     r = raw.post(data["resourceType"], sent)
+    business = json.loads(BUSINESS_FILE.read_text(encoding="utf-8")) if BUSINESS_FILE.exists() else {}
+    if key in business:
+        want = business[key]
+        assert r.status_code == want["status"], (
+            f"{key} is listed as refused by a business rule ({want['reason']!r}) with {want['status']}"
+            f" but got {r.status_code}" + describe(r)
+        )
+        assert r.json()["resourceType"] == "OperationOutcome", describe(r)
+        return
     if key in refusals:
         assert r.status_code in (400, 422), (
             f"{key} is listed as refused ({refusals[key]!r}) but got {r.status_code}" + describe(r)

@@ -44,16 +44,16 @@ def test_identifier_search(client):
     assert client.resources("Patient").search(identifier=f"https://example.org/other|{nhs}").fetch_all() == []
 
 
-def test_identifier_search_well_known_number(client):
-    # 9000000009 also appears in shared corpus examples (PDS), so other Patients may carry it.
+def test_identifier_search_well_known_number(client, raw):
+    # One active Patient per NHS number: the search finds exactly it, and a second registration is refused
+    # with a 409 that points at the existing record.
     p = client.resource("Patient", **fields(patient("9000000009")))
     p.save()
     found = client.resources("Patient").search(identifier="https://fhir.nhs.uk/Id/nhs-number|9000000009").fetch_all()
-    assert p.id in {r.id for r in found}
-    for r in found:
-        assert {"system": NHS_SYSTEM, "value": "9000000009"} in [
-            {"system": i.get("system"), "value": i.get("value")} for i in r["identifier"]
-        ], r
+    assert [r.id for r in found] == [p.id]
+    again = raw.post("Patient", patient("9000000009"))
+    assert again.status_code == 409, again.text
+    assert f"Patient/{p.id}" in again.text
 
 
 def test_family_search(client, seven):

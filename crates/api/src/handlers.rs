@@ -12,18 +12,16 @@ use fhir::{Issue, IssueType, ResourceType, operation_outcome};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use store::{
-    HistoryQuery, IdempotencyRecord, NewEvent, Put, SearchQuery, Store, StoreError, Stored, Tx,
-};
+use store::{HistoryQuery, IdempotencyRecord, SearchQuery, Store, StoreError, Stored, Tx};
 
 type AppState<S> = State<Arc<App<S>>>;
 
 /// A complete response computed inside a write transaction (so it can be stored for idempotent replay).
 #[derive(Debug, Clone)]
 pub struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: String,
 }
 
 impl IntoResponse for Reply {
@@ -41,7 +39,7 @@ impl IntoResponse for Reply {
     }
 }
 
-fn parse_type(s: &str) -> Result<ResourceType, ApiError> {
+pub(crate) fn parse_type(s: &str) -> Result<ResourceType, ApiError> {
     ResourceType::parse(s).ok_or_else(|| {
         let known: Vec<&str> = ResourceType::ALL.iter().map(|t| t.as_str()).collect();
         ApiError::new(
@@ -55,7 +53,7 @@ fn parse_type(s: &str) -> Result<ResourceType, ApiError> {
     })
 }
 
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id
@@ -63,7 +61,7 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-fn check_id(id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
     if valid_id(id) {
         Ok(())
     } else {
@@ -75,13 +73,13 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 
 /// `Prefer: return=...`
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Return {
+pub(crate) enum Return {
     Minimal,
     Representation,
     OperationOutcome,
 }
 
-fn prefer_return(headers: &HeaderMap) -> Return {
+pub(crate) fn prefer_return(headers: &HeaderMap) -> Return {
     let prefer = headers
         .get("prefer")
         .and_then(|v| v.to_str().ok())
@@ -98,7 +96,7 @@ fn prefer_return(headers: &HeaderMap) -> Return {
 }
 
 /// `If-Match: W/"3"` -> 3.
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
@@ -111,7 +109,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     })
 }
 
-fn etag(version: u64) -> String {
+pub(crate) fn etag(version: u64) -> String {
     format!("W/\"{version}\"")
 }
 
@@ -130,7 +128,13 @@ fn resource_headers(base: &str, s: &Stored, with_location: bool) -> Vec<(String,
     h
 }
 
-fn stored_reply(base: &str, s: &Stored, status: u16, ret: Return, with_location: bool) -> Reply {
+pub(crate) fn stored_reply(
+    base: &str,
+    s: &Stored,
+    status: u16,
+    ret: Return,
+    with_location: bool,
+) -> Reply {
     let mut headers = resource_headers(base, s, with_location);
     let body = match ret {
         Return::Representation => s.json.clone(),
@@ -154,40 +158,30 @@ fn stored_reply(base: &str, s: &Stored, status: u16, ret: Return, with_location:
     }
 }
 
-/// Kind of the domain event for a plain REST change.
-pub fn event_kind(rtype: ResourceType, action: &str) -> String {
-    let key = match rtype {
-        ResourceType::PractitionerRole => "practitioner-role",
-        ResourceType::HealthcareService => "healthcare-service",
-        other => {
-            return format!(
-                "{}.{}",
-                other.as_str().to_ascii_lowercase(),
-                if other == ResourceType::Patient && action == "created" {
-                    "registered"
-                } else {
-                    action
-                }
-            );
-        }
-    };
-    format!("{key}.{action}")
+/// A refusal decided by the booking engine, as an API error.
+pub(crate) fn refused(e: booking::BookingError) -> ApiError {
+    ApiError {
+        status: StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::CONFLICT),
+        issues: e.issues(),
+    }
 }
 
-fn append_change_event(tx: &mut dyn Tx, s: &Stored, action: &str) -> store::Result<()> {
-    tx.append_event(NewEvent {
-        subject: format!("{}/{}", s.rtype, s.id),
-        kind: event_kind(s.rtype, action),
-        rtype: s.rtype,
-        id: s.id.clone(),
-        version: s.version,
-        data: Value::Null,
-    })?;
-    Ok(())
+/// Store errors of a write, with a version conflict (a stale `If-Match`) reported as 412.
+pub(crate) fn write_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::VersionConflict {
+            expected, actual, ..
+        } => ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            IssueType::Conflict,
+            format!("If-Match version {expected} does not match the current version {actual}"),
+        ),
+        other => other.into(),
+    }
 }
 
 /// Parse and validate a request body as a resource of `rtype`.
-fn validated_body(rtype: ResourceType, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn validated_body(rtype: ResourceType, body: &[u8]) -> Result<Value, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request(format!(
             "request body is empty; expected a {rtype} resource"
@@ -211,7 +205,7 @@ fn validated_body(rtype: ResourceType, body: &[u8]) -> Result<Value, ApiError> {
     }
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => {
@@ -227,7 +221,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-fn request_hash(method: &str, path: &str, query: Option<&str>, body: &[u8]) -> String {
+pub(crate) fn request_hash(method: &str, path: &str, query: Option<&str>, body: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(method.as_bytes());
     h.update(b"\n");
@@ -241,7 +235,7 @@ fn request_hash(method: &str, path: &str, query: Option<&str>, body: &[u8]) -> S
 
 /// Run a write with optional `Idempotency-Key` handling: a retry with the same key and the same request
 /// replays the stored reply; the same key with a different request is refused.
-async fn idempotent_write<S, F>(
+pub(crate) async fn idempotent_write<S, F>(
     store: &S,
     key: Option<String>,
     hash: String,
@@ -283,7 +277,8 @@ where
             }
             Ok(Ok(reply))
         })
-        .await?;
+        .await
+        .map_err(write_error)?;
     out
 }
 
@@ -295,6 +290,13 @@ fn conditional_query(rtype: ResourceType, raw: &str) -> Result<SearchQuery, ApiE
         ));
     }
     let mut parsed = parse_search(rtype, &pairs)?;
+    if !parsed.chains.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            IssueType::NotSupported,
+            "chained parameters are not supported in conditional requests",
+        ));
+    }
     parsed.query.count = 2;
     parsed.query.offset = 0;
     Ok(parsed.query)
@@ -337,22 +339,15 @@ pub async fn create<S: Store>(
                 }
             }
         }
-        let index = fhir::index_entries(rtype, &resource);
-        let s = tx.put(Put {
-            rtype,
-            id,
-            resource,
-            index,
-            expected_version: Some(0),
-        })?;
-        append_change_event(tx, &s, "created")?;
-        Ok(Ok(stored_reply(&base, &s, 201, ret, true)))
+        Ok(booking::write_resource(tx, rtype, id, resource, Some(0))?
+            .map(|o| stored_reply(&base, o.stored(), 201, ret, true))
+            .map_err(refused))
     })
     .await
 }
 
-/// The shared body of update and conditional update: store `resource` as `id`, creating when absent.
-fn put_resource(
+/// The shared body of update, conditional update and patch: store `resource` as `id`, creating when absent.
+pub(crate) fn put_resource(
     tx: &mut dyn Tx,
     base: &str,
     rtype: ResourceType,
@@ -361,36 +356,18 @@ fn put_resource(
     expected: Option<u64>,
     ret: Return,
 ) -> store::Result<Result<Reply, ApiError>> {
-    let current = tx.read(rtype, &id)?;
-    let existed = matches!(&current, Some(c) if !c.deleted);
-    let index = fhir::index_entries(rtype, &resource);
-    let s = match tx.put(Put {
-        rtype,
-        id,
-        resource,
-        index,
-        expected_version: expected,
-    }) {
-        Ok(s) => s,
-        Err(StoreError::VersionConflict {
-            expected, actual, ..
-        }) => {
-            return Ok(Err(ApiError::new(
-                StatusCode::PRECONDITION_FAILED,
-                IssueType::Conflict,
-                format!("If-Match version {expected} does not match the current version {actual}"),
-            )));
-        }
-        Err(e) => return Err(e),
-    };
-    append_change_event(tx, &s, if existed { "updated" } else { "created" })?;
-    Ok(Ok(stored_reply(
-        base,
-        &s,
-        if existed { 200 } else { 201 },
-        ret,
-        !existed,
-    )))
+    Ok(booking::write_resource(tx, rtype, id, resource, expected)?
+        .map(|o| {
+            let created = o.is_created();
+            stored_reply(
+                base,
+                o.stored(),
+                if created { 201 } else { 200 },
+                ret,
+                created,
+            )
+        })
+        .map_err(refused))
 }
 
 /// PUT /fhir/{type}/{id}
@@ -498,24 +475,10 @@ pub async fn delete<S: Store>(
     let expected = if_match(&headers)?;
     let deleted = app
         .store
-        .write(move |tx| {
-            let d = tx.delete(rtype, &id, expected)?;
-            if let Some(s) = &d {
-                append_change_event(tx, s, "deleted")?;
-            }
-            Ok(d)
-        })
+        .write(move |tx| booking::delete_resource(tx, rtype, &id, expected))
         .await
-        .map_err(|e| match e {
-            StoreError::VersionConflict {
-                expected, actual, ..
-            } => ApiError::new(
-                StatusCode::PRECONDITION_FAILED,
-                IssueType::Conflict,
-                format!("If-Match version {expected} does not match the current version {actual}"),
-            ),
-            other => other.into(),
-        })?;
+        .map_err(write_error)?
+        .map_err(refused)?;
     let mut res = StatusCode::NO_CONTENT.into_response();
     if let Some(s) = deleted {
         if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
@@ -747,6 +710,9 @@ async fn run_search<S: Store>(
     let count = parsed.query.count;
     let offset = parsed.query.offset;
     let mut q = parsed.query.clone();
+    for chain in &parsed.chains {
+        q.clauses.push(resolve_chain(app, chain, 0).await?);
+    }
     if parsed.summary_count {
         q.count = 0;
     } else {
@@ -848,6 +814,58 @@ async fn run_search<S: Store>(
     }
     out.push('}');
     Ok(([(header::CONTENT_TYPE, FHIR_JSON)], out).into_response())
+}
+
+/// Most target resources a chained parameter may match before the search is refused as too costly.
+const MAX_CHAIN_MATCHES: usize = 10_000;
+
+/// Resolve a chained parameter into a reference clause: the ids of the target resources matching the inner
+/// search (which may be chained again, up to a small depth).
+fn resolve_chain<'a, S: Store>(
+    app: &'a App<S>,
+    chain: &'a search::Chain,
+    depth: usize,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<store::Clause, ApiError>> + Send + 'a>>
+{
+    Box::pin(async move {
+        if depth >= 3 {
+            return Err(ApiError::bad_request(
+                "chained searches may be at most three levels deep",
+            ));
+        }
+        let inner = parse_search(chain.target, &chain.inner)?;
+        let mut q = inner.query;
+        for c in &inner.chains {
+            q.clauses.push(resolve_chain(app, c, depth + 1).await?);
+        }
+        q.count = MAX_CHAIN_MATCHES + 1;
+        q.offset = 0;
+        q.sort.clear();
+        let found = app.store.search(&q).await?;
+        if found.resources.len() > MAX_CHAIN_MATCHES {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                IssueType::TooCostly,
+                format!(
+                    "the chained search on {} matches more than {MAX_CHAIN_MATCHES} resources; narrow it",
+                    chain.target
+                ),
+            ));
+        }
+        let mut any_of: Vec<store::Predicate> = found
+            .resources
+            .iter()
+            .map(|s| store::Predicate::Reference(format!("{}/{}", s.rtype, s.id)))
+            .collect();
+        if any_of.is_empty() {
+            // Nothing can match: a reference no resource holds.
+            any_of.push(store::Predicate::Reference(format!("{}/", chain.target)));
+        }
+        Ok(store::Clause {
+            param: chain.param.name.to_string(),
+            any_of,
+        })
+    })
 }
 
 /// GET /fhir/{type}?...

@@ -11,6 +11,7 @@ mod capability;
 mod error;
 mod handlers;
 mod http_date;
+mod ops;
 mod search;
 
 use axum::Router;
@@ -62,11 +63,18 @@ pub fn router<S: Store>(store: Arc<S>, config: ApiConfig) -> Router {
         .route("/{rtype}/_search", post(handlers::search_post::<S>))
         .route("/{rtype}/_history", get(handlers::type_history::<S>))
         .route("/{rtype}/$validate", post(handlers::validate::<S>))
+        .route("/{rtype}/$merge", post(ops::merge::<S>))
+        .route("/{rtype}/{id}/$transition", post(ops::transition::<S>))
+        .route(
+            "/{rtype}/{id}/$generate-slots",
+            post(ops::generate_slots::<S>),
+        )
         .route(
             "/{rtype}/{id}",
             get(handlers::read::<S>)
                 .put(handlers::update::<S>)
-                .delete(handlers::delete::<S>),
+                .delete(handlers::delete::<S>)
+                .patch(ops::patch::<S>),
         )
         .route(
             "/{rtype}/{id}/_history",

@@ -48,6 +48,58 @@ pub struct ParsedSearch {
     pub summary_count: bool,
     /// Parameters that define the result set (everything but paging), for `self`/`next` links.
     pub link_params: Vec<(String, String)>,
+    /// Chained parameters (`schedule.actor=...`), resolved by the caller into reference clauses.
+    pub chains: Vec<Chain>,
+}
+
+/// A chained parameter: `param` (a reference parameter of the searched type) must point at a `target`
+/// resource that matches the search `inner` (which may itself be chained).
+#[derive(Debug)]
+pub struct Chain {
+    pub param: &'static SearchParamDef,
+    pub target: ResourceType,
+    pub inner: Vec<(String, String)>,
+}
+
+/// Parse `schedule.actor` or `schedule:Schedule.actor` into a chain on `rtype`.
+fn parse_chain(rtype: ResourceType, key: &str, value: &str) -> Result<Chain, ApiError> {
+    let (head, tail) = key.split_once('.').unwrap_or((key, ""));
+    let (name, type_modifier) = match head.split_once(':') {
+        Some((n, m)) => (n, Some(m)),
+        None => (head, None),
+    };
+    let Some(param) = fhir::search_param(rtype, name).filter(|d| d.kind == ParamKind::Reference)
+    else {
+        return Err(ApiError::bad_request(format!(
+            "chained search '{key}': '{name}' is not a reference search parameter of {rtype}"
+        )));
+    };
+    let target = match (type_modifier, param.targets) {
+        (Some(m), _) => ResourceType::parse(m)
+            .filter(|t| param.targets.contains(t))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "chained search '{key}': '{m}' is not a target of '{name}'"
+                ))
+            })?,
+        (None, [only]) => *only,
+        (None, _) => {
+            return Err(ApiError::bad_request(format!(
+                "chained search '{key}': '{name}' can point at several types; name one, e.g. {name}:{}.{tail}",
+                param.targets.first().map(|t| t.as_str()).unwrap_or("Type")
+            )));
+        }
+    };
+    if tail.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "chained search '{key}' names no parameter after '.'"
+        )));
+    }
+    Ok(Chain {
+        param,
+        target,
+        inner: vec![(tail.to_string(), value.to_string())],
+    })
 }
 
 fn unsupported(msg: impl Into<String>) -> ApiError {
@@ -181,8 +233,14 @@ pub fn parse_search(
     let mut includes = Vec::new();
     let mut summary_count = false;
     let mut link_params = Vec::new();
+    let mut chains = Vec::new();
 
     for (key, value) in pairs {
+        if !key.starts_with('_') && key.contains('.') {
+            chains.push(parse_chain(rtype, key, value)?);
+            link_params.push((key.clone(), value.clone()));
+            continue;
+        }
         let (name, modifier) = match key.split_once(':') {
             Some((n, m)) => (n, Some(m)),
             None => (key.as_str(), None),
@@ -295,11 +353,6 @@ pub fn parse_search(
                     "search parameter '{n}' is not supported"
                 )));
             }
-            n if n.contains('.') => {
-                return Err(unsupported(format!(
-                    "chained search '{n}' is not supported yet"
-                )));
-            }
             n => {
                 let Some(def) = fhir::search_param(rtype, n) else {
                     let known: Vec<&str> =
@@ -360,6 +413,7 @@ pub fn parse_search(
         includes,
         summary_count,
         link_params,
+        chains,
     })
 }
 

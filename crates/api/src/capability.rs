@@ -19,6 +19,32 @@ fn kind(k: ParamKind) -> &'static str {
     }
 }
 
+/// The operations a type supports (`$validate` everywhere, plus the booking operations).
+fn operations(t: ResourceType, fhir_base: &str) -> Vec<Value> {
+    let mut ops = vec![
+        json!({"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}),
+    ];
+    match t {
+        ResourceType::Patient => ops.push(json!({
+            "name": "merge",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-merge",
+            "documentation": "Parameters source-patient, target-patient (References): deactivates the source with a replaced-by link and moves its future appointments to the target"
+        })),
+        ResourceType::Appointment => ops.push(json!({
+            "name": "transition",
+            "definition": format!("{fhir_base}/OperationDefinition/Appointment-transition"),
+            "documentation": "Parameters status (code) and optional reason (Coding, R4 appointment-cancellation-reason)"
+        })),
+        ResourceType::Schedule => ops.push(json!({
+            "name": "generate-slots",
+            "definition": format!("{fhir_base}/OperationDefinition/Schedule-generate-slots"),
+            "documentation": "Parameters daysOfWeek, openingTime (09:00-12:30), slotMinutes, start, end (Europe/London dates, inclusive); idempotent"
+        })),
+        _ => {}
+    }
+    ops
+}
+
 /// The CapabilityStatement for a server at `fhir_base`.
 pub fn capability_statement(fhir_base: &str) -> Value {
     let resources: Vec<Value> = ResourceType::ALL
@@ -28,19 +54,28 @@ pub fn capability_statement(fhir_base: &str) -> Value {
                 json!({"name": "_id", "type": "token"}),
                 json!({"name": "_lastUpdated", "type": "date"}),
             ];
-            params.extend(fhir::search_params(t).iter().map(|p| {
-                json!({"name": p.name, "type": kind(p.kind), "documentation": p.expression})
-            }));
+            params.extend(fhir::search_params(t).iter().map(
+                |p| json!({"name": p.name, "type": kind(p.kind), "documentation": p.expression}),
+            ));
             let includes: Vec<String> = fhir::search_params(t)
                 .iter()
                 .filter(|p| p.kind == ParamKind::Reference)
                 .map(|p| format!("{t}:{}", p.name))
                 .collect();
-            let interactions: Vec<Value> =
-                ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
-                    .iter()
-                    .map(|c| json!({"code": c}))
-                    .collect();
+            let interactions: Vec<Value> = [
+                "read",
+                "vread",
+                "update",
+                "patch",
+                "delete",
+                "history-instance",
+                "history-type",
+                "create",
+                "search-type",
+            ]
+            .iter()
+            .map(|c| json!({"code": c}))
+            .collect();
             json!({
                 "type": t.as_str(),
                 "profile": t.uk_core_profile(),
@@ -54,7 +89,7 @@ pub fn capability_statement(fhir_base: &str) -> Value {
                 "conditionalDelete": "not-supported",
                 "searchInclude": includes,
                 "searchParam": params,
-                "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+                "operation": operations(t, fhir_base),
             })
         })
         .collect();

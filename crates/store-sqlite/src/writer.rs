@@ -148,8 +148,6 @@ impl Writer {
             }
             self.run_batch(&mut batch);
         }
-        // Best effort: refresh planner statistics on the way out.
-        let _ = self.conn.execute_batch("PRAGMA optimize");
     }
 
     fn tick(&mut self) -> i64 {

@@ -265,6 +265,14 @@ pub fn exact_param(param: &str) -> Option<&'static str> {
     }
 }
 
+static SUBSCRIPTION: &[SearchParamDef] = &[
+    p("status", Token, "Subscription.status"),
+    p("type", Token, "Subscription.channel.type"),
+    p("url", Token, "Subscription.channel.endpoint"),
+    p("criteria", Token, "Subscription.criteria"),
+    p("payload", Token, "Subscription.channel.payload"),
+];
+
 /// All search parameters of a type (besides `_id` and `_lastUpdated`, which every type has).
 pub fn search_params(rtype: ResourceType) -> &'static [SearchParamDef] {
     match rtype {
@@ -277,6 +285,7 @@ pub fn search_params(rtype: ResourceType) -> &'static [SearchParamDef] {
         RT::Schedule => SCHEDULE,
         RT::Slot => SLOT,
         RT::Appointment => APPOINTMENT,
+        RT::Subscription => SUBSCRIPTION,
     }
 }
 
@@ -392,6 +401,34 @@ pub fn index_entries(rtype: ResourceType, resource: &Value) -> Vec<IndexEntry> {
             out.codeable_concepts("appointment-type", res.get("appointmentType"));
             out.codeable_concepts("service-category", res.get("serviceCategory"));
             out.delivery_channel(res.get("extension"));
+        }
+        RT::Subscription => {
+            out.code(
+                "status",
+                "http://hl7.org/fhir/subscription-status",
+                res.get("status"),
+            );
+            if let Some(criteria) = res.get("criteria").and_then(Value::as_str) {
+                out.token("criteria", None, criteria);
+            }
+            let channel = res.get("channel");
+            out.code(
+                "type",
+                "http://hl7.org/fhir/subscription-channel-type",
+                channel.and_then(|c| c.get("type")),
+            );
+            if let Some(url) = channel
+                .and_then(|c| c.get("endpoint"))
+                .and_then(Value::as_str)
+            {
+                out.token("url", None, url);
+            }
+            if let Some(payload) = channel
+                .and_then(|c| c.get("payload"))
+                .and_then(Value::as_str)
+            {
+                out.token("payload", None, payload);
+            }
         }
         RT::Appointment => {
             out.identifiers("identifier", res.get("identifier"));
@@ -735,7 +772,10 @@ mod tests {
         for rtype in ResourceType::ALL {
             let params = search_params(rtype);
             assert!(!params.is_empty(), "{rtype}");
-            assert!(search_param(rtype, "identifier").is_some(), "{rtype}");
+            // R4 Subscription has no identifier element.
+            if rtype != ResourceType::Subscription {
+                assert!(search_param(rtype, "identifier").is_some(), "{rtype}");
+            }
             for (i, p) in params.iter().enumerate() {
                 assert!(
                     params[..i].iter().all(|q| q.name != p.name),

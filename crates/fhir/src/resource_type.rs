@@ -12,10 +12,12 @@ pub enum ResourceType {
     Schedule,
     Slot,
     Appointment,
+    /// Not a UK Core type: how consumers register for event delivery.
+    Subscription,
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 9] = [
+    pub const ALL: [ResourceType; 10] = [
         ResourceType::Patient,
         ResourceType::Practitioner,
         ResourceType::PractitionerRole,
@@ -25,6 +27,7 @@ impl ResourceType {
         ResourceType::Schedule,
         ResourceType::Slot,
         ResourceType::Appointment,
+        ResourceType::Subscription,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +41,7 @@ impl ResourceType {
             ResourceType::Schedule => "Schedule",
             ResourceType::Slot => "Slot",
             ResourceType::Appointment => "Appointment",
+            ResourceType::Subscription => "Subscription",
         }
     }
 
@@ -48,10 +52,16 @@ impl ResourceType {
 
     /// The UK Core profile this type is aligned with.
     pub fn uk_core_profile(self) -> String {
-        format!(
-            "https://fhir.hl7.org.uk/StructureDefinition/UKCore-{}",
-            self.as_str()
-        )
+        match self {
+            // UK Core does not profile Subscription: the base R4 profile.
+            ResourceType::Subscription => {
+                "http://hl7.org/fhir/StructureDefinition/Subscription".to_string()
+            }
+            _ => format!(
+                "https://fhir.hl7.org.uk/StructureDefinition/UKCore-{}",
+                self.as_str()
+            ),
+        }
     }
 }
 

@@ -1365,6 +1365,43 @@ static APPOINTMENT_PARTICIPANT: TypeDef = TypeDef {
     ],
 };
 
+static SUBSCRIPTION_STATUS: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/subscription-status",
+    codes: &["requested", "active", "error", "off"],
+};
+
+static SUBSCRIPTION_CHANNEL_TYPE: Binding = Binding {
+    value_set: "http://hl7.org/fhir/ValueSet/subscription-channel-type",
+    codes: &["rest-hook", "websocket", "email", "sms", "message"],
+};
+
+pub(crate) static SUBSCRIPTION: TypeDef = TypeDef {
+    name: "Subscription",
+    kind: Kind::Resource,
+    hook: Hook::None,
+    elems: &[
+        el!("status", 1, 1, CODE; SUBSCRIPTION_STATUS),
+        el!("contact", 0, *, c!(CONTACT_POINT)),
+        el!("end", 0, 1, INSTANT),
+        el!("reason", 1, 1, STRING),
+        el!("criteria", 1, 1, STRING),
+        el!("error", 0, 1, STRING),
+        el!("channel", 1, 1, c!(SUBSCRIPTION_CHANNEL)),
+    ],
+};
+
+static SUBSCRIPTION_CHANNEL: TypeDef = TypeDef {
+    name: "Subscription.channel",
+    kind: Kind::Backbone,
+    hook: Hook::None,
+    elems: &[
+        el!("type", 1, 1, CODE; SUBSCRIPTION_CHANNEL_TYPE),
+        el!("endpoint", 0, 1, URL),
+        el!("payload", 0, 1, CODE),
+        el!("header", 0, *, STRING),
+    ],
+};
+
 /// The table of a served resource type.
 pub(crate) fn resource_def(rtype: ResourceType) -> &'static TypeDef {
     match rtype {
@@ -1377,6 +1414,7 @@ pub(crate) fn resource_def(rtype: ResourceType) -> &'static TypeDef {
         ResourceType::Schedule => &SCHEDULE,
         ResourceType::Slot => &SLOT,
         ResourceType::Appointment => &APPOINTMENT,
+        ResourceType::Subscription => &SUBSCRIPTION,
     }
 }
 

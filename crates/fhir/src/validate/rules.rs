@@ -329,7 +329,8 @@ impl<'a> Ctx<'a> {
             | ResourceType::PractitionerRole
             | ResourceType::Location
             | ResourceType::HealthcareService
-            | ResourceType::Schedule => {}
+            | ResourceType::Schedule
+            | ResourceType::Subscription => {}
         }
     }
 

@@ -87,6 +87,17 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<store::url::QueryError> for ApiError {
+    fn from(e: store::url::QueryError) -> ApiError {
+        let code = if e.not_supported {
+            IssueType::NotSupported
+        } else {
+            IssueType::Invalid
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, code, e.message)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = operation_outcome(&self.issues).to_string();

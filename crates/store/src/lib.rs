@@ -18,7 +18,10 @@ pub use fhir::{IndexEntry, IndexValue, ResourceType};
 use serde_json::Value;
 
 pub mod conformance;
+mod matching;
 mod query;
+pub mod url;
+pub use matching::{matches, range_matches};
 pub use query::*;
 
 /// One version of a resource as stored.

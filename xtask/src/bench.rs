@@ -107,6 +107,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let bin = |name: &str| target.join("release").join(name);
     let tmp = TempDir::create()?;
+    report.data_dir(&tmp.0);
 
     // 1. Validation throughput (CPU only, before any server runs).
     report.validation(&bin("cb-validate-bench"), &root, &target, &tmp.0, &s);
@@ -756,12 +757,32 @@ impl Report {
         let _ = writeln!(
             out,
             "- Caveat: runs on shared 2-core machines vary by 20-40%; servers are interleaved run by run, so compare \
-             ratios within this report, not absolute numbers across reports.\n"
+             ratios within this report, not absolute numbers across reports."
         );
         Report {
             out,
             problems: Vec::new(),
         }
+    }
+
+    /// Where the servers' data lives: fsync cost depends on it.
+    fn data_dir(&mut self, dir: &Path) {
+        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        let mount = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 3 && dir.starts_with(f[1]))
+                    .then(|| (f[1].len(), format!("{} on {} ({})", f[2], f[1], f[0])))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, m)| m)
+            .unwrap_or_else(|| "unknown filesystem".into());
+        let _ = writeln!(
+            self.out,
+            "- Server data (stores, databases) in a temporary directory: {mount}\n"
+        );
     }
 
     fn problem(&mut self, msg: String) {
@@ -888,7 +909,7 @@ impl Report {
                 let _ = write!(self.out, " {} ok/s | p50 | p99 |", t.name);
             }
             if hfs.is_some() {
-                let _ = write!(self.out, " Carebridge ÷ HFS |");
+                let _ = write!(self.out, " Carebridge (fsync) ÷ HFS |");
             }
             let _ = write!(self.out, "\n|---:|{}", "---:|---:|---:|".repeat(cols.len()));
             if hfs.is_some() {

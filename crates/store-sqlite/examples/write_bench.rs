@@ -1,10 +1,12 @@
 //! Throughput check of the SQLite store (not a test; prints numbers).
 //!
-//! `cargo run --release -p store-sqlite --example write_bench [puts] [tasks]`
+//! `cargo run --release -p store-sqlite --example write_bench [puts] [tasks] [fail_every]`
 //!
 //! For each durability mode: `puts` creates (default 20,000; ~1.5 KB JSON, 8 index rows and 1 outbox event
 //! each) from `tasks` concurrent tasks (default 32), reporting puts/s and p50/p99 latency; then, on the
-//! first 10,000 rows, point reads/s and identifier searches/s from one thread.
+//! first 10,000 rows, point reads/s and identifier searches/s from one thread. With `fail_every` = N > 0,
+//! every Nth put is followed by a write that puts a resource and then fails (rolled back), to measure the
+//! cost of failures inside group-committed batches.
 
 #![allow(
     clippy::unwrap_used,
@@ -104,7 +106,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn bench(durability: Durability, puts: usize, tasks: usize) {
+async fn bench(durability: Durability, puts: usize, tasks: usize, fail_every: usize) {
     let dir = temp_dir(&format!("{durability:?}"));
     let store = Arc::new(
         SqliteStore::open(
@@ -150,6 +152,23 @@ async fn bench(durability: Durability, puts: usize, tasks: usize) {
                         .await
                         .unwrap();
                     lat.push(t0.elapsed());
+                    if fail_every > 0 && n % fail_every == 0 {
+                        // A write that changes things and then fails: only its own changes must vanish.
+                        let (resource, index) = patient(n);
+                        let r: store::Result<()> = store
+                            .write(move |tx| {
+                                tx.put(Put {
+                                    rtype: ResourceType::Patient,
+                                    id: format!("failed{n}"),
+                                    resource,
+                                    index,
+                                    expected_version: None,
+                                })?;
+                                Err(store::StoreError::Conflict("refused".into()))
+                            })
+                            .await;
+                        assert!(r.is_err());
+                    }
                 }
                 lat
             })
@@ -161,8 +180,13 @@ async fn bench(durability: Durability, puts: usize, tasks: usize) {
     }
     let elapsed = start.elapsed();
     lat.sort();
+    let failing = if fail_every > 0 {
+        format!(" (+ {} failing writes)", puts.div_ceil(fail_every))
+    } else {
+        String::new()
+    };
     println!(
-        "{durability:?}: {puts} puts ({json_len} B JSON, 8 index rows, 1 event) from {tasks} tasks in {:.2} s: \
+        "{durability:?}: {puts} puts{failing} ({json_len} B JSON, 8 index rows, 1 event) from {tasks} tasks in {:.2} s: \
          {:.0} puts/s, latency p50 {:.2} ms, p99 {:.2} ms",
         elapsed.as_secs_f64(),
         puts as f64 / elapsed.as_secs_f64(),
@@ -237,12 +261,13 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let puts: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let tasks: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(32);
+    let fail_every: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        bench(Durability::Fsync, puts, tasks).await;
-        bench(Durability::OsCrash, puts, tasks).await;
+        bench(Durability::Fsync, puts, tasks, fail_every).await;
+        bench(Durability::OsCrash, puts, tasks, fail_every).await;
     });
 }

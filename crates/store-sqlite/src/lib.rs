@@ -8,8 +8,10 @@
 //! - Only this crate touches rusqlite; no driver type appears in its public API (errors are
 //!   [`store::StoreError`]).
 //! - The writer thread is the only writer: it owns the single read-write connection. Every write goes
-//!   through it as a job; concurrent jobs share one `BEGIN IMMEDIATE` transaction (group commit), each
-//!   inside its own SAVEPOINT, so a closure that fails (or panics) loses only its own changes.
+//!   through it as a job; concurrent jobs share one `BEGIN IMMEDIATE` transaction (group commit), and a
+//!   closure that fails (or panics) loses only its own changes: the writer rolls back and replays the
+//!   recorded changes of the jobs before it, then gives each later job of the batch its own SAVEPOINT (see
+//!   `writer.rs` for why not a savepoint per job from the start).
 //! - A write is acknowledged only after COMMIT returned: with [`Durability::Fsync`] (the default,
 //!   `synchronous=FULL`) it then survives power loss; with [`Durability::OsCrash`] (`synchronous=NORMAL`) it
 //!   survives a crash of the process but not of the machine.
@@ -25,6 +27,12 @@
 //! / `idx_date` / `idx_reference` (index rows of the live version, keyed for lookups by
 //! `(rtype, param, value)` and deletable by `rid`), `outbox` + `subjects` (events with a global `seq` and a
 //! gap-free per-subject `subject_seq`), `idempotency`.
+//!
+//! Query planning: every connection enables SQLite's query planner stability guarantee (plans never depend
+//! on bound values; without it SQLite 3.54 re-plans every cached statement on every use), and migration 1
+//! seeds fixed `sqlite_stat1` statistics so that index lookups are preferred over type scans at any data
+//! size. A search is two statements: the page of matching rows (clauses as `rid IN (SELECT rid FROM idx_*
+//! ...)`, sorted, limited), then each row's JSON by primary key.
 
 mod pool;
 mod schema;

@@ -264,7 +264,17 @@ fn insert_index(
     Ok(())
 }
 
-pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<Stored> {
+/// What a put wrote, enough to write it again identically (see the writer's replay).
+pub(crate) struct PutRecord {
+    pub(crate) rtype: ResourceType,
+    pub(crate) id: String,
+    pub(crate) version: u64,
+    pub(crate) now_ms: i64,
+    pub(crate) json: String,
+    pub(crate) index: Vec<store::IndexEntry>,
+}
+
+pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<(Stored, PutRecord)> {
     let Put {
         rtype,
         id,
@@ -289,10 +299,42 @@ pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<Stored> {
         fhir::format_instant_ms(now_ms),
         resource,
     )?;
+    let record = PutRecord {
+        rtype,
+        id,
+        version,
+        now_ms,
+        json,
+        index,
+    };
+    write_put(conn, current, &record)?;
+    let stored = Stored {
+        rtype,
+        id: record.id.clone(),
+        version,
+        last_updated_ms: now_ms,
+        deleted: false,
+        json: record.json.clone(),
+    };
+    Ok((stored, record))
+}
 
+/// Write a put again, in a transaction whose state is the one the original put saw.
+pub(crate) fn replay_put(conn: &Connection, record: &PutRecord) -> Result<()> {
+    let current = current_state(conn, record.rtype, &record.id)?;
+    if current.map_or(0, |(_, v, _)| v) + 1 != record.version {
+        return Err(StoreError::Backend(format!(
+            "replay of {}/{} diverged",
+            record.rtype, record.id
+        )));
+    }
+    write_put(conn, current, record)
+}
+
+fn write_put(conn: &Connection, current: Option<(i64, u64, bool)>, r: &PutRecord) -> Result<()> {
     let rid = match current {
         Some((rid, _, deleted)) => {
-            update_current(conn, rid, version, now_ms, false)?;
+            update_current(conn, rid, r.version, r.now_ms, false)?;
             if !deleted {
                 remove_index(conn, rid)?;
             }
@@ -302,21 +344,15 @@ pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<Stored> {
             conn.prepare_cached(
                 "INSERT INTO resources (rtype, id, version, last_updated_ms, deleted) VALUES (?1, ?2, ?3, ?4, 0)",
             )
-            .and_then(|mut s| s.execute(params![rtype.as_str(), id, to_i64(version), now_ms]))
+            .and_then(|mut s| {
+                s.execute(params![r.rtype.as_str(), r.id, to_i64(r.version), r.now_ms])
+            })
             .map_err(db)?;
             conn.last_insert_rowid()
         }
     };
-    insert_version(conn, rid, rtype, version, now_ms, false, &json)?;
-    insert_index(conn, rid, rtype, &index)?;
-    Ok(Stored {
-        rtype,
-        id,
-        version,
-        last_updated_ms: now_ms,
-        deleted: false,
-        json,
-    })
+    insert_version(conn, rid, r.rtype, r.version, r.now_ms, false, &r.json)?;
+    insert_index(conn, rid, r.rtype, &r.index)
 }
 
 pub(crate) fn delete(

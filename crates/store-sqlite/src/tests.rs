@@ -5,10 +5,11 @@
     reason = "tests"
 )]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use store::{Put, ResourceType, Store, StoreError};
+use store::{Put, ResourceType, Store, StoreError, Stored};
 
 use crate::{DB_FILE, SqliteOptions, SqliteStore};
 
@@ -176,4 +177,201 @@ async fn a_panicking_closure_in_a_batch_only_loses_itself() {
             assert_eq!(stored, Some(r.unwrap()), "write {i}");
         }
     }
+}
+
+/// One batch (the writer is held busy while the jobs queue up) mixing successful and failing writes: the
+/// first failure makes the writer roll back and replay the jobs before it, later ones use savepoints. Every
+/// answer must match what was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_inside_one_batch_keep_every_answer_true() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+    use store::{Event, IdempotencyRecord, NewEvent};
+
+    type Answer = store::Result<(Option<Stored>, Option<Event>)>;
+    type Pending = Pin<Box<dyn Future<Output = Answer> + Send>>;
+    type Closure = Box<dyn FnOnce(&mut dyn store::Tx) -> Answer + Send>;
+
+    let dir = TempDir::new("batch-replay");
+    let store =
+        std::sync::Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    store.write(|tx| tx.put(patient("y"))).await.unwrap();
+
+    /// Poll once: the job is then in the writer's queue, in call order.
+    async fn enqueue(f: &mut Pending) {
+        std::future::poll_fn(|cx| {
+            assert!(f.as_mut().poll(cx).is_pending(), "the writer is busy");
+            Poll::Ready(())
+        })
+        .await;
+    }
+    let event = |id: &str| NewEvent {
+        subject: "Patient/x".into(),
+        kind: "patient.updated".into(),
+        rtype: ResourceType::Patient,
+        id: id.into(),
+        version: 1,
+        data: serde_json::Value::Null,
+    };
+    let s = store.clone();
+    let mut blocker: Pending = Box::pin(async move {
+        s.write(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            Ok((None, None))
+        })
+        .await
+    });
+    enqueue(&mut blocker).await;
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+
+    let mut jobs: Vec<(&str, Pending)> = Vec::new();
+    let mut add = |name: &'static str, f: Closure| {
+        let s = store.clone();
+        jobs.push((name, Box::pin(async move { s.write(f).await })));
+    };
+    add(
+        "a",
+        Box::new(move |tx| {
+            Ok((
+                Some(tx.put(patient("x"))?),
+                Some(tx.append_event(event("a"))?),
+            ))
+        }),
+    );
+    add(
+        "b",
+        Box::new(move |tx| {
+            let p = tx.put(patient("x"))?;
+            tx.idempotency_put(IdempotencyRecord {
+                key: "k1".into(),
+                request_hash: "h".into(),
+                status: 200,
+                headers: vec![],
+                body: "b".into(),
+                created_ms: 1,
+            })?;
+            Ok((Some(p), Some(tx.append_event(event("b"))?)))
+        }),
+    );
+    add(
+        "c",
+        Box::new(move |tx| Ok((tx.delete(ResourceType::Patient, "y", None)?, None))),
+    );
+    add(
+        "d (fails)",
+        Box::new(move |tx| {
+            tx.put(patient("z"))?;
+            tx.append_event(event("d"))?;
+            tx.put(patient("x"))?;
+            Err(StoreError::Conflict("d".into()))
+        }),
+    );
+    add(
+        "e",
+        Box::new(move |tx| {
+            Ok((
+                Some(tx.put(patient("x"))?),
+                Some(tx.append_event(event("e"))?),
+            ))
+        }),
+    );
+    add(
+        "f (panics)",
+        Box::new(move |tx| {
+            tx.put(patient("w"))?;
+            tx.append_event(event("f"))?;
+            panic!("f panics");
+        }),
+    );
+    add(
+        "g",
+        Box::new(move |tx| {
+            Ok((
+                Some(tx.put(patient("g"))?),
+                Some(tx.append_event(event("g"))?),
+            ))
+        }),
+    );
+    for (_, f) in jobs.iter_mut() {
+        enqueue(f).await;
+    }
+    blocker.await.unwrap();
+    let mut answers = BTreeMap::new();
+    for (name, f) in jobs {
+        answers.insert(name, f.await);
+    }
+
+    assert!(matches!(answers["d (fails)"], Err(StoreError::Conflict(_))));
+    assert!(matches!(answers["f (panics)"], Err(StoreError::Backend(_))));
+    let ok = |name: &str| {
+        answers[name]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .clone()
+    };
+    let versions: Vec<u64> = ["a", "b", "e"]
+        .iter()
+        .map(|n| ok(n).0.unwrap().version)
+        .collect();
+    assert_eq!(
+        versions,
+        vec![1, 2, 3],
+        "x's versions skip the failed write"
+    );
+    let x = store
+        .read(ResourceType::Patient, "x")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Some(x), ok("e").0, "x as answered to e");
+    assert_eq!(store.read(ResourceType::Patient, "z").await.unwrap(), None);
+    assert_eq!(store.read(ResourceType::Patient, "w").await.unwrap(), None);
+    assert_eq!(
+        store.read(ResourceType::Patient, "g").await.unwrap(),
+        ok("g").0
+    );
+    let y = store
+        .read(ResourceType::Patient, "y")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Some(y), ok("c").0, "y's tombstone as answered to c");
+    for v in 1..=3 {
+        assert!(
+            store
+                .vread(ResourceType::Patient, "x", v)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    assert!(
+        store
+            .vread(ResourceType::Patient, "x", 4)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let stored: Vec<Event> = store.events_after(0, 100).await.unwrap();
+    let answered: Vec<Event> = ["a", "b", "e", "g"]
+        .iter()
+        .map(|n| ok(n).1.unwrap())
+        .collect();
+    assert_eq!(
+        stored, answered,
+        "events exactly as answered, failed ones gone"
+    );
+    assert_eq!(
+        stored.iter().map(|e| e.subject_seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4],
+        "gap-free subject_seq"
+    );
+    let k1 = store.write(|tx| tx.idempotency_get("k1")).await.unwrap();
+    assert_eq!(
+        k1.map(|r| r.body),
+        Some("b".to_string()),
+        "b's idempotency record survived the replay"
+    );
 }

@@ -1,6 +1,15 @@
 //! The writer thread: the only owner of the read-write connection. Jobs arrive on a channel; the writer
-//! takes the first, drains whatever else is already queued (group commit), runs each job inside its own
-//! SAVEPOINT of one `BEGIN IMMEDIATE` transaction, COMMITs once, and only then completes the jobs.
+//! takes the first, drains whatever else is already queued (group commit), runs every job of the batch in
+//! one `BEGIN IMMEDIATE` transaction, COMMITs once, and only then completes the jobs.
+//!
+//! Each job is all-or-nothing. The obvious way, a SAVEPOINT per job, costs about a quarter of the writer's
+//! time (SQLite copies every page a job touches into the savepoint's journal; measured 8.5k vs 10.9k
+//! puts/s). So a batch starts without savepoints and records, per job, what its changes were (the rows a
+//! put wrote, the events and idempotency records it added, the deletes). If a job fails (its closure
+//! returns `Err`, panics, or a change failed inside the database), the writer rolls the transaction back,
+//! begins again, replays the recorded changes of the jobs before it (deterministic: same starting state,
+//! same inputs, same instants, so the same versions and outbox sequence numbers, which the replay checks),
+//! and runs the rest of the batch with one SAVEPOINT per job, so a batch replays at most once.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,7 +28,7 @@ type Finish = Box<dyn FnOnce(Option<StoreError>)>;
 
 /// What running a job produced.
 pub(crate) struct Outcome {
-    /// The closure returned `Ok` (its savepoint is to be kept).
+    /// The closure returned `Ok` (its changes are to be kept).
     ok: bool,
     finish: Finish,
 }
@@ -80,10 +89,41 @@ where
 
 pub(crate) type JobBox = Box<dyn Job>;
 
-/// The [`Tx`] handed to a closure: the write connection, inside the batch transaction and the job's savepoint.
+/// A change made by a job, recorded so that it can be made again identically after a rollback.
+enum Change {
+    Put(sql::PutRecord),
+    Delete {
+        rtype: ResourceType,
+        id: String,
+        version: u64,
+    },
+    Event {
+        event: NewEvent,
+        seq: i64,
+        subject_seq: i64,
+    },
+    Idempotency(IdempotencyRecord),
+}
+
+/// The [`Tx`] handed to a closure: the write connection, inside the batch transaction.
 struct WriteTx<'c> {
     conn: &'c Connection,
     now_ms: i64,
+    /// Set when a change failed inside the database (not a refused precondition): the change may be half
+    /// applied, so the job is rolled back and fails even if its closure ignores the error and returns `Ok`.
+    broken: Option<StoreError>,
+    /// Record changes for a replay (only when the job runs without a savepoint).
+    record: bool,
+    changes: Vec<Change>,
+}
+
+impl WriteTx<'_> {
+    fn watch<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e @ StoreError::Backend(_)) = &r {
+            self.broken.get_or_insert_with(|| e.clone());
+        }
+        r
+    }
 }
 
 impl Tx for WriteTx<'_> {
@@ -97,7 +137,12 @@ impl Tx for WriteTx<'_> {
         sql::search(self.conn, query, false).map(|r| r.resources)
     }
     fn put(&mut self, put: Put) -> Result<Stored> {
-        sql::put(self.conn, self.now_ms, put)
+        let r = sql::put(self.conn, self.now_ms, put);
+        let (stored, record) = self.watch(r)?;
+        if self.record {
+            self.changes.push(Change::Put(record));
+        }
+        Ok(stored)
     }
     fn delete(
         &mut self,
@@ -105,17 +150,51 @@ impl Tx for WriteTx<'_> {
         id: &str,
         expected_version: Option<u64>,
     ) -> Result<Option<Stored>> {
-        sql::delete(self.conn, self.now_ms, rtype, id, expected_version)
+        let r = sql::delete(self.conn, self.now_ms, rtype, id, expected_version);
+        let deleted = self.watch(r)?;
+        if self.record
+            && let Some(tombstone) = &deleted
+        {
+            self.changes.push(Change::Delete {
+                rtype,
+                id: id.to_string(),
+                version: tombstone.version,
+            });
+        }
+        Ok(deleted)
     }
     fn append_event(&mut self, event: NewEvent) -> Result<Event> {
-        sql::append_event(self.conn, self.now_ms, event)
+        let copy = self.record.then(|| event.clone());
+        let r = sql::append_event(self.conn, self.now_ms, event);
+        let appended = self.watch(r)?;
+        if let Some(event) = copy {
+            self.changes.push(Change::Event {
+                event,
+                seq: appended.seq,
+                subject_seq: appended.subject_seq,
+            });
+        }
+        Ok(appended)
     }
     fn idempotency_get(&mut self, key: &str) -> Result<Option<IdempotencyRecord>> {
         sql::idempotency_get(self.conn, key)
     }
     fn idempotency_put(&mut self, record: IdempotencyRecord) -> Result<()> {
-        sql::idempotency_put(self.conn, record)
+        let copy = self.record.then(|| record.clone());
+        let r = sql::idempotency_put(self.conn, record);
+        self.watch(r)?;
+        if let Some(record) = copy {
+            self.changes.push(Change::Idempotency(record));
+        }
+        Ok(())
     }
+}
+
+/// A job that ran and is to be kept: how to answer it, and (without a savepoint) its changes.
+struct Kept {
+    finish: Finish,
+    now_ms: i64,
+    changes: Vec<Change>,
 }
 
 pub(crate) struct Writer {
@@ -132,6 +211,10 @@ fn system_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+fn diverged(what: &str) -> StoreError {
+    StoreError::Backend(format!("replay after a failed write diverged ({what})"))
 }
 
 impl Writer {
@@ -163,18 +246,50 @@ impl Writer {
             .map_err(sql::db)
     }
 
-    /// Roll back whatever is open, ignoring errors (used on failure paths only).
+    /// Roll back whatever is open, ignoring errors.
     fn rollback_all(&self) {
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
 
+    /// Make the recorded changes of `kept` again, in order, checking that they come out the same.
+    fn replay(&self, kept: &[Kept]) -> Result<()> {
+        for job in kept {
+            for change in &job.changes {
+                match change {
+                    Change::Put(record) => sql::replay_put(&self.conn, record)?,
+                    Change::Delete { rtype, id, version } => {
+                        let again = sql::delete(&self.conn, job.now_ms, *rtype, id, None)?;
+                        if again.map(|s| s.version) != Some(*version) {
+                            return Err(diverged("delete"));
+                        }
+                    }
+                    Change::Event {
+                        event,
+                        seq,
+                        subject_seq,
+                    } => {
+                        let again = sql::append_event(&self.conn, job.now_ms, event.clone())?;
+                        if (again.seq, again.subject_seq) != (*seq, *subject_seq) {
+                            return Err(diverged("event"));
+                        }
+                    }
+                    Change::Idempotency(record) => {
+                        sql::idempotency_put(&self.conn, record.clone())?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn run_batch(&mut self, batch: &mut Vec<JobBox>) {
         let mut jobs = batch.drain(..);
-        // Jobs run in the open transaction, with an error to report instead of success if it is set.
-        let mut done: Vec<Outcome> = Vec::new();
+        let mut kept: Vec<Kept> = Vec::new();
         let mut open = false;
+        // Off until a job of this batch fails; from then on every job gets its own savepoint.
+        let mut savepoints = false;
         while let Some(job) = jobs.next() {
             if !open {
                 if let Err(e) = self.exec("BEGIN IMMEDIATE") {
@@ -187,7 +302,7 @@ impl Writer {
                 }
                 open = true;
             }
-            if let Err(e) = self.exec("SAVEPOINT job") {
+            if savepoints && let Err(e) = self.exec("SAVEPOINT job") {
                 job.fail(e);
                 continue;
             }
@@ -195,6 +310,9 @@ impl Writer {
             let mut tx = WriteTx {
                 conn: &self.conn,
                 now_ms,
+                broken: None,
+                record: !savepoints,
+                changes: Vec::new(),
             };
             // `run` catches the closure's panics itself; this guard is for anything else.
             let outcome =
@@ -202,34 +320,67 @@ impl Writer {
                     ok: false,
                     finish: Box::new(|_| {}),
                 });
+            // Why the job's changes must go although its closure returned Ok.
+            let mut veto = tx.broken.take();
+            let changes = std::mem::take(&mut tx.changes);
 
-            let mut keep = outcome.ok;
-            if keep && self.exec("RELEASE job").is_err() {
-                keep = false;
-            }
-            if !keep && !self.conn.is_autocommit() {
-                let _ = self
-                    .exec("ROLLBACK TO job")
-                    .and_then(|()| self.exec("RELEASE job"));
-            }
             if self.conn.is_autocommit() {
                 // SQLite aborted the whole transaction (I/O error, disk full...): the changes of every job
                 // run so far in this batch are gone. Report that, then start afresh for the rest.
                 let err = StoreError::Backend("the transaction was aborted by the database".into());
-                for o in done.drain(..) {
-                    (o.finish)(Some(err.clone()));
+                for k in kept.drain(..) {
+                    (k.finish)(Some(err.clone()));
                 }
-                (outcome.finish)(Some(err));
+                (outcome.finish)(Some(veto.unwrap_or(err)));
                 open = false;
                 continue;
             }
-            if keep {
-                done.push(outcome);
+            if savepoints {
+                if outcome.ok
+                    && veto.is_none()
+                    && let Err(e) = self.exec("RELEASE job")
+                {
+                    veto = Some(e);
+                }
+                if (!outcome.ok || veto.is_some())
+                    && let Err(e) = self
+                        .exec("ROLLBACK TO job")
+                        .and_then(|()| self.exec("RELEASE job"))
+                {
+                    // The job's changes may still be there: give up on the whole transaction.
+                    self.rollback_all();
+                    open = false;
+                    for k in kept.drain(..) {
+                        (k.finish)(Some(e.clone()));
+                    }
+                }
+            } else if !outcome.ok || veto.is_some() {
+                // Undo this job: roll everything back, redo the jobs before it, and (if there were any, so
+                // that a batch replays at most once) use savepoints for the rest of the batch.
+                self.rollback_all();
+                savepoints = !kept.is_empty();
+                let redone = self
+                    .exec("BEGIN IMMEDIATE")
+                    .and_then(|()| self.replay(&kept));
+                if let Err(e) = redone {
+                    self.rollback_all();
+                    open = false;
+                    for k in kept.drain(..) {
+                        (k.finish)(Some(e.clone()));
+                    }
+                }
+            }
+            if outcome.ok && veto.is_none() {
+                kept.push(Kept {
+                    finish: outcome.finish,
+                    now_ms,
+                    changes,
+                });
             } else {
-                // Its changes are rolled back; it can be answered now (its own error, or the release error).
-                (outcome.finish)(Some(StoreError::Backend(
-                    "could not release the job's savepoint".into(),
-                )));
+                // Its changes are gone; it can be answered now (its own error, else the veto).
+                (outcome.finish)(Some(veto.unwrap_or_else(|| {
+                    StoreError::Backend("the write was rolled back".into())
+                })));
             }
         }
         if !open {
@@ -237,15 +388,15 @@ impl Writer {
         }
         match self.exec("COMMIT") {
             Ok(()) => {
-                for o in done {
-                    (o.finish)(None);
+                for k in kept {
+                    (k.finish)(None);
                 }
             }
             Err(e) => {
                 self.rollback_all();
                 let err = StoreError::Backend(format!("commit failed: {e}"));
-                for o in done {
-                    (o.finish)(Some(err.clone()));
+                for k in kept {
+                    (k.finish)(Some(err.clone()));
                 }
             }
         }

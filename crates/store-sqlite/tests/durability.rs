@@ -104,7 +104,7 @@ fn acknowledged_writes_survive_kill_9() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut acked: Vec<String> = Vec::new();
-    while let Some(line) = lines.next() {
+    for line in lines.by_ref() {
         if let Some(id) = line.unwrap().strip_prefix("ACK ") {
             acked.push(id.to_string());
             if acked.len() >= KILL_AFTER {

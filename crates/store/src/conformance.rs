@@ -1321,7 +1321,9 @@ pub async fn sorting_and_paging<S: Store>(store: &Arc<S>) {
         (vec!["young"], None),
         (vec!["brown", "young"], Some(200)),
     ];
-    let mut rows = Vec::new(); // (id, min name, birth, last_updated)
+    /// (id, smallest name, birth date low, last updated)
+    type Row = (String, Option<String>, Option<i64>, i64);
+    let mut rows: Vec<Row> = Vec::new();
     for (i, (names, birth)) in data.iter().enumerate() {
         let id = unique_id(&format!("sort-{}", (i * 7) % 11));
         let mut index = vec![tag(&scope)];
@@ -1337,11 +1339,7 @@ pub async fn sorting_and_paging<S: Store>(store: &Arc<S>) {
         sleep_ms(1).await;
     }
     let n = rows.len();
-    let ids_by = |mut v: Vec<&(String, Option<String>, Option<i64>, i64)>,
-                  key: &dyn Fn(
-        &(String, Option<String>, Option<i64>, i64),
-        &(String, Option<String>, Option<i64>, i64),
-    ) -> std::cmp::Ordering| {
+    let ids_by = |mut v: Vec<&Row>, key: &dyn Fn(&Row, &Row) -> std::cmp::Ordering| {
         v.sort_by(|a, b| key(a, b).then_with(|| a.0.cmp(&b.0)));
         v.into_iter().map(|r| r.0.clone()).collect::<Vec<String>>()
     };
@@ -1696,8 +1694,7 @@ pub async fn concurrent_conditional_creates<S: Store>(store: &Arc<S>) {
     .await;
     let created: Vec<String> = results
         .into_iter()
-        .map(|r| r.expect("conditional create"))
-        .flatten()
+        .filter_map(|r| r.expect("conditional create"))
         .collect();
     assert_eq!(
         created.len(),

@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--quick] [--hfs PATH]`: throughput, latency, start-up time, memory and validation speed of
-//! Carebridge, measured side by side with the Helios FHIR Server (HFS) peer when it is available.
+//! `cargo xtask bench [--quick] [--hfs PATH] [--only booking]`: throughput, latency, start-up time, memory and
+//! validation speed of Carebridge, measured side by side with the Helios FHIR Server (HFS) peer when it is
+//! available, and the throughput and correctness of Carebridge's booking engine (no peer has one).
 //!
 //! Why it exists: performance claims need one reproducible command that measures both servers with the same
 //! client in the same run, and prints the conditions (machine, durability, validation) next to the numbers.
@@ -9,6 +10,8 @@
 //! `fhir::validate_json` with `cb-validate-bench` against Python's fhir.resources on the same Patient, and writes
 //! Markdown to stdout and `target/bench/results.md`. The HFS binary comes from `--hfs`, `$HFS_BIN` or `hfs` on
 //! PATH; without it (or without its search-parameter bundle) the peer is skipped with the reason printed.
+//! Booking (`cb-loadgen --scenario book` and `contention`) runs last, on a fresh Carebridge of its own;
+//! `--only booking` runs just that part (and writes `target/bench/results-booking.md`).
 //!
 //! Invariants: std only (xtask must build in seconds); every server it starts is stopped by pid, and its
 //! temporary directory removed, on success and on error; nothing outside `target/` and the temp dir is written.
@@ -23,6 +26,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const CONCURRENCY: [u32; 3] = [1, 8, 32];
+/// Concurrency of the `contention` run (and the one the booking targets are judged at).
+const BOOKING_TARGET_C: u32 = 32;
+/// Booking targets: `book` bookings/s and p99 (ms) at C=32; `contention` bookings/s as a share of `book`'s.
+const BOOK_TARGET_PER_S: f64 = 3_000.0;
+const BOOK_TARGET_P99_MS: f64 = 25.0;
+const CONTENTION_TARGET_SHARE: f64 = 0.5;
+/// Patients each booking run creates for its bookings.
+const BOOKING_PATIENTS: u32 = 200;
+/// Slots the `contention` connections race for.
+const CONTENTION_SLOTS: u32 = 100;
 const SCENARIOS: [&str; 3] = ["create", "read", "search-identifier"];
 /// Stems of NHS numbers reserved per cb-loadgen invocation against one server (see `loadgen::patient`).
 const NHS_BLOCK: u64 = 90_000;
@@ -36,6 +49,8 @@ struct Settings {
     startup_samples: usize,
     validate_iterations: u64,
     python_iterations: u64,
+    /// Concurrency levels of the `book` scenario.
+    book_concurrency: &'static [u32],
 }
 
 impl Settings {
@@ -49,6 +64,7 @@ impl Settings {
                 startup_samples: 2,
                 validate_iterations: 2_000,
                 python_iterations: 300,
+                book_concurrency: &[BOOKING_TARGET_C],
             }
         } else {
             Settings {
@@ -59,6 +75,7 @@ impl Settings {
                 startup_samples: 5,
                 validate_iterations: 50_000,
                 python_iterations: 5_000,
+                book_concurrency: &CONCURRENCY,
             }
         }
     }
@@ -68,10 +85,19 @@ impl Settings {
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut quick = false;
     let mut hfs_arg = None;
+    let mut only_booking = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--only" => match it.next().map(String::as_str) {
+                Some("booking") => only_booking = true,
+                other => {
+                    return Err(format!(
+                        "bench: --only takes `booking` (the only part that runs alone), got {other:?}"
+                    ));
+                }
+            },
             "--hfs" => {
                 hfs_arg = Some(PathBuf::from(
                     it.next().ok_or("--hfs needs the path of the hfs binary")?,
@@ -79,7 +105,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY]   (or HFS_BIN=PATH)"
+                    "usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY] [--only booking]   (or HFS_BIN=PATH)\n\
+                     \n  --quick          short runs (a smoke test, not for comparison)\
+                     \n  --hfs PATH       the Helios FHIR Server binary of the peer (default: $HFS_BIN, then `hfs` on PATH)\
+                     \n  --only booking   only the booking runs (Carebridge alone), written to target/bench/results-booking.md"
                 );
                 return Ok(());
             }
@@ -108,6 +137,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let bin = |name: &str| target.join("release").join(name);
     let tmp = TempDir::create()?;
     report.data_dir(&tmp.0);
+
+    if only_booking {
+        let booking = run_booking(&bin("carebridge"), &bin("cb-loadgen"), &tmp.0, &s);
+        report.booking_tables(&booking, &s);
+        report.finish();
+        return write_report(report, &out_dir.join("results-booking.md"));
+    }
 
     // 1. Validation throughput (CPU only, before any server runs).
     report.validation(&bin("cb-validate-bench"), &root, &target, &tmp.0, &s);
@@ -229,16 +265,27 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     }
 
+    for t in &mut servers {
+        t.server.stop();
+    }
+
+    // 5. Booking, on a fresh Carebridge of its own (the peer has no booking engine).
+    let booking = run_booking(&bin("carebridge"), &loadgen, &tmp.0, &s);
+
     report.load_tables(&servers, &s);
+    report.booking_tables(&booking, &s);
     report.startup_table(&startups, restart, &servers);
     report.finish();
     for t in &mut servers {
         t.server.stop();
     }
+    write_report(report, &out_dir.join("results.md"))
+}
+
+fn write_report(report: Report, path: &Path) -> Result<(), String> {
     let md = report.out;
     println!("{md}");
-    let path = out_dir.join("results.md");
-    fs::write(&path, &md).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    fs::write(path, &md).map_err(|e| format!("writing {}: {e}", path.display()))?;
     progress(&format!("written to {}", path.display()));
     Ok(())
 }
@@ -609,7 +656,9 @@ impl Target {
     }
 }
 
-fn run_loadgen(bin: &Path, url: &str, args: &[String]) -> Result<Vec<Run>, String> {
+/// Run cb-loadgen with `--json`; its JSON lines (at least one, else an error naming its last stderr line).
+/// Its other lines are shown as progress.
+fn loadgen_json_lines(bin: &Path, url: &str, args: &[String]) -> Result<Vec<String>, String> {
     let out = Command::new(bin)
         .args(["--url", url, "--json"])
         .args(args)
@@ -620,9 +669,47 @@ fn run_loadgen(bin: &Path, url: &str, args: &[String]) -> Result<Vec<Run>, Strin
     for line in stdout.lines().filter(|l| !l.starts_with('{')) {
         progress(&format!("  {line}"));
     }
-    let runs: Vec<Run> = stdout
+    let lines: Vec<String> = stdout
         .lines()
         .filter(|l| l.starts_with('{'))
+        .map(str::to_string)
+        .collect();
+    if lines.is_empty() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "cb-loadgen failed ({}): {}",
+            out.status,
+            err.trim().lines().last().unwrap_or("")
+        ));
+    }
+    Ok(lines)
+}
+
+/// A number field of a flat JSON line (0 when absent or not a number).
+fn json_num(line: &str, key: &str) -> f64 {
+    json_field(line, key)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// A string field of a flat JSON line, unquoted (escapes kept), `None` when absent or null.
+fn json_str(line: &str, key: &str) -> Option<String> {
+    json_field(line, key)
+        .filter(|v| *v != "null")
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+/// The first error or non-2xx example of a run, shortened.
+fn json_problem(line: &str) -> Option<String> {
+    json_str(line, "first_error")
+        .or_else(|| json_str(line, "first_non_2xx"))
+        .map(|v| v.chars().take(160).collect())
+}
+
+fn run_loadgen(bin: &Path, url: &str, args: &[String]) -> Result<Vec<Run>, String> {
+    let lines = loadgen_json_lines(bin, url, args)?;
+    let runs: Vec<Run> = lines
+        .iter()
         .map(|l| {
             let num = |k: &str| {
                 json_field(l, k)
@@ -644,15 +731,136 @@ fn run_loadgen(bin: &Path, url: &str, args: &[String]) -> Result<Vec<Run>, Strin
             }
         })
         .collect();
-    if runs.is_empty() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "cb-loadgen failed ({}): {}",
-            out.status,
-            err.trim().lines().last().unwrap_or("")
-        ));
-    }
     Ok(runs)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Booking
+
+/// One `book` result (cb-loadgen's JSON line).
+struct BookRun {
+    bookings_per_s: f64,
+    book_p50_us: f64,
+    book_p99_us: f64,
+    cancel_p50_us: f64,
+    cancel_p99_us: f64,
+    errors: f64,
+    non_2xx: f64,
+    pairs: f64,
+    slots: f64,
+    slots_reused: f64,
+    problem: Option<String>,
+}
+
+/// One `contention` result, with its correctness check.
+struct ContentionRun {
+    attempts_per_s: f64,
+    bookings_per_s: f64,
+    conflicts: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: f64,
+    non_2xx: f64,
+    pass: bool,
+    check: String,
+    problem: Option<String>,
+}
+
+/// What the booking part measured.
+struct Booking {
+    /// The server's start-up problem, if it did not start.
+    server: Result<(), String>,
+    book: Vec<(u32, Result<BookRun, String>)>,
+    contention: Option<Result<ContentionRun, String>>,
+}
+
+/// Start a fresh Carebridge (fsync, the default) and run `book` at each of the settings' concurrencies, then
+/// `contention` at C=32; each cb-loadgen run sets up its own practitioner, patients, schedule and slots.
+fn run_booking(carebridge: &Path, loadgen: &Path, tmp: &Path, s: &Settings) -> Booking {
+    let mut out = Booking {
+        server: Ok(()),
+        book: Vec::new(),
+        contention: None,
+    };
+    let mut server = match start_carebridge(carebridge, &tmp.join("cb-booking"), "fsync", tmp) {
+        Ok(st) => st.server,
+        Err(e) => {
+            out.server = Err(format!(
+                "carebridge for the booking runs does not start: {e}"
+            ));
+            return out;
+        }
+    };
+    let url = format!("http://{}/fhir", server.addr);
+    let mut nhs_block = 0;
+    let mut args = |scenario: &str, c: u32| {
+        nhs_block += 1;
+        vec![
+            "--scenario".to_string(),
+            scenario.into(),
+            "--concurrency".into(),
+            c.to_string(),
+            "--duration".into(),
+            s.duration.into(),
+            "--warmup".into(),
+            s.warmup.into(),
+            "--patients".into(),
+            BOOKING_PATIENTS.to_string(),
+            "--contention-slots".into(),
+            CONTENTION_SLOTS.to_string(),
+            "--nhs-start".into(),
+            (nhs_block * NHS_BLOCK).to_string(),
+        ]
+    };
+    for &c in s.book_concurrency {
+        progress(&format!("book c={c} against Carebridge"));
+        let r = loadgen_json_lines(loadgen, &url, &args("book", c)).and_then(|lines| {
+            let l = lines
+                .iter()
+                .find(|l| json_field(l, "scenario") == Some("\"book\""))
+                .ok_or("no book result")?;
+            Ok(BookRun {
+                bookings_per_s: json_num(l, "bookings_per_s"),
+                book_p50_us: json_num(l, "p50_us"),
+                book_p99_us: json_num(l, "p99_us"),
+                cancel_p50_us: json_num(l, "cancel_p50_us"),
+                cancel_p99_us: json_num(l, "cancel_p99_us"),
+                errors: json_num(l, "errors"),
+                non_2xx: json_num(l, "non_2xx"),
+                pairs: json_num(l, "pairs"),
+                slots: json_num(l, "slots"),
+                slots_reused: json_num(l, "slots_reused"),
+                problem: json_problem(l),
+            })
+        });
+        out.book.push((c, r));
+    }
+    progress(&format!(
+        "contention c={BOOKING_TARGET_C} over {CONTENTION_SLOTS} slots against Carebridge"
+    ));
+    let r = loadgen_json_lines(loadgen, &url, &args("contention", BOOKING_TARGET_C)).and_then(
+        |lines| {
+            let l = lines
+                .iter()
+                .find(|l| json_field(l, "scenario") == Some("\"contention\""))
+                .ok_or("no contention result")?;
+            Ok(ContentionRun {
+                attempts_per_s: json_num(l, "attempts_per_s"),
+                bookings_per_s: json_num(l, "bookings_per_s"),
+                conflicts: json_num(l, "conflicts"),
+                p50_us: json_num(l, "p50_us"),
+                p99_us: json_num(l, "p99_us"),
+                errors: json_num(l, "errors"),
+                non_2xx: json_num(l, "non_2xx"),
+                pass: json_str(l, "check").as_deref() == Some("PASS"),
+                check: json_str(l, "check_detail").unwrap_or_else(|| "no check made".into()),
+                problem: json_problem(l),
+            })
+        },
+    );
+    out.contention = Some(r);
+    server.stop();
+    out
 }
 
 /// The raw text of `"key":VALUE` in a flat JSON object (strings keep their quotes, escapes untouched).
@@ -967,6 +1175,145 @@ impl Report {
                 }
                 let _ = writeln!(self.out);
             }
+        }
+        let _ = writeln!(self.out);
+    }
+
+    fn booking_tables(&mut self, b: &Booking, s: &Settings) {
+        let _ = writeln!(
+            self.out,
+            "## Booking (Carebridge only)\n\n\
+             The HFS peer has no booking engine (no slot claiming, `$generate-slots` or `$transition`), so these runs \
+             measure Carebridge alone, on a fresh server of their own (`--durability fsync`, the default; every write \
+             validated). Each cb-loadgen run first creates 1 Practitioner, {BOOKING_PATIENTS} Patients (valid NHS \
+             numbers), 1 Schedule and its 15-minute slots (00:00-24:00 every day, from the day after tomorrow, UTC) \
+             through `$generate-slots` calls of at most 9,600 slots each; then {} per run after a {} warm-up.\n",
+            s.duration, s.warmup
+        );
+        if let Err(e) = &b.server {
+            let _ = writeln!(self.out, "Not measured: {e}\n");
+            self.problems.push(e.clone());
+            return;
+        }
+        let _ = writeln!(
+            self.out,
+            "### book: book a distinct free slot (POST Appointment, 201), then cancel it (`$transition` cancelled, 200)\n\n\
+             Bookings/s counts completed book + cancel pairs; latencies in ms. Target at C={BOOKING_TARGET_C}: \
+             ≥ {BOOK_TARGET_PER_S:.0} bookings/s with p99 < {BOOK_TARGET_P99_MS:.0} ms (booking and cancel requests).\n\n\
+             | C | bookings/s | booking p50 | booking p99 | cancel p50 | cancel p99 | errors | non-2xx | slots (reused) | target |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
+        let mut book_at_target = None;
+        for (c, r) in &b.book {
+            match r {
+                Ok(r) => {
+                    let target = if *c == BOOKING_TARGET_C {
+                        book_at_target = Some(r.bookings_per_s);
+                        let mut missed = Vec::new();
+                        if r.bookings_per_s < BOOK_TARGET_PER_S {
+                            missed.push(format!("{:.0} bookings/s", r.bookings_per_s));
+                        }
+                        for (what, p99) in [("booking", r.book_p99_us), ("cancel", r.cancel_p99_us)]
+                        {
+                            if p99 / 1000.0 >= BOOK_TARGET_P99_MS {
+                                missed.push(format!("{what} p99 {} ms", ms(p99)));
+                            }
+                        }
+                        if r.errors + r.non_2xx > 0.0 {
+                            missed.push("failed requests".into());
+                        }
+                        if missed.is_empty() {
+                            "met".to_string()
+                        } else {
+                            format!("missed: {}", missed.join(", "))
+                        }
+                    } else {
+                        "—".to_string()
+                    };
+                    let _ = writeln!(
+                        self.out,
+                        "| {c} | {:.0} | {} | {} | {} | {} | {} | {} | {} ({}) | {target} |",
+                        r.bookings_per_s,
+                        ms(r.book_p50_us),
+                        ms(r.book_p99_us),
+                        ms(r.cancel_p50_us),
+                        ms(r.cancel_p99_us),
+                        r.errors,
+                        r.non_2xx,
+                        r.slots,
+                        r.slots_reused
+                    );
+                    if r.pairs == 0.0 {
+                        self.problems
+                            .push(format!("book c={c}: no booking completed"));
+                    }
+                    if let Some(p) = &r.problem {
+                        self.problems.push(format!("book c={c}: {p}"));
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(self.out, "| {c} | failed | | | | | | | | |");
+                    self.problems.push(format!("book c={c}: {e}"));
+                }
+            }
+        }
+        let _ = writeln!(
+            self.out,
+            "\n### contention: {BOOKING_TARGET_C} connections book random slots of {CONTENTION_SLOTS} (201 or 409), cancelling each success at once\n\n\
+             Afterwards every slot is read (it must be free), `Appointment?slot=Slot/{{id}}&status=booked` must be empty for \
+             each, and the 201s counted (warm-up included) must equal the appointments created \
+             (`Appointment?_summary=count` before and after, and summed per slot). Target: correct, and bookings/s \
+             ≥ {:.0}% of `book`'s at C={BOOKING_TARGET_C}.\n\n\
+             | C | attempts/s | bookings/s (201) | 409s | attempt p50 | attempt p99 | errors | other non-2xx | correctness | ÷ book bookings/s | target |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+            CONTENTION_TARGET_SHARE * 100.0
+        );
+        match &b.contention {
+            Some(Ok(r)) => {
+                let share = book_at_target
+                    .filter(|b| *b > 0.0)
+                    .map(|b| r.bookings_per_s / b);
+                let target = match (r.pass, share) {
+                    (false, _) => "missed: check FAILED".to_string(),
+                    (true, Some(x)) if x >= CONTENTION_TARGET_SHARE => "met".to_string(),
+                    (true, Some(x)) => format!("missed: {:.0}% of book", x * 100.0),
+                    (true, None) => "n/a (no book result)".to_string(),
+                };
+                let _ = writeln!(
+                    self.out,
+                    "| {BOOKING_TARGET_C} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {target} |",
+                    r.attempts_per_s,
+                    r.bookings_per_s,
+                    r.conflicts,
+                    ms(r.p50_us),
+                    ms(r.p99_us),
+                    r.errors,
+                    r.non_2xx,
+                    if r.pass { "PASS" } else { "**FAIL**" },
+                    share.map_or_else(|| "n/a".into(), |x| format!("{x:.2}")),
+                );
+                let _ = writeln!(
+                    self.out,
+                    "\nCorrectness check: **{}** — {}",
+                    if r.pass { "PASS" } else { "FAIL" },
+                    r.check
+                );
+                if !r.pass {
+                    self.problems
+                        .push(format!("contention check FAILED: {}", r.check));
+                }
+                if let Some(p) = &r.problem {
+                    self.problems.push(format!("contention: {p}"));
+                }
+            }
+            Some(Err(e)) => {
+                let _ = writeln!(
+                    self.out,
+                    "| {BOOKING_TARGET_C} | failed | | | | | | | | | |"
+                );
+                self.problems.push(format!("contention: {e}"));
+            }
+            None => {}
         }
         let _ = writeln!(self.out);
     }

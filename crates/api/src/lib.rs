@@ -9,8 +9,10 @@
 
 mod capability;
 mod error;
+mod feed;
 mod handlers;
 mod http_date;
+pub mod metrics;
 mod ops;
 mod search;
 
@@ -31,6 +33,32 @@ pub use error::{ApiError, FHIR_JSON};
 pub struct ApiConfig {
     /// Public base URL of the hub, without trailing slash, e.g. `http://127.0.0.1:8080`.
     pub public_url: String,
+    /// Delivery counters, shared with the delivery runner.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Turns true when the hub starts shutting down: long polls answer at once so draining is quick.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ApiConfig {
+    pub fn new(public_url: impl Into<String>) -> ApiConfig {
+        ApiConfig {
+            public_url: public_url.into(),
+            metrics: Arc::default(),
+            stopping: tokio::sync::watch::channel(false).1,
+        }
+    }
+}
+
+/// Resolves when `stopping` turns true (never, if its sender is gone without having said so).
+pub(crate) async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *stopping.borrow_and_update() {
+            return;
+        }
+        if stopping.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Shared state of the handlers.
@@ -65,6 +93,7 @@ pub fn router<S: Store>(store: Arc<S>, config: ApiConfig) -> Router {
         .route("/{rtype}/$validate", post(handlers::validate::<S>))
         .route("/{rtype}/$merge", post(ops::merge::<S>))
         .route("/{rtype}/{id}/$transition", post(ops::transition::<S>))
+        .route("/{rtype}/{id}/$replay", post(feed::replay::<S>))
         .route(
             "/{rtype}/{id}/$generate-slots",
             post(ops::generate_slots::<S>),
@@ -85,6 +114,9 @@ pub fn router<S: Store>(store: Arc<S>, config: ApiConfig) -> Router {
         .layer(middleware::from_fn(negotiate));
     Router::new()
         .route("/health", get(health))
+        .route("/events", get(feed::events::<S>))
+        .route("/metrics", get(feed::metrics::<S>))
+        .route("/admin/deliveries", get(feed::deliveries::<S>))
         .nest("/fhir", fhir)
         .with_state(app)
         .layer(middleware::from_fn(request_ids))

@@ -27,6 +27,7 @@ mod appointment;
 mod error;
 mod patient;
 mod slot;
+pub mod subscription;
 mod util;
 
 use fhir::ResourceType;
@@ -135,6 +136,9 @@ pub fn write_resource(
         }
         ResourceType::Patient => patient::write_patient(tx, &id, resource, expected_version),
         ResourceType::Slot => slot::write_slot(tx, &id, resource, expected_version),
+        ResourceType::Subscription => {
+            subscription::write_subscription(tx, &id, resource, expected_version)
+        }
         _ => {
             let current = util::live(tx, rtype, &id)?;
             let live_version = current.as_ref().map_or(0, |c| c.version);
@@ -208,6 +212,9 @@ pub fn delete_resource(
         return Ok(Err(e));
     }
     let deleted = tx.delete(rtype, id, Some(current.version))?;
+    if rtype == ResourceType::Subscription {
+        tx.kv_put(subscription::SECRET_NAMESPACE, id, None)?;
+    }
     if let Some(s) = &deleted {
         util::event(tx, s, &event_kind(rtype, "deleted"), Value::Null)?;
     }

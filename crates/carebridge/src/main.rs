@@ -4,6 +4,7 @@
 //! binds listeners, spawns tasks and handles shutdown. Nothing depends on it.
 
 mod config;
+mod deliver;
 mod validate_cmd;
 
 use anyhow::{Context, Result};
@@ -80,10 +81,26 @@ fn serve(args: config::ServeArgs) -> Result<()> {
             .with_context(|| format!("binding the HTTP listener to {}", cfg.http))?;
         let local = listener.local_addr().context("reading the bound address")?;
         let public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{local}"));
-        let app = api::router(store.clone(), api::ApiConfig { public_url: public_url.clone() });
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut api_config = api::ApiConfig::new(public_url.clone());
+        api_config.stopping = stop_rx.clone();
+        let metrics = api_config.metrics.clone();
+        let app = api::router(store.clone(), api_config);
+        deliver::spawn(
+            store.clone(),
+            deliver::Config {
+                policy: cfg.delivery_policy,
+                timeout: cfg.delivery_timeout,
+                max_in_flight: 256,
+                per_subscription: 64,
+                public_url: public_url.clone(),
+            },
+            metrics,
+            stop_rx,
+        );
         // Install the signal handlers before announcing readiness, so a supervisor that stops the hub as soon as
         // it is ready still gets a graceful shutdown.
-        let shutdown = shutdown_signal()?;
+        let signal = shutdown_signal()?;
         println!(
             "carebridge {} listening on http://{local} (FHIR base {public_url}/fhir, store {}, ready in {} ms)",
             env!("CARGO_PKG_VERSION"),
@@ -92,7 +109,11 @@ fn serve(args: config::ServeArgs) -> Result<()> {
         );
         tracing::info!(%local, "listening");
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                signal.await;
+                // Stop the delivery runner and end long polls, then let axum drain the rest.
+                let _ = stop_tx.send(true);
+            })
             .await
             .context("serving HTTP")?;
         tracing::info!("drained in-flight requests; stopping");

@@ -25,12 +25,7 @@ impl Drop for Hub {
 fn hub() -> Hub {
     let dir = std::env::temp_dir().join(format!("cb-booking-test-{}", uuid::Uuid::new_v4()));
     let store = Arc::new(SqliteStore::open(&dir, SqliteOptions::default()).expect("open store"));
-    let app = api::router(
-        store.clone(),
-        api::ApiConfig {
-            public_url: "http://hub.test".into(),
-        },
-    );
+    let app = api::router(store.clone(), api::ApiConfig::new("http://hub.test"));
     Hub { app, store, dir }
 }
 

@@ -24,14 +24,34 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let path = args.first().expect("PATIENT.json");
     let n: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    let only_json = args.get(2).is_some_and(|s| s == "only-json");
+    let mode = args.get(2).map(String::as_str).unwrap_or("all");
+    let only_json = mode == "only-json";
     let bytes = std::fs::read(path).expect("read");
     let expected = Some(fhir::ResourceType::Patient);
     assert!(fhir::validate_json(&bytes, expected).is_ok());
+    if mode == "only-validate" {
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        time("validate(&mut Value)", n, || {
+            black_box(fhir::validate(
+                fhir::ResourceType::Patient,
+                black_box(&mut v),
+            ));
+        });
+        return;
+    }
+    if mode == "only-parse" {
+        time("fhir::parse_json_value (fast parser)", n, || {
+            black_box(fhir::__bench_parse(black_box(&bytes)));
+        });
+        return;
+    }
     if !only_json {
         time("serde_json::from_slice::<Value>", n, || {
             let v: serde_json::Value = serde_json::from_slice(black_box(&bytes)).unwrap();
             black_box(v);
+        });
+        time("fhir::parse_json_value (fast parser)", n, || {
+            black_box(fhir::__bench_parse(black_box(&bytes)));
         });
         let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         time("Value::clone + drop", n, || {

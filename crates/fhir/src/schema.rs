@@ -16,6 +16,7 @@
 //! validator tracks presence in a `u64`); both are checked by unit tests.
 
 use crate::ResourceType;
+use std::sync::OnceLock;
 
 /// The FHIR primitive types (JSON representation: boolean, number or string).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +192,8 @@ pub(crate) struct TypeDef {
     pub kind: Kind,
     pub elems: &'static [Elem],
     pub hook: Hook,
+    /// Key index, built on first use (see [`Lut`]).
+    pub lut: Lut,
 }
 
 impl TypeDef {
@@ -217,8 +220,28 @@ impl TypeDef {
         }
     }
 
-    /// Resolve a JSON key (without a leading `_`) to (element index, element, type).
+    /// Resolve a JSON key (without a leading `_`) to (element index, element, type): the first element, in
+    /// table order (inherited first), whose name is the key or, for a choice element, whose name plus one of
+    /// its types' suffixes is the key.
+    #[inline]
     pub(crate) fn lookup(&self, key: &str) -> Option<(usize, &'static Elem, Ty)> {
+        self.table().find(key)
+    }
+
+    /// Bit `i` set when element `i` (for `i < 64`) has min cardinality 1.
+    #[inline]
+    pub(crate) fn required_mask(&self) -> u64 {
+        self.table().required
+    }
+
+    #[inline]
+    fn table(&self) -> &LutTable {
+        self.lut.0.get_or_init(|| LutTable::build(self))
+    }
+
+    /// The unindexed form of [`TypeDef::lookup`] (reference for tests).
+    #[cfg(test)]
+    pub(crate) fn lookup_scan(&self, key: &str) -> Option<(usize, &'static Elem, Ty)> {
         let base = self.base();
         let all = base.iter().chain(self.elems.iter());
         for (i, e) in all.enumerate() {
@@ -233,6 +256,119 @@ impl TypeDef {
             }
         }
         None
+    }
+}
+
+/// Per-type index from JSON key to element, so the validator resolves a key with one hash and one compare
+/// instead of scanning the element list (every choice expansion such as `valueCodeableConcept` is a key of
+/// its own). Built lazily, once per type, from the static tables.
+pub(crate) struct Lut(OnceLock<LutTable>);
+
+impl Lut {
+    pub(crate) const fn new() -> Self {
+        Lut(OnceLock::new())
+    }
+}
+
+struct LutEntry {
+    key: Box<str>,
+    hash: u32,
+    index: usize,
+    elem: &'static Elem,
+    /// `None` only for a (malformed) plain element without a type: the key then resolves to nothing.
+    ty: Option<Ty>,
+}
+
+struct LutTable {
+    /// Open addressing: 0 = empty, otherwise 1 + index into `entries`.
+    slots: Box<[u16]>,
+    mask: usize,
+    entries: Vec<LutEntry>,
+    required: u64,
+}
+
+#[inline(always)]
+fn load_u64(b: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    let n = b.len().min(8);
+    if let (Some(dst), Some(src)) = (w.get_mut(..n), b.get(..n)) {
+        dst.copy_from_slice(src);
+    }
+    u64::from_le_bytes(w)
+}
+
+/// Cheap hash of a key: its length and its first and last 8 bytes.
+#[inline(always)]
+fn key_hash(k: &[u8]) -> u32 {
+    let n = k.len();
+    let head = load_u64(k);
+    let tail = load_u64(k.get(n.saturating_sub(8)..).unwrap_or(&[]));
+    let x = (head ^ tail.rotate_left(23) ^ (n as u64).wrapping_mul(0x9E37_79B9))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 32) as u32
+}
+
+impl LutTable {
+    fn build(def: &TypeDef) -> LutTable {
+        let mut entries: Vec<LutEntry> = Vec::new();
+        let mut required = 0u64;
+        let mut add = |key: String, index: usize, elem: &'static Elem, ty: Option<Ty>| {
+            // First match wins, as in a scan of the element list.
+            if !entries.iter().any(|e| *e.key == *key) {
+                entries.push(LutEntry {
+                    hash: key_hash(key.as_bytes()),
+                    key: key.into_boxed_str(),
+                    index,
+                    elem,
+                    ty,
+                });
+            }
+        };
+        for (i, e) in def.base().iter().chain(def.elems.iter()).enumerate() {
+            if i < 64 && e.min > 0 {
+                required |= 1 << i;
+            }
+            if e.choice {
+                for t in e.types {
+                    add(format!("{}{}", e.name, t.suffix()), i, e, Some(*t));
+                }
+            } else {
+                add(e.name.to_string(), i, e, e.types.first().copied());
+            }
+        }
+        let size = (entries.len() * 2).next_power_of_two().max(8);
+        let mask = size - 1;
+        let mut slots = vec![0u16; size].into_boxed_slice();
+        for (n, e) in entries.iter().enumerate() {
+            let mut pos = e.hash as usize & mask;
+            while slots.get(pos).is_some_and(|s| *s != 0) {
+                pos = (pos + 1) & mask;
+            }
+            if let Some(s) = slots.get_mut(pos) {
+                *s = u16::try_from(n + 1).unwrap_or(0);
+            }
+        }
+        LutTable {
+            slots,
+            mask,
+            entries,
+            required,
+        }
+    }
+
+    #[inline]
+    fn find(&self, key: &str) -> Option<(usize, &'static Elem, Ty)> {
+        let k = key.as_bytes();
+        let h = key_hash(k);
+        let mut pos = h as usize & self.mask;
+        loop {
+            let slot = *self.slots.get(pos)?;
+            let e = self.entries.get(usize::from(slot).checked_sub(1)?)?;
+            if e.hash == h && e.key.as_bytes() == k {
+                return e.ty.map(|t| (e.index, e.elem, t));
+            }
+            pos = (pos + 1) & self.mask;
+        }
     }
 }
 
@@ -513,6 +649,7 @@ pub(crate) static BACKBONE_BASE: &[Elem] = &[
 
 /// The `_x` object of a primitive: an Element (id and extensions only).
 pub(crate) static ELEMENT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Element",
     kind: Kind::Element,
     elems: &[],
@@ -525,6 +662,7 @@ pub(crate) static ELEMENT: TypeDef = TypeDef {
 /// R4 Extension; `value[x]` lists the 50 types of the R4 open type list.
 #[rustfmt::skip]
 pub(crate) static EXTENSION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Extension",
     kind: Kind::Element,
     hook: Hook::Extension,
@@ -544,6 +682,7 @@ pub(crate) static EXTENSION: TypeDef = TypeDef {
 };
 
 pub(crate) static IDENTIFIER: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Identifier",
     kind: Kind::Element,
     hook: Hook::Identifier,
@@ -558,6 +697,7 @@ pub(crate) static IDENTIFIER: TypeDef = TypeDef {
 };
 
 pub(crate) static HUMAN_NAME: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "HumanName",
     kind: Kind::Element,
     hook: Hook::None,
@@ -573,6 +713,7 @@ pub(crate) static HUMAN_NAME: TypeDef = TypeDef {
 };
 
 pub(crate) static CONTACT_POINT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "ContactPoint",
     kind: Kind::Element,
     hook: Hook::ContactPoint,
@@ -586,6 +727,7 @@ pub(crate) static CONTACT_POINT: TypeDef = TypeDef {
 };
 
 pub(crate) static ADDRESS: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Address",
     kind: Kind::Element,
     hook: Hook::None,
@@ -604,6 +746,7 @@ pub(crate) static ADDRESS: TypeDef = TypeDef {
 };
 
 pub(crate) static CODEABLE_CONCEPT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "CodeableConcept",
     kind: Kind::Element,
     hook: Hook::None,
@@ -611,6 +754,7 @@ pub(crate) static CODEABLE_CONCEPT: TypeDef = TypeDef {
 };
 
 pub(crate) static CODING: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Coding",
     kind: Kind::Element,
     hook: Hook::None,
@@ -624,6 +768,7 @@ pub(crate) static CODING: TypeDef = TypeDef {
 };
 
 pub(crate) static REFERENCE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Reference",
     kind: Kind::Element,
     hook: Hook::Reference,
@@ -636,6 +781,7 @@ pub(crate) static REFERENCE: TypeDef = TypeDef {
 };
 
 pub(crate) static PERIOD: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Period",
     kind: Kind::Element,
     hook: Hook::Period,
@@ -643,6 +789,7 @@ pub(crate) static PERIOD: TypeDef = TypeDef {
 };
 
 pub(crate) static META: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Meta",
     kind: Kind::Element,
     hook: Hook::None,
@@ -657,6 +804,7 @@ pub(crate) static META: TypeDef = TypeDef {
 };
 
 pub(crate) static NARRATIVE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Narrative",
     kind: Kind::Element,
     hook: Hook::None,
@@ -667,6 +815,7 @@ pub(crate) static NARRATIVE: TypeDef = TypeDef {
 };
 
 pub(crate) static ATTACHMENT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Attachment",
     kind: Kind::Element,
     hook: Hook::Attachment,
@@ -691,30 +840,35 @@ static QUANTITY_ELEMS: &[Elem] = &[
 ];
 
 pub(crate) static QUANTITY: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Quantity",
     kind: Kind::Element,
     hook: Hook::Quantity,
     elems: QUANTITY_ELEMS,
 };
 pub(crate) static AGE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Age",
     kind: Kind::Element,
     hook: Hook::Quantity,
     elems: QUANTITY_ELEMS,
 };
 pub(crate) static COUNT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Count",
     kind: Kind::Element,
     hook: Hook::Quantity,
     elems: QUANTITY_ELEMS,
 };
 pub(crate) static DISTANCE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Distance",
     kind: Kind::Element,
     hook: Hook::Quantity,
     elems: QUANTITY_ELEMS,
 };
 pub(crate) static DURATION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Duration",
     kind: Kind::Element,
     hook: Hook::Quantity,
@@ -723,6 +877,7 @@ pub(crate) static DURATION: TypeDef = TypeDef {
 
 /// SimpleQuantity: a Quantity without `comparator` (sqty-1).
 pub(crate) static SIMPLE_QUANTITY: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "SimpleQuantity",
     kind: Kind::Element,
     hook: Hook::SimpleQuantity,
@@ -735,6 +890,7 @@ pub(crate) static SIMPLE_QUANTITY: TypeDef = TypeDef {
 };
 
 pub(crate) static MONEY: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Money",
     kind: Kind::Element,
     hook: Hook::None,
@@ -742,6 +898,7 @@ pub(crate) static MONEY: TypeDef = TypeDef {
 };
 
 pub(crate) static RANGE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Range",
     kind: Kind::Element,
     hook: Hook::Range,
@@ -752,6 +909,7 @@ pub(crate) static RANGE: TypeDef = TypeDef {
 };
 
 pub(crate) static RATIO: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Ratio",
     kind: Kind::Element,
     hook: Hook::None,
@@ -762,6 +920,7 @@ pub(crate) static RATIO: TypeDef = TypeDef {
 };
 
 pub(crate) static SAMPLED_DATA: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "SampledData",
     kind: Kind::Element,
     hook: Hook::None,
@@ -777,6 +936,7 @@ pub(crate) static SAMPLED_DATA: TypeDef = TypeDef {
 };
 
 pub(crate) static ANNOTATION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Annotation",
     kind: Kind::Element,
     hook: Hook::None,
@@ -788,6 +948,7 @@ pub(crate) static ANNOTATION: TypeDef = TypeDef {
 };
 
 pub(crate) static SIGNATURE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Signature",
     kind: Kind::Element,
     hook: Hook::None,
@@ -803,6 +964,7 @@ pub(crate) static SIGNATURE: TypeDef = TypeDef {
 };
 
 pub(crate) static TIMING: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Timing",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -814,6 +976,7 @@ pub(crate) static TIMING: TypeDef = TypeDef {
 };
 
 static TIMING_REPEAT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Timing.repeat",
     kind: Kind::Element,
     hook: Hook::None,
@@ -837,6 +1000,7 @@ static TIMING_REPEAT: TypeDef = TypeDef {
 };
 
 pub(crate) static CONTACT_DETAIL: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "ContactDetail",
     kind: Kind::Element,
     hook: Hook::None,
@@ -847,6 +1011,7 @@ pub(crate) static CONTACT_DETAIL: TypeDef = TypeDef {
 };
 
 pub(crate) static CONTRIBUTOR: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Contributor",
     kind: Kind::Element,
     hook: Hook::None,
@@ -858,6 +1023,7 @@ pub(crate) static CONTRIBUTOR: TypeDef = TypeDef {
 };
 
 pub(crate) static DATA_REQUIREMENT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "DataRequirement",
     kind: Kind::Element,
     hook: Hook::None,
@@ -874,6 +1040,7 @@ pub(crate) static DATA_REQUIREMENT: TypeDef = TypeDef {
 };
 
 static DATA_REQUIREMENT_CODE_FILTER: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "DataRequirement.codeFilter",
     kind: Kind::Element,
     hook: Hook::None,
@@ -886,6 +1053,7 @@ static DATA_REQUIREMENT_CODE_FILTER: TypeDef = TypeDef {
 };
 
 static DATA_REQUIREMENT_DATE_FILTER: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "DataRequirement.dateFilter",
     kind: Kind::Element,
     hook: Hook::None,
@@ -897,6 +1065,7 @@ static DATA_REQUIREMENT_DATE_FILTER: TypeDef = TypeDef {
 };
 
 static DATA_REQUIREMENT_SORT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "DataRequirement.sort",
     kind: Kind::Element,
     hook: Hook::None,
@@ -907,6 +1076,7 @@ static DATA_REQUIREMENT_SORT: TypeDef = TypeDef {
 };
 
 pub(crate) static EXPRESSION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Expression",
     kind: Kind::Element,
     hook: Hook::None,
@@ -920,6 +1090,7 @@ pub(crate) static EXPRESSION: TypeDef = TypeDef {
 };
 
 pub(crate) static PARAMETER_DEFINITION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "ParameterDefinition",
     kind: Kind::Element,
     hook: Hook::None,
@@ -935,6 +1106,7 @@ pub(crate) static PARAMETER_DEFINITION: TypeDef = TypeDef {
 };
 
 pub(crate) static RELATED_ARTIFACT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "RelatedArtifact",
     kind: Kind::Element,
     hook: Hook::None,
@@ -950,6 +1122,7 @@ pub(crate) static RELATED_ARTIFACT: TypeDef = TypeDef {
 };
 
 pub(crate) static TRIGGER_DEFINITION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "TriggerDefinition",
     kind: Kind::Element,
     hook: Hook::None,
@@ -963,6 +1136,7 @@ pub(crate) static TRIGGER_DEFINITION: TypeDef = TypeDef {
 };
 
 pub(crate) static USAGE_CONTEXT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "UsageContext",
     kind: Kind::Element,
     hook: Hook::None,
@@ -980,6 +1154,7 @@ pub(crate) static USAGE_CONTEXT: TypeDef = TypeDef {
 };
 
 pub(crate) static DOSAGE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Dosage",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1001,6 +1176,7 @@ pub(crate) static DOSAGE: TypeDef = TypeDef {
 };
 
 static DOSAGE_DOSE_AND_RATE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Dosage.doseAndRate",
     kind: Kind::Element,
     hook: Hook::None,
@@ -1015,6 +1191,7 @@ static DOSAGE_DOSE_AND_RATE: TypeDef = TypeDef {
 // Resources.
 
 pub(crate) static PATIENT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Patient",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1039,6 +1216,7 @@ pub(crate) static PATIENT: TypeDef = TypeDef {
 };
 
 static PATIENT_CONTACT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Patient.contact",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1054,6 +1232,7 @@ static PATIENT_CONTACT: TypeDef = TypeDef {
 };
 
 static PATIENT_COMMUNICATION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Patient.communication",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1064,6 +1243,7 @@ static PATIENT_COMMUNICATION: TypeDef = TypeDef {
 };
 
 static PATIENT_LINK: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Patient.link",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1074,6 +1254,7 @@ static PATIENT_LINK: TypeDef = TypeDef {
 };
 
 pub(crate) static PRACTITIONER: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Practitioner",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1092,6 +1273,7 @@ pub(crate) static PRACTITIONER: TypeDef = TypeDef {
 };
 
 static PRACTITIONER_QUALIFICATION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Practitioner.qualification",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1118,6 +1300,7 @@ static NOT_AVAILABLE_ELEMS: &[Elem] = &[
 ];
 
 pub(crate) static PRACTITIONER_ROLE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "PractitionerRole",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1140,6 +1323,7 @@ pub(crate) static PRACTITIONER_ROLE: TypeDef = TypeDef {
 };
 
 static PRACTITIONER_ROLE_AVAILABLE_TIME: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "PractitionerRole.availableTime",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1147,6 +1331,7 @@ static PRACTITIONER_ROLE_AVAILABLE_TIME: TypeDef = TypeDef {
 };
 
 static PRACTITIONER_ROLE_NOT_AVAILABLE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "PractitionerRole.notAvailable",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1154,6 +1339,7 @@ static PRACTITIONER_ROLE_NOT_AVAILABLE: TypeDef = TypeDef {
 };
 
 pub(crate) static ORGANIZATION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Organization",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1172,6 +1358,7 @@ pub(crate) static ORGANIZATION: TypeDef = TypeDef {
 };
 
 static ORGANIZATION_CONTACT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Organization.contact",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1184,6 +1371,7 @@ static ORGANIZATION_CONTACT: TypeDef = TypeDef {
 };
 
 pub(crate) static LOCATION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Location",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1209,6 +1397,7 @@ pub(crate) static LOCATION: TypeDef = TypeDef {
 };
 
 static LOCATION_POSITION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Location.position",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1220,6 +1409,7 @@ static LOCATION_POSITION: TypeDef = TypeDef {
 };
 
 static LOCATION_HOURS_OF_OPERATION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Location.hoursOfOperation",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1232,6 +1422,7 @@ static LOCATION_HOURS_OF_OPERATION: TypeDef = TypeDef {
 };
 
 pub(crate) static HEALTHCARE_SERVICE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "HealthcareService",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1264,6 +1455,7 @@ pub(crate) static HEALTHCARE_SERVICE: TypeDef = TypeDef {
 };
 
 static HEALTHCARE_SERVICE_ELIGIBILITY: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "HealthcareService.eligibility",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1274,6 +1466,7 @@ static HEALTHCARE_SERVICE_ELIGIBILITY: TypeDef = TypeDef {
 };
 
 static HEALTHCARE_SERVICE_AVAILABLE_TIME: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "HealthcareService.availableTime",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1281,6 +1474,7 @@ static HEALTHCARE_SERVICE_AVAILABLE_TIME: TypeDef = TypeDef {
 };
 
 static HEALTHCARE_SERVICE_NOT_AVAILABLE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "HealthcareService.notAvailable",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1288,6 +1482,7 @@ static HEALTHCARE_SERVICE_NOT_AVAILABLE: TypeDef = TypeDef {
 };
 
 pub(crate) static SCHEDULE: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Schedule",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1304,6 +1499,7 @@ pub(crate) static SCHEDULE: TypeDef = TypeDef {
 };
 
 pub(crate) static SLOT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Slot",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1323,6 +1519,7 @@ pub(crate) static SLOT: TypeDef = TypeDef {
 };
 
 pub(crate) static APPOINTMENT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Appointment",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1353,6 +1550,7 @@ pub(crate) static APPOINTMENT: TypeDef = TypeDef {
 };
 
 static APPOINTMENT_PARTICIPANT: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Appointment.participant",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1376,6 +1574,7 @@ static SUBSCRIPTION_CHANNEL_TYPE: Binding = Binding {
 };
 
 pub(crate) static SUBSCRIPTION: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Subscription",
     kind: Kind::Resource,
     hook: Hook::None,
@@ -1391,6 +1590,7 @@ pub(crate) static SUBSCRIPTION: TypeDef = TypeDef {
 };
 
 static SUBSCRIPTION_CHANNEL: TypeDef = TypeDef {
+    lut: Lut::new(),
     name: "Subscription.channel",
     kind: Kind::Backbone,
     hook: Hook::None,
@@ -1481,6 +1681,42 @@ mod tests {
                         e.name
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn indexed_lookup_equals_the_scan() {
+        let mut keys: Vec<String> = vec![
+            String::new(),
+            "value".into(),
+            "valueFoo".into(),
+            "resourceType".into(),
+            "x".into(),
+        ];
+        for d in reachable() {
+            for e in d.base().iter().chain(d.elems.iter()) {
+                keys.push(e.name.to_string());
+                keys.push(format!("{}x", e.name));
+                keys.push(e.name.to_uppercase());
+                for t in e.types {
+                    keys.push(format!("{}{}", e.name, t.suffix()));
+                    keys.push(t.suffix().to_string());
+                }
+            }
+        }
+        for d in reachable() {
+            let mut required = 0u64;
+            for (i, e) in d.base().iter().chain(d.elems.iter()).enumerate() {
+                if i < 64 && e.min > 0 {
+                    required |= 1 << i;
+                }
+            }
+            assert_eq!(d.required_mask(), required, "{}", d.name);
+            for k in &keys {
+                let a = d.lookup(k).map(|(i, e, t)| (i, e.name, t.name()));
+                let b = d.lookup_scan(k).map(|(i, e, t)| (i, e.name, t.name()));
+                assert_eq!(a, b, "{}: {k}", d.name);
             }
         }
     }

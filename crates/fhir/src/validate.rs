@@ -55,7 +55,13 @@ pub fn validate_json(
     expected: Option<ResourceType>,
 ) -> Result<Validated, Vec<Issue>> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let mut value: Value = match serde_json::from_slice(bytes) {
+    // The fast parser builds the same Value as serde_json; whatever it cannot decide (including every
+    // malformed input) goes to serde_json, so values and error messages are serde_json's.
+    let parsed = match crate::json::parse(bytes) {
+        Some(v) => Ok(v),
+        None => serde_json::from_slice::<Value>(bytes),
+    };
+    let mut value: Value = match parsed {
         Ok(v) => v,
         Err(e) => {
             let text = e.to_string();
@@ -530,7 +536,11 @@ impl<'a> Ctx<'a> {
             self.element(elem, ty, value, ext);
             self.path.pop();
         }
+        let required = def.required_mask();
         for i in 0..def.len().min(64) {
+            if present & required == required {
+                break; // nothing required is missing
+            }
             if let Some(e) = def.elem(i)
                 && e.min > 0
                 && present & (1u64 << i) == 0

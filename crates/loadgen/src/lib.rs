@@ -2,11 +2,13 @@
 //!
 //! Why it exists: `cargo xtask bench` needs numbers for the hub next to a peer server, measured by the same
 //! client in the same run. This crate holds that client ([`http`]), the synthetic UK Core patients
-//! ([`patient`]), the scenarios ([`scenario`]) and their statistics ([`stats`]); the binaries `cb-loadgen` and
+//! ([`patient`]), the Patient scenarios ([`scenario`]), the booking scenarios ([`booking`], Carebridge only)
+//! and their statistics ([`stats`]); the binaries `cb-loadgen` and
 //! `cb-validate-bench` are thin command lines over it.
 //!
 //! Invariants: nothing here panics on what a server sends; failures are counted and reported.
 
+pub mod booking;
 pub mod http;
 pub mod patient;
 pub mod scenario;

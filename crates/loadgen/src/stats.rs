@@ -22,10 +22,16 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn response(&mut self, latency: Duration, status: u16, body: &[u8]) {
+        self.response_allowing(latency, status, body, 200);
+    }
+
+    /// Like [`Recorder::response`], but a non-2xx `allowed` status (say an expected 409) is not kept as the
+    /// first non-2xx example (it is still counted).
+    pub fn response_allowing(&mut self, latency: Duration, status: u16, body: &[u8], allowed: u16) {
         self.latencies_us
             .push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
         *self.statuses.entry(status).or_default() += 1;
-        if !(200..300).contains(&status) && self.first_non_2xx.is_none() {
+        if !(200..300).contains(&status) && status != allowed && self.first_non_2xx.is_none() {
             let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
             self.first_non_2xx = Some(format!("{status}: {text}"));
         }

@@ -22,6 +22,13 @@
 //! - The schema is versioned (`PRAGMA user_version`, append-only migrations); a database written by a newer
 //!   binary is refused rather than modified.
 //!
+//! Event delivery (migration 2): `deliveries` (one row per (subscription, outbox seq) with its state and
+//! retry bookkeeping) and `delivery_heads` (one row per (subscription, subject) with a pending delivery: the
+//! lowest pending seq and its next attempt). Every delivery write keeps the heads exact, so finding due work
+//! reads heads only (`ORDER BY next_attempt_ms LIMIT n` on an index): deliveries queued behind a failing
+//! subject or subscriber are never scanned. `kv` keeps small named values. The writer publishes the highest
+//! committed outbox seq on a `tokio::sync::watch` after each COMMIT that appended events.
+//!
 //! Schema (migration 1): `resources` (current version's metadata per type and id, with a stable integer
 //! `rid`), `versions` (every version's JSON, tombstones included, written once), `idx_token` / `idx_string`
 //! / `idx_date` / `idx_reference` (index rows of the live version, keyed for lookups by
@@ -43,11 +50,13 @@ use std::future::{Future, ready};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
+use std::sync::Arc;
+
 use store::{
-    Event, HistoryQuery, ResourceType, Result, SearchQuery, SearchResult, Store, StoreError,
-    Stored, Tx,
+    Delivery, DeliveryCounts, DeliveryQuery, Event, HistoryQuery, ResourceType, Result,
+    SearchQuery, SearchResult, Store, StoreError, Stored, Tx,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use pool::ReadPool;
 use writer::{JobBox, WriteJob, Writer};
@@ -90,6 +99,8 @@ pub struct SqliteStore {
     writer: Option<JoinHandle<()>>,
     reads: ReadPool,
     path: PathBuf,
+    /// The highest committed outbox seq (the writer publishes it after each COMMIT that appended events).
+    events: Arc<watch::Sender<i64>>,
 }
 
 impl SqliteStore {
@@ -102,6 +113,7 @@ impl SqliteStore {
         let path = dir.join(DB_FILE);
         let conn = schema::open_writer(&path, options.durability)?;
         let last_ms = sql::newest_instant(&conn)?;
+        let events = Arc::new(watch::Sender::new(sql::last_event_seq(&conn)?));
         let max_batch = options.max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
         let writer = Writer {
@@ -109,6 +121,7 @@ impl SqliteStore {
             jobs: rx,
             max_batch,
             last_ms,
+            events: events.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("carebridge-sqlite-writer".into())
@@ -119,6 +132,7 @@ impl SqliteStore {
             writer: Some(handle),
             reads: ReadPool::new(path.clone(), options.read_connections),
             path,
+            events,
         })
     }
 
@@ -204,6 +218,44 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Event>>> + Send {
         ready(self.reads.with(|c| sql::events_after(c, after, limit)))
+    }
+
+    fn watch_events(&self) -> watch::Receiver<i64> {
+        self.events.subscribe()
+    }
+
+    fn kv_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<String>>> + Send {
+        ready(self.reads.with(|c| sql::kv_get(c, namespace, key)))
+    }
+
+    fn due_deliveries(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send {
+        ready(self.reads.with(|c| sql::due_deliveries(c, now_ms, limit)))
+    }
+
+    fn next_due_ms(&self) -> impl Future<Output = Result<Option<i64>>> + Send {
+        ready(self.reads.with(sql::next_due_ms))
+    }
+
+    fn deliveries(
+        &self,
+        query: &DeliveryQuery,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send {
+        ready(self.reads.with(|c| sql::deliveries(c, query)))
+    }
+
+    fn delivery_counts(
+        &self,
+        subscription: &str,
+    ) -> impl Future<Output = Result<DeliveryCounts>> + Send {
+        ready(self.reads.with(|c| sql::delivery_counts(c, subscription)))
     }
 }
 

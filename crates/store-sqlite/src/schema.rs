@@ -133,6 +133,55 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         ('idempotency', NULL, '1000000'),
         ('idempotency', 'sqlite_autoindex_idempotency_1', '1000000 1');
     "#,
+    // 2: small named values, and event delivery (one row per (subscription, event), plus the head of each
+    // (subscription, subject) queue).
+    r#"
+    CREATE TABLE kv (
+        namespace TEXT NOT NULL,
+        key       TEXT NOT NULL,
+        value     TEXT NOT NULL,
+        PRIMARY KEY (namespace, key)
+    ) WITHOUT ROWID;
+
+    -- One delivery of outbox event `seq` to a subscription. state: 0 pending, 1 delivered, 2 dead.
+    CREATE TABLE deliveries (
+        subscription    TEXT    NOT NULL,
+        seq             INTEGER NOT NULL,
+        subject         TEXT    NOT NULL,
+        state           INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL,
+        next_attempt_ms INTEGER NOT NULL,
+        created_ms      INTEGER NOT NULL,
+        updated_ms      INTEGER NOT NULL,
+        last_status     INTEGER,
+        last_error      TEXT,
+        PRIMARY KEY (subscription, seq)
+    ) WITHOUT ROWID;
+    -- The lowest pending seq of a subject (to advance its head); listing by state.
+    CREATE INDEX deliveries_subject ON deliveries (subscription, subject, state, seq);
+    CREATE INDEX deliveries_state ON deliveries (subscription, state, seq);
+
+    -- Exactly one row per (subscription, subject) with a pending delivery: its lowest pending seq and that
+    -- delivery's next_attempt_ms. Due work is read from here only, so deliveries queued behind a failing
+    -- subject (or subscriber) cost nothing when looking for work.
+    CREATE TABLE delivery_heads (
+        subscription    TEXT    NOT NULL,
+        subject         TEXT    NOT NULL,
+        seq             INTEGER NOT NULL,
+        next_attempt_ms INTEGER NOT NULL,
+        PRIMARY KEY (subscription, subject)
+    ) WITHOUT ROWID;
+    CREATE INDEX delivery_heads_due ON delivery_heads (next_attempt_ms, seq);
+
+    -- Fixed planner statistics (see PLANNER_STATS).
+    INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
+        ('kv', 'kv', '100000 1000 1'),
+        ('deliveries', 'deliveries', '10000000 100000 1'),
+        ('deliveries', 'deliveries_subject', '10000000 100000 10 5 1'),
+        ('deliveries', 'deliveries_state', '10000000 100000 50000 1'),
+        ('delivery_heads', 'delivery_heads', '100000 1000 1'),
+        ('delivery_heads', 'delivery_heads_due', '100000 2 1');
+    "#,
 ];
 
 // PLANNER_STATS: migration 1 seeds `sqlite_stat1` with fixed numbers describing a large store (a million

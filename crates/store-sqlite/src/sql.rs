@@ -6,8 +6,9 @@ use rusqlite::types::{ToSqlOutput, Type};
 use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
 use serde_json::{Map, Value};
 use store::{
-    Clause, Cmp, Event, HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put,
-    ResourceType, Result, SearchQuery, SearchResult, SortField, StoreError, Stored,
+    Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
+    HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put, ResourceType, Result,
+    SearchQuery, SearchResult, SortField, StoreError, Stored,
 };
 
 /// A driver error as a [`StoreError`] (the text is for logs).
@@ -476,6 +477,332 @@ pub(crate) fn idempotency_put(conn: &Connection, record: IdempotencyRecord) -> R
     })
     .map_err(db)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Named values
+
+pub(crate) fn kv_get(conn: &Connection, namespace: &str, key: &str) -> Result<Option<String>> {
+    conn.prepare_cached("SELECT value FROM kv WHERE namespace = ?1 AND key = ?2")
+        .and_then(|mut s| {
+            s.query_row(params![namespace, key], |r| r.get(0))
+                .optional()
+        })
+        .map_err(db)
+}
+
+pub(crate) fn kv_put(
+    conn: &Connection,
+    namespace: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<()> {
+    let r = match value {
+        Some(value) => conn
+            .prepare_cached(
+                "INSERT INTO kv (namespace, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut s| s.execute(params![namespace, key, value])),
+        None => conn
+            .prepare_cached("DELETE FROM kv WHERE namespace = ?1 AND key = ?2")
+            .and_then(|mut s| s.execute(params![namespace, key])),
+    };
+    r.map(|_| ()).map_err(db)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Deliveries
+//
+// Invariant kept by every write below: `delivery_heads` holds exactly one row per (subscription, subject)
+// with a pending delivery, naming the lowest pending seq of that subject and that delivery's
+// next_attempt_ms. Writes restore it with `refresh_head` (one index seek) after changing a delivery.
+
+const PENDING: i64 = 0;
+const DELIVERED: i64 = 1;
+const DEAD: i64 = 2;
+
+fn state_code(state: DeliveryState) -> i64 {
+    match state {
+        DeliveryState::Pending => PENDING,
+        DeliveryState::Delivered => DELIVERED,
+        DeliveryState::Dead => DEAD,
+    }
+}
+
+fn state_from_code(row: &Row<'_>, idx: usize) -> rusqlite::Result<DeliveryState> {
+    match row.get::<_, i64>(idx)? {
+        PENDING => Ok(DeliveryState::Pending),
+        DELIVERED => Ok(DeliveryState::Delivered),
+        DEAD => Ok(DeliveryState::Dead),
+        other => Err(rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            Type::Integer,
+            format!("unknown delivery state {other}").into(),
+        )),
+    }
+}
+
+fn u32_i64(n: u32) -> i64 {
+    i64::from(n)
+}
+
+/// Columns (of `deliveries d`): subscription, seq, subject, state, attempts, next_attempt_ms, created_ms,
+/// updated_ms, last_status, last_error.
+const DELIVERY_COLUMNS: &str = "d.subscription, d.seq, d.subject, d.state, d.attempts, d.next_attempt_ms, \
+    d.created_ms, d.updated_ms, d.last_status, d.last_error";
+
+fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
+    Ok(Delivery {
+        subscription: row.get(0)?,
+        seq: row.get(1)?,
+        subject: row.get(2)?,
+        state: state_from_code(row, 3)?,
+        attempts: u32::try_from(row.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+        next_attempt_ms: row.get(5)?,
+        created_ms: row.get(6)?,
+        updated_ms: row.get(7)?,
+        last_status: row
+            .get::<_, Option<i64>>(8)?
+            .map(|s| u16::try_from(s).unwrap_or(0)),
+        last_error: row.get(9)?,
+    })
+}
+
+/// Make the head row of (subscription, subject) name its lowest pending delivery, or remove it.
+fn refresh_head(conn: &Connection, subscription: &str, subject: &str) -> Result<()> {
+    let lowest: Option<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT seq, next_attempt_ms FROM deliveries
+             WHERE subscription = ?1 AND subject = ?2 AND state = 0 ORDER BY seq LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![subscription, subject], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+        })
+        .map_err(db)?;
+    let r = match lowest {
+        Some((seq, next_attempt_ms)) => conn
+            .prepare_cached(
+                "INSERT INTO delivery_heads (subscription, subject, seq, next_attempt_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (subscription, subject)
+                 DO UPDATE SET seq = excluded.seq, next_attempt_ms = excluded.next_attempt_ms",
+            )
+            .and_then(|mut s| s.execute(params![subscription, subject, seq, next_attempt_ms])),
+        None => conn
+            .prepare_cached("DELETE FROM delivery_heads WHERE subscription = ?1 AND subject = ?2")
+            .and_then(|mut s| s.execute(params![subscription, subject])),
+    };
+    r.map(|_| ()).map_err(db)
+}
+
+/// Enqueue (pending, due at `now_ms`); false when the delivery already exists (then nothing changes).
+pub(crate) fn enqueue_delivery(
+    conn: &Connection,
+    now_ms: i64,
+    subscription: &str,
+    seq: i64,
+    subject: &str,
+) -> Result<bool> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO deliveries (subscription, seq, subject, state, attempts, next_attempt_ms, created_ms,
+                 updated_ms, last_status, last_error)
+             VALUES (?1, ?2, ?3, 0, 0, ?4, ?4, ?4, NULL, NULL)
+             ON CONFLICT (subscription, seq) DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![subscription, seq, subject, now_ms]))
+        .map_err(db)?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    // A new subject head, or (only if seqs arrive out of order) a lower one than the current head.
+    conn.prepare_cached(
+        "INSERT INTO delivery_heads (subscription, subject, seq, next_attempt_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (subscription, subject) DO UPDATE
+             SET seq = excluded.seq, next_attempt_ms = excluded.next_attempt_ms
+             WHERE excluded.seq < delivery_heads.seq",
+    )
+    .and_then(|mut s| s.execute(params![subscription, subject, seq, now_ms]))
+    .map_err(db)?;
+    Ok(true)
+}
+
+/// Apply an attempt's outcome or a requeue. `Invalid` (before any change) when the delivery is unknown.
+pub(crate) fn update_delivery(
+    conn: &Connection,
+    now_ms: i64,
+    subscription: &str,
+    seq: i64,
+    update: &DeliveryUpdate,
+) -> Result<()> {
+    let subject: Option<String> = conn
+        .prepare_cached("SELECT subject FROM deliveries WHERE subscription = ?1 AND seq = ?2")
+        .and_then(|mut s| {
+            s.query_row(params![subscription, seq], |r| r.get(0))
+                .optional()
+        })
+        .map_err(db)?;
+    let Some(subject) = subject else {
+        return Err(StoreError::Invalid(format!(
+            "no delivery of event {seq} to subscription {subscription}"
+        )));
+    };
+    let r = match update {
+        DeliveryUpdate::Delivered { attempts, status } => conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = 1, attempts = ?3, updated_ms = ?4, last_status = ?5,
+                     last_error = NULL
+                 WHERE subscription = ?1 AND seq = ?2",
+            )
+            .and_then(|mut s| {
+                s.execute(params![subscription, seq, u32_i64(*attempts), now_ms, status])
+            }),
+        DeliveryUpdate::Retry {
+            attempts,
+            next_attempt_ms,
+            status,
+            error,
+        } => conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = 0, attempts = ?3, next_attempt_ms = ?4, updated_ms = ?5,
+                     last_status = ?6, last_error = ?7
+                 WHERE subscription = ?1 AND seq = ?2",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    subscription,
+                    seq,
+                    u32_i64(*attempts),
+                    next_attempt_ms,
+                    now_ms,
+                    status,
+                    error
+                ])
+            }),
+        DeliveryUpdate::Dead {
+            attempts,
+            status,
+            error,
+        } => conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = 2, attempts = ?3, updated_ms = ?4, last_status = ?5,
+                     last_error = ?6
+                 WHERE subscription = ?1 AND seq = ?2",
+            )
+            .and_then(|mut s| {
+                s.execute(params![subscription, seq, u32_i64(*attempts), now_ms, status, error])
+            }),
+        DeliveryUpdate::Requeue => conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_ms = ?3, updated_ms = ?3
+                 WHERE subscription = ?1 AND seq = ?2",
+            )
+            .and_then(|mut s| s.execute(params![subscription, seq, now_ms])),
+    };
+    r.map_err(db)?;
+    refresh_head(conn, subscription, &subject)
+}
+
+/// Requeue every dead delivery of `subscription` (pending, no attempts, due at `now_ms`); how many.
+pub(crate) fn requeue_dead(conn: &Connection, now_ms: i64, subscription: &str) -> Result<u64> {
+    let subjects: Vec<String> = conn
+        .prepare_cached(
+            "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_ms = ?2, updated_ms = ?2
+             WHERE subscription = ?1 AND state = 2
+             RETURNING subject",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![subscription, now_ms], |r| r.get(0))?
+                .collect()
+        })
+        .map_err(db)?;
+    let n = subjects.len();
+    let distinct: std::collections::BTreeSet<String> = subjects.into_iter().collect();
+    for subject in &distinct {
+        refresh_head(conn, subscription, subject)?;
+    }
+    Ok(u64::try_from(n).unwrap_or(u64::MAX))
+}
+
+/// The heads due at `now_ms`, earliest first.
+pub(crate) fn due_deliveries(
+    conn: &Connection,
+    now_ms: i64,
+    limit: usize,
+) -> Result<Vec<Delivery>> {
+    let sql = format!(
+        "SELECT {DELIVERY_COLUMNS}
+         FROM delivery_heads h CROSS JOIN deliveries d ON d.subscription = h.subscription AND d.seq = h.seq
+         WHERE h.next_attempt_ms <= ?1
+         ORDER BY h.next_attempt_ms, h.seq LIMIT ?2"
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_map(params![now_ms, usize_i64(limit)], delivery_from_row)?
+                .collect()
+        })
+        .map_err(db)
+}
+
+/// The earliest next attempt of any head.
+pub(crate) fn next_due_ms(conn: &Connection) -> Result<Option<i64>> {
+    conn.prepare_cached("SELECT MIN(next_attempt_ms) FROM delivery_heads")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(db)
+}
+
+pub(crate) fn deliveries(conn: &Connection, q: &DeliveryQuery) -> Result<Vec<Delivery>> {
+    let mut f = Frag::default();
+    f.push("SELECT ");
+    f.push(DELIVERY_COLUMNS);
+    f.push(" FROM deliveries d WHERE ");
+    if let Some(subscription) = &q.subscription {
+        f.arg("d.subscription = ? AND ", subscription.as_str());
+    }
+    if let Some(state) = q.state {
+        f.arg("d.state = ? AND ", state_code(state));
+    }
+    f.arg("d.seq > ?", q.after_seq);
+    f.push(" ORDER BY d.seq, d.subscription");
+    f.arg(" LIMIT ?", usize_i64(q.limit));
+    conn.prepare_cached(&f.sql)
+        .and_then(|mut s| {
+            s.query_map(params_from_iter(f.args.iter()), delivery_from_row)?
+                .collect()
+        })
+        .map_err(db)
+}
+
+pub(crate) fn delivery_counts(conn: &Connection, subscription: &str) -> Result<DeliveryCounts> {
+    let rows: Vec<(DeliveryState, i64)> = conn
+        .prepare_cached(
+            "SELECT state, COUNT(*) FROM deliveries WHERE subscription = ?1 GROUP BY state",
+        )
+        .and_then(|mut s| {
+            s.query_map([subscription], |r| Ok((state_from_code(r, 0)?, r.get(1)?)))?
+                .collect()
+        })
+        .map_err(db)?;
+    let mut counts = DeliveryCounts::default();
+    for (state, n) in rows {
+        let n = to_u64(n);
+        match state {
+            DeliveryState::Pending => counts.pending = n,
+            DeliveryState::Delivered => counts.delivered = n,
+            DeliveryState::Dead => counts.dead = n,
+        }
+    }
+    Ok(counts)
+}
+
+/// The highest outbox seq (0 when empty).
+pub(crate) fn last_event_seq(conn: &Connection) -> Result<i64> {
+    conn.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM outbox")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(db)
 }
 
 /// The newest stored instant (the writer's clock never goes behind it).

@@ -16,10 +16,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 use store::{
-    Event, IdempotencyRecord, NewEvent, Put, ResourceType, Result, SearchQuery, StoreError, Stored,
-    Tx,
+    DeliveryUpdate, Event, IdempotencyRecord, NewEvent, Put, ResourceType, Result, SearchQuery,
+    StoreError, Stored, Tx,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::sql;
 
@@ -103,6 +103,25 @@ enum Change {
         subject_seq: i64,
     },
     Idempotency(IdempotencyRecord),
+    Kv {
+        namespace: String,
+        key: String,
+        value: Option<String>,
+    },
+    Enqueue {
+        subscription: String,
+        seq: i64,
+        subject: String,
+    },
+    UpdateDelivery {
+        subscription: String,
+        seq: i64,
+        update: DeliveryUpdate,
+    },
+    RequeueDead {
+        subscription: String,
+        count: u64,
+    },
 }
 
 /// The [`Tx`] handed to a closure: the write connection, inside the batch transaction.
@@ -115,6 +134,8 @@ struct WriteTx<'c> {
     /// Record changes for a replay (only when the job runs without a savepoint).
     record: bool,
     changes: Vec<Change>,
+    /// The highest outbox seq this job appended (recorded or not), for the events watch.
+    last_seq: Option<i64>,
 }
 
 impl WriteTx<'_> {
@@ -167,6 +188,7 @@ impl Tx for WriteTx<'_> {
         let copy = self.record.then(|| event.clone());
         let r = sql::append_event(self.conn, self.now_ms, event);
         let appended = self.watch(r)?;
+        self.last_seq = self.last_seq.max(Some(appended.seq));
         if let Some(event) = copy {
             self.changes.push(Change::Event {
                 event,
@@ -188,6 +210,68 @@ impl Tx for WriteTx<'_> {
         }
         Ok(())
     }
+    fn kv_get(&mut self, namespace: &str, key: &str) -> Result<Option<String>> {
+        sql::kv_get(self.conn, namespace, key)
+    }
+    fn kv_put(&mut self, namespace: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let r = sql::kv_put(self.conn, namespace, key, value);
+        self.watch(r)?;
+        if self.record {
+            self.changes.push(Change::Kv {
+                namespace: namespace.to_string(),
+                key: key.to_string(),
+                value: value.map(str::to_string),
+            });
+        }
+        Ok(())
+    }
+    fn enqueue_delivery(&mut self, subscription: &str, event: &Event) -> Result<bool> {
+        let r = sql::enqueue_delivery(
+            self.conn,
+            self.now_ms,
+            subscription,
+            event.seq,
+            &event.subject,
+        );
+        let inserted = self.watch(r)?;
+        // A refused (existing) delivery changed nothing: nothing to replay.
+        if self.record && inserted {
+            self.changes.push(Change::Enqueue {
+                subscription: subscription.to_string(),
+                seq: event.seq,
+                subject: event.subject.clone(),
+            });
+        }
+        Ok(inserted)
+    }
+    fn update_delivery(
+        &mut self,
+        subscription: &str,
+        seq: i64,
+        update: DeliveryUpdate,
+    ) -> Result<()> {
+        let r = sql::update_delivery(self.conn, self.now_ms, subscription, seq, &update);
+        self.watch(r)?;
+        if self.record {
+            self.changes.push(Change::UpdateDelivery {
+                subscription: subscription.to_string(),
+                seq,
+                update,
+            });
+        }
+        Ok(())
+    }
+    fn requeue_dead(&mut self, subscription: &str) -> Result<u64> {
+        let r = sql::requeue_dead(self.conn, self.now_ms, subscription);
+        let count = self.watch(r)?;
+        if self.record && count > 0 {
+            self.changes.push(Change::RequeueDead {
+                subscription: subscription.to_string(),
+                count,
+            });
+        }
+        Ok(count)
+    }
 }
 
 /// A job that ran and is to be kept: how to answer it, and (without a savepoint) its changes.
@@ -195,6 +279,8 @@ struct Kept {
     finish: Finish,
     now_ms: i64,
     changes: Vec<Change>,
+    /// The highest outbox seq the job appended.
+    last_seq: Option<i64>,
 }
 
 pub(crate) struct Writer {
@@ -204,6 +290,8 @@ pub(crate) struct Writer {
     /// The last timestamp handed out: the writer's clock never goes backwards, so within a resource version
     /// order and `lastUpdated` order agree even if the system clock steps back.
     pub(crate) last_ms: i64,
+    /// The highest committed outbox seq, published after each COMMIT that appended events.
+    pub(crate) events: std::sync::Arc<watch::Sender<i64>>,
 }
 
 fn system_ms() -> i64 {
@@ -278,6 +366,45 @@ impl Writer {
                     Change::Idempotency(record) => {
                         sql::idempotency_put(&self.conn, record.clone())?;
                     }
+                    Change::Kv {
+                        namespace,
+                        key,
+                        value,
+                    } => sql::kv_put(&self.conn, namespace, key, value.as_deref())?,
+                    Change::Enqueue {
+                        subscription,
+                        seq,
+                        subject,
+                    } => {
+                        if false
+                            && !sql::enqueue_delivery(
+                                &self.conn,
+                                job.now_ms,
+                                subscription,
+                                *seq,
+                                subject,
+                            )?
+                        {
+                            return Err(diverged("delivery enqueue"));
+                        }
+                    }
+                    Change::UpdateDelivery {
+                        subscription,
+                        seq,
+                        update,
+                    } => sql::update_delivery(&self.conn, job.now_ms, subscription, *seq, update)
+                        .map_err(|e| match e {
+                        StoreError::Backend(_) => e,
+                        _ => diverged("delivery update"),
+                    })?,
+                    Change::RequeueDead {
+                        subscription,
+                        count,
+                    } => {
+                        if sql::requeue_dead(&self.conn, job.now_ms, subscription)? != *count {
+                            return Err(diverged("requeue of dead deliveries"));
+                        }
+                    }
                 }
             }
         }
@@ -313,6 +440,7 @@ impl Writer {
                 broken: None,
                 record: !savepoints,
                 changes: Vec::new(),
+                last_seq: None,
             };
             // `run` catches the closure's panics itself; this guard is for anything else.
             let outcome =
@@ -323,6 +451,7 @@ impl Writer {
             // Why the job's changes must go although its closure returned Ok.
             let mut veto = tx.broken.take();
             let changes = std::mem::take(&mut tx.changes);
+            let last_seq = tx.last_seq;
 
             if self.conn.is_autocommit() {
                 // SQLite aborted the whole transaction (I/O error, disk full...): the changes of every job
@@ -375,6 +504,7 @@ impl Writer {
                     finish: outcome.finish,
                     now_ms,
                     changes,
+                    last_seq,
                 });
             } else {
                 // Its changes are gone; it can be answered now (its own error, else the veto).
@@ -388,6 +518,16 @@ impl Writer {
         }
         match self.exec("COMMIT") {
             Ok(()) => {
+                // Publish the new outbox position before anyone hears of the commit.
+                if let Some(seq) = kept.iter().filter_map(|k| k.last_seq).max() {
+                    self.events.send_if_modified(|current| {
+                        let newer = seq > *current;
+                        if newer {
+                            *current = seq;
+                        }
+                        newer
+                    });
+                }
                 for k in kept {
                     (k.finish)(None);
                 }

@@ -45,6 +45,12 @@ check!(
     events,
     events_concurrent_gap_free,
     idempotency,
+    kv,
+    delivery_lifecycle,
+    delivery_listing,
+    delivery_no_head_of_line_blocking,
+    events_watch,
+    delivery_batch_isolation,
 );
 
 /// Every check, one after the other, on one store (as a deployment would see them).

@@ -23,8 +23,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::{
-    Clause, Cmp, Event, HistoryQuery, IdempotencyRecord, IndexEntry, IndexValue, NewEvent,
-    Predicate, Put, ResourceType, SearchQuery, Sort, SortField, Store, StoreError, Stored,
+    Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
+    HistoryQuery, IdempotencyRecord, IndexEntry, IndexValue, NewEvent, Predicate, Put,
+    ResourceType, SearchQuery, Sort, SortField, Store, StoreError, Stored,
 };
 
 const TAG_SYSTEM: &str = "urn:carebridge:conformance";
@@ -55,6 +56,12 @@ pub async fn run_all<S: Store>(store: Arc<S>) {
     events(&store).await;
     events_concurrent_gap_free(&store).await;
     idempotency(&store).await;
+    kv(&store).await;
+    delivery_lifecycle(&store).await;
+    delivery_listing(&store).await;
+    events_watch(&store).await;
+    delivery_batch_isolation(&store).await;
+    delivery_no_head_of_line_blocking(&store).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1977,4 +1984,1122 @@ pub async fn idempotency<S: Store>(store: &Arc<S>) {
         None,
         "a failed write's record vanished"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Named values
+
+/// Named values: set, overwrite, remove; namespaces are separate; atomic with the write; visible inside it.
+pub async fn kv<S: Store>(store: &Arc<S>) {
+    let ns = unique_id("kv");
+    let other = unique_id("kv-other");
+    assert_eq!(
+        store.kv_get(&ns, "cursor").await.unwrap(),
+        None,
+        "unknown key"
+    );
+    let n = ns.clone();
+    let inside = store
+        .write(move |tx| {
+            let before = tx.kv_get(&n, "cursor")?;
+            tx.kv_put(&n, "cursor", Some("41"))?;
+            tx.kv_put(&n, "cursor", Some("42"))?;
+            tx.kv_put(&n, "secret", Some("s\u{e9}cr\u{e8}t \"quoted\"\n"))?;
+            Ok((before, tx.kv_get(&n, "cursor")?))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        inside,
+        (None, Some("42".to_string())),
+        "a write sees its own named values"
+    );
+    assert_eq!(
+        store.kv_get(&ns, "cursor").await.unwrap().as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        store.kv_get(&ns, "secret").await.unwrap().as_deref(),
+        Some("s\u{e9}cr\u{e8}t \"quoted\"\n"),
+        "values are kept exactly"
+    );
+    assert_eq!(
+        store.kv_get(&other, "cursor").await.unwrap(),
+        None,
+        "namespaces are separate"
+    );
+    let o = other.clone();
+    store
+        .write(move |tx| tx.kv_put(&o, "cursor", Some("")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.kv_get(&other, "cursor").await.unwrap().as_deref(),
+        Some(""),
+        "an empty value is a value"
+    );
+    assert_eq!(
+        store.kv_get(&ns, "cursor").await.unwrap().as_deref(),
+        Some("42")
+    );
+
+    // A failed write changes nothing, removals included.
+    let n = ns.clone();
+    let r: crate::Result<()> = store
+        .write(move |tx| {
+            tx.kv_put(&n, "cursor", Some("99"))?;
+            tx.kv_put(&n, "secret", None)?;
+            tx.kv_put(&n, "new", Some("x"))?;
+            Err(StoreError::Conflict("refused".into()))
+        })
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+    assert_eq!(
+        store.kv_get(&ns, "cursor").await.unwrap().as_deref(),
+        Some("42"),
+        "a failed write's value vanished"
+    );
+    assert!(
+        store.kv_get(&ns, "secret").await.unwrap().is_some(),
+        "a failed write's removal vanished"
+    );
+    assert_eq!(store.kv_get(&ns, "new").await.unwrap(), None);
+
+    // Removal, also of an absent key.
+    let n = ns.clone();
+    store
+        .write(move |tx| {
+            tx.kv_put(&n, "cursor", None)?;
+            tx.kv_put(&n, "never-set", None)?;
+            assert_eq!(tx.kv_get(&n, "cursor")?, None, "removed inside the write");
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.kv_get(&ns, "cursor").await.unwrap(), None, "removed");
+    assert!(store.kv_get(&ns, "secret").await.unwrap().is_some());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Deliveries
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn delivery_event(subject: &str) -> NewEvent {
+    NewEvent {
+        subject: subject.to_string(),
+        kind: "test.delivery".into(),
+        rtype: ResourceType::Patient,
+        id: unique_id("dlv"),
+        version: 1,
+        data: Value::Null,
+    }
+}
+
+/// Append one event per subject, in order, in one write.
+async fn append_events<S: Store>(store: &Arc<S>, subjects: &[&str]) -> Vec<Event> {
+    let events: Vec<NewEvent> = subjects.iter().map(|s| delivery_event(s)).collect();
+    store
+        .write(move |tx| {
+            events
+                .into_iter()
+                .map(|e| tx.append_event(e))
+                .collect::<crate::Result<Vec<_>>>()
+        })
+        .await
+        .unwrap()
+}
+
+/// Enqueue `events` to `subscription` in one write: (enqueued?, the write's now_ms).
+async fn enqueue_all<S: Store>(
+    store: &Arc<S>,
+    subscription: &str,
+    events: &[Event],
+) -> (Vec<bool>, i64) {
+    let (sub, events) = (subscription.to_string(), events.to_vec());
+    store
+        .write(move |tx| {
+            let done = events
+                .iter()
+                .map(|e| tx.enqueue_delivery(&sub, e))
+                .collect::<crate::Result<Vec<_>>>()?;
+            Ok((done, tx.now_ms()))
+        })
+        .await
+        .unwrap()
+}
+
+/// Apply `update` in its own write; returns the write's now_ms.
+async fn set_delivery<S: Store>(
+    store: &Arc<S>,
+    subscription: &str,
+    seq: i64,
+    update: DeliveryUpdate,
+) -> i64 {
+    let sub = subscription.to_string();
+    let what = format!("{update:?} of {subscription}/{seq}");
+    store
+        .write(move |tx| {
+            tx.update_delivery(&sub, seq, update)?;
+            Ok(tx.now_ms())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what} failed: {e}"))
+}
+
+/// The due deliveries of `subscriptions` (others are left out), as (subscription, seq), in the order given.
+async fn due_of<S: Store>(
+    store: &Arc<S>,
+    now_ms: i64,
+    subscriptions: &[&str],
+) -> Vec<(String, i64)> {
+    let due = store.due_deliveries(now_ms, 10_000).await.unwrap();
+    assert!(
+        due.iter()
+            .all(|d| d.state == DeliveryState::Pending && d.next_attempt_ms <= now_ms),
+        "due deliveries are pending and due: {due:?}"
+    );
+    assert!(
+        due.windows(2)
+            .all(|w| (w[0].next_attempt_ms, w[0].seq) <= (w[1].next_attempt_ms, w[1].seq)),
+        "due deliveries come by (next_attempt_ms, seq): {due:?}"
+    );
+    due.into_iter()
+        .filter(|d| subscriptions.contains(&d.subscription.as_str()))
+        .map(|d| (d.subscription, d.seq))
+        .collect()
+}
+
+/// One delivery, as listed.
+async fn delivery_of<S: Store>(store: &Arc<S>, subscription: &str, seq: i64) -> Delivery {
+    let found = store
+        .deliveries(&DeliveryQuery {
+            subscription: Some(subscription.to_string()),
+            state: None,
+            after_seq: seq - 1,
+            limit: 1,
+        })
+        .await
+        .unwrap();
+    match found.into_iter().next() {
+        Some(d) if d.seq == seq => d,
+        other => panic!("delivery {subscription}/{seq} not found (got {other:?})"),
+    }
+}
+
+fn pairs(items: &[(&str, &Event)]) -> Vec<(String, i64)> {
+    items.iter().map(|(s, e)| (s.to_string(), e.seq)).collect()
+}
+
+fn as_set(items: Vec<(String, i64)>) -> BTreeSet<(String, i64)> {
+    items.into_iter().collect()
+}
+
+/// Enqueue, due heads, per-subject order, no head-of-line blocking, every transition, counts, requeues.
+pub async fn delivery_lifecycle<S: Store>(store: &Arc<S>) {
+    let a = unique_id("dq-a");
+    let b = unique_id("dq-b");
+    let (a, b) = (a.as_str(), b.as_str());
+    let s1 = format!("Appointment/{}", unique_id("dq-s1"));
+    let s2 = format!("Appointment/{}", unique_id("dq-s2"));
+    let ev = append_events(store, &[&s1, &s1, &s2, &s1]).await;
+    let (e0, e1, e2, e3) = (&ev[0], &ev[1], &ev[2], &ev[3]);
+
+    let (done, t_a) = enqueue_all(store, a, &ev).await;
+    assert_eq!(done, vec![true; 4], "first enqueues");
+    let (done, _) = enqueue_all(store, b, &ev[..2]).await;
+    assert_eq!(done, vec![true; 2]);
+    let (done, _) = enqueue_all(store, a, &[e0.clone(), e2.clone()]).await;
+    assert_eq!(done, vec![false, false], "enqueue is idempotent");
+
+    let d0 = delivery_of(store, a, e0.seq).await;
+    assert_eq!(
+        d0,
+        Delivery {
+            subscription: a.to_string(),
+            seq: e0.seq,
+            subject: s1.clone(),
+            state: DeliveryState::Pending,
+            attempts: 0,
+            next_attempt_ms: t_a,
+            created_ms: t_a,
+            updated_ms: t_a,
+            last_status: None,
+            last_error: None,
+        },
+        "a fresh delivery: pending, due at the enqueueing write's now_ms"
+    );
+    let far = t_a + 86_400_000;
+    assert_eq!(
+        as_set(due_of(store, far, &[a, b]).await),
+        as_set(pairs(&[(a, e0), (a, e2), (b, e0)])),
+        "only the head of each (subscription, subject) is due"
+    );
+    assert_eq!(
+        due_of(store, t_a - 1, &[a, b]).await,
+        vec![],
+        "nothing is due before its next attempt"
+    );
+    let next = store.next_due_ms().await.unwrap();
+    assert!(
+        next.is_some_and(|n| n <= t_a),
+        "next_due_ms {next:?} at or before {t_a}"
+    );
+
+    // A retry keeps its subject blocked, not the other subject nor the other subscription.
+    let t1 = t_a + 60_000;
+    let t_retry = set_delivery(
+        store,
+        a,
+        e0.seq,
+        DeliveryUpdate::Retry {
+            attempts: 1,
+            next_attempt_ms: t1,
+            status: Some(503),
+            error: "unavailable".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        delivery_of(store, a, e0.seq).await,
+        Delivery {
+            attempts: 1,
+            next_attempt_ms: t1,
+            updated_ms: t_retry,
+            last_status: Some(503),
+            last_error: Some("unavailable".into()),
+            ..d0.clone()
+        },
+        "after a retry"
+    );
+    let (done, _) = enqueue_all(store, a, &[e0.clone()]).await;
+    assert_eq!(done, vec![false]);
+    assert_eq!(
+        delivery_of(store, a, e0.seq).await.attempts,
+        1,
+        "enqueueing again leaves the delivery unchanged"
+    );
+    assert_eq!(
+        as_set(due_of(store, t1 - 1, &[a, b]).await),
+        as_set(pairs(&[(a, e2), (b, e0)])),
+        "a's second event of s1 waits for the first; s2 and subscription b are not blocked"
+    );
+    assert_eq!(
+        as_set(due_of(store, t1, &[a, b]).await),
+        as_set(pairs(&[(a, e0), (a, e2), (b, e0)])),
+        "the retry is due at its next attempt"
+    );
+    set_delivery(
+        store,
+        a,
+        e2.seq,
+        DeliveryUpdate::Retry {
+            attempts: 1,
+            next_attempt_ms: t1 - 10,
+            status: None,
+            error: "connection refused".into(),
+        },
+    )
+    .await;
+    let (_, t_b) = (0, delivery_of(store, b, e0.seq).await.next_attempt_ms);
+    assert!(t_b < t1 - 10);
+    assert_eq!(
+        due_of(store, t1, &[a, b]).await,
+        pairs(&[(b, e0), (a, e2), (a, e0)]),
+        "earliest next attempt first"
+    );
+    assert_eq!(
+        due_of(store, t1 - 10, &[a]).await,
+        pairs(&[(a, e2)]),
+        "a retry's next attempt is respected"
+    );
+
+    // Delivered: the subject's next event becomes its head.
+    let t_ok = set_delivery(
+        store,
+        a,
+        e0.seq,
+        DeliveryUpdate::Delivered {
+            attempts: 2,
+            status: 200,
+        },
+    )
+    .await;
+    let delivered = delivery_of(store, a, e0.seq).await;
+    assert_eq!(
+        (
+            delivered.state,
+            delivered.attempts,
+            delivered.updated_ms,
+            delivered.last_status,
+            delivered.last_error.clone()
+        ),
+        (DeliveryState::Delivered, 2, t_ok, Some(200), None),
+        "after delivery: {delivered:?}"
+    );
+    assert_eq!(
+        due_of(store, t1, &[a]).await,
+        pairs(&[(a, e1), (a, e2)]),
+        "the next event of s1 is due once the first is delivered"
+    );
+
+    // Dead: the next one after it becomes the head.
+    let t_dead = set_delivery(
+        store,
+        a,
+        e1.seq,
+        DeliveryUpdate::Dead {
+            attempts: 5,
+            status: None,
+            error: "timeout".into(),
+        },
+    )
+    .await;
+    let dead = delivery_of(store, a, e1.seq).await;
+    assert_eq!(
+        (
+            dead.state,
+            dead.attempts,
+            dead.updated_ms,
+            dead.last_status,
+            dead.last_error.as_deref()
+        ),
+        (DeliveryState::Dead, 5, t_dead, None, Some("timeout")),
+        "a dead letter: {dead:?}"
+    );
+    assert_eq!(
+        due_of(store, t1, &[a]).await,
+        pairs(&[(a, e3), (a, e2)]),
+        "a dead letter no longer blocks its subject"
+    );
+    assert_eq!(
+        store.delivery_counts(a).await.unwrap(),
+        DeliveryCounts {
+            pending: 2,
+            delivered: 1,
+            dead: 1
+        }
+    );
+    assert_eq!(
+        store.delivery_counts(b).await.unwrap(),
+        DeliveryCounts {
+            pending: 2,
+            delivered: 0,
+            dead: 0
+        }
+    );
+    assert_eq!(
+        store.delivery_counts(&unique_id("dq-none")).await.unwrap(),
+        DeliveryCounts::default()
+    );
+
+    // Requeue (replay) of a dead letter: pending, no attempts, due now, and its subject's head again.
+    let t_req = set_delivery(store, a, e1.seq, DeliveryUpdate::Requeue).await;
+    let requeued = delivery_of(store, a, e1.seq).await;
+    assert_eq!(
+        (
+            requeued.state,
+            requeued.attempts,
+            requeued.next_attempt_ms,
+            requeued.updated_ms
+        ),
+        (DeliveryState::Pending, 0, t_req, t_req),
+        "requeued: {requeued:?}"
+    );
+    assert_eq!(
+        due_of(store, t1, &[a]).await,
+        pairs(&[(a, e1), (a, e2)]),
+        "the requeued dead letter goes before the later pending event of its subject"
+    );
+    assert_eq!(
+        due_of(store, t_req - 1, &[a]).await,
+        vec![],
+        "and is due at the requeueing write's now_ms"
+    );
+
+    // requeue_dead: every dead letter of one subscription, and only those.
+    for e in [e1, e3] {
+        set_delivery(
+            store,
+            a,
+            e.seq,
+            DeliveryUpdate::Dead {
+                attempts: 3,
+                status: Some(410),
+                error: "gone".into(),
+            },
+        )
+        .await;
+    }
+    set_delivery(
+        store,
+        b,
+        e0.seq,
+        DeliveryUpdate::Dead {
+            attempts: 3,
+            status: Some(410),
+            error: "gone".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        due_of(store, t1, &[a, b]).await,
+        pairs(&[(b, e1), (a, e2)]),
+        "s1 of a has nothing pending"
+    );
+    let a2 = a.to_string();
+    let (n, t_rd) = store
+        .write(move |tx| Ok((tx.requeue_dead(&a2)?, tx.now_ms())))
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "requeue_dead counts what it requeued");
+    let a2 = a.to_string();
+    assert_eq!(
+        store.write(move |tx| tx.requeue_dead(&a2)).await.unwrap(),
+        0,
+        "nothing left to requeue"
+    );
+    for e in [e1, e3] {
+        let d = delivery_of(store, a, e.seq).await;
+        assert_eq!(
+            (d.state, d.attempts, d.next_attempt_ms),
+            (DeliveryState::Pending, 0, t_rd),
+            "requeued by requeue_dead: {d:?}"
+        );
+    }
+    assert_eq!(
+        delivery_of(store, b, e0.seq).await.state,
+        DeliveryState::Dead,
+        "another subscription's dead letters stay dead"
+    );
+    assert_eq!(
+        due_of(store, t1, &[a, b]).await,
+        pairs(&[(b, e1), (a, e1), (a, e2)]),
+        "after requeue_dead, s1's lowest seq is its head"
+    );
+    assert_eq!(
+        store.delivery_counts(a).await.unwrap(),
+        DeliveryCounts {
+            pending: 3,
+            delivered: 1,
+            dead: 0
+        }
+    );
+
+    // Updating an unknown delivery is refused.
+    for (sub, seq) in [
+        (a.to_string(), ev[3].seq + 1_000_000),
+        (unique_id("dq-x"), e0.seq),
+    ] {
+        let r = store
+            .write(move |tx| tx.update_delivery(&sub, seq, DeliveryUpdate::Requeue))
+            .await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    }
+
+    // Deliver everything, subject by subject in order: nothing stays due.
+    for (sub, e) in [(a, e1), (a, e3), (a, e2), (b, e1)] {
+        set_delivery(
+            store,
+            sub,
+            e.seq,
+            DeliveryUpdate::Delivered {
+                attempts: 1,
+                status: 204,
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        due_of(store, i64::MAX, &[a, b]).await,
+        vec![],
+        "all delivered or dead"
+    );
+    assert_eq!(
+        store.delivery_counts(a).await.unwrap(),
+        DeliveryCounts {
+            pending: 0,
+            delivered: 4,
+            dead: 0
+        }
+    );
+    assert_eq!(
+        store.delivery_counts(b).await.unwrap(),
+        DeliveryCounts {
+            pending: 0,
+            delivered: 1,
+            dead: 1
+        }
+    );
+}
+
+/// `deliveries` filters by subscription, state and seq, orders by (seq, subscription) and honours `limit`.
+pub async fn delivery_listing<S: Store>(store: &Arc<S>) {
+    let base = unique_id("dl");
+    let (c, d) = (format!("{base}-c"), format!("{base}-d"));
+    let subject = format!("Slot/{}", unique_id("dl-s"));
+    let other = format!("Slot/{}", unique_id("dl-o"));
+    let ev = append_events(store, &[&subject, &other, &subject, &other, &subject]).await;
+    enqueue_all(store, &c, &ev).await;
+    enqueue_all(store, &d, &ev[..3]).await;
+    set_delivery(
+        store,
+        &c,
+        ev[0].seq,
+        DeliveryUpdate::Delivered {
+            attempts: 1,
+            status: 200,
+        },
+    )
+    .await;
+    set_delivery(
+        store,
+        &c,
+        ev[1].seq,
+        DeliveryUpdate::Dead {
+            attempts: 1,
+            status: Some(400),
+            error: "bad request".into(),
+        },
+    )
+    .await;
+    let list = |subscription: Option<&str>, state: Option<DeliveryState>, after: i64, limit| {
+        let q = DeliveryQuery {
+            subscription: subscription.map(str::to_string),
+            state,
+            after_seq: after,
+            limit,
+        };
+        let store = store.clone();
+        async move {
+            let found = store.deliveries(&q).await.unwrap();
+            assert!(found.len() <= q.limit, "limit honoured");
+            for x in &found {
+                assert!(x.seq > q.after_seq, "after_seq is exclusive");
+                if let Some(s) = &q.subscription {
+                    assert_eq!(&x.subscription, s);
+                }
+                if let Some(st) = q.state {
+                    assert_eq!(x.state, st);
+                }
+            }
+            found
+                .into_iter()
+                .map(|x| (x.subscription, x.seq))
+                .collect::<Vec<_>>()
+        }
+    };
+    let seqs = |sub: &str, idx: &[usize]| -> Vec<(String, i64)> {
+        idx.iter().map(|&i| (sub.to_string(), ev[i].seq)).collect()
+    };
+    let start = ev[0].seq - 1;
+    assert_eq!(
+        list(Some(&c), None, 0, 100).await,
+        seqs(&c, &[0, 1, 2, 3, 4])
+    );
+    assert_eq!(list(Some(&c), None, start, 2).await, seqs(&c, &[0, 1]));
+    assert_eq!(
+        list(Some(&c), None, ev[2].seq, 100).await,
+        seqs(&c, &[3, 4])
+    );
+    assert_eq!(list(Some(&c), None, 0, 0).await, vec![], "limit 0");
+    assert_eq!(
+        list(Some(&c), Some(DeliveryState::Dead), 0, 100).await,
+        seqs(&c, &[1])
+    );
+    assert_eq!(
+        list(Some(&c), Some(DeliveryState::Delivered), 0, 100).await,
+        seqs(&c, &[0])
+    );
+    assert_eq!(
+        list(Some(&c), Some(DeliveryState::Pending), 0, 100).await,
+        seqs(&c, &[2, 3, 4])
+    );
+    assert_eq!(
+        list(Some(&c), Some(DeliveryState::Pending), ev[3].seq, 100).await,
+        seqs(&c, &[4])
+    );
+    assert_eq!(list(Some(&d), None, 0, 100).await, seqs(&d, &[0, 1, 2]));
+    assert_eq!(
+        list(Some(&unique_id("dl-none")), None, 0, 100).await,
+        vec![]
+    );
+    // Across subscriptions: by seq, then subscription (only this check's events have seq > start).
+    let mut both = Vec::new();
+    for i in 0..5 {
+        both.extend(seqs(&c, &[i]));
+        if i < 3 {
+            both.extend(seqs(&d, &[i]));
+        }
+    }
+    assert_eq!(list(None, None, start, 100).await, both);
+    assert_eq!(list(None, None, start, 3).await, both[..3].to_vec());
+    let pending: Vec<(String, i64)> = [
+        seqs(&d, &[0, 1]),
+        seqs(&c, &[2]),
+        seqs(&d, &[2]),
+        seqs(&c, &[3, 4]),
+    ]
+    .concat();
+    assert_eq!(
+        list(None, Some(DeliveryState::Pending), start, 100).await,
+        pending
+    );
+    // Tidy up: nothing of this check stays due.
+    for (sub, i) in [(&c, 2), (&c, 3), (&c, 4), (&d, 0), (&d, 1), (&d, 2)] {
+        set_delivery(
+            store,
+            sub,
+            ev[i].seq,
+            DeliveryUpdate::Delivered {
+                attempts: 1,
+                status: 200,
+            },
+        )
+        .await;
+    }
+}
+
+/// 20,000 deliveries queued behind one subject whose head waits for a retry far in the future do not slow
+/// down finding the due work of another subscription.
+pub async fn delivery_no_head_of_line_blocking<S: Store>(store: &Arc<S>) {
+    const BACKLOG: usize = 20_000;
+    const PER_WRITE: usize = 1_000;
+    let a = unique_id("hol-a");
+    let b = unique_id("hol-b");
+    let subject = format!("Appointment/{}", unique_id("hol-s"));
+    let mut first: Option<Event> = None;
+    for _ in 0..BACKLOG / PER_WRITE {
+        let (a2, subject) = (a.clone(), subject.clone());
+        let e = store
+            .write(move |tx| {
+                let mut first = None;
+                for _ in 0..PER_WRITE {
+                    let e = tx.append_event(delivery_event(&subject))?;
+                    assert!(tx.enqueue_delivery(&a2, &e)?);
+                    first.get_or_insert(e);
+                }
+                Ok(first)
+            })
+            .await
+            .unwrap();
+        first = first.or(e);
+    }
+    let first = first.unwrap();
+    let far = wall_ms() + 10 * 86_400_000;
+    set_delivery(
+        store,
+        &a,
+        first.seq,
+        DeliveryUpdate::Retry {
+            attempts: 7,
+            next_attempt_ms: far,
+            status: Some(500),
+            error: "down".into(),
+        },
+    )
+    .await;
+    let eb = append_events(store, &[&format!("Patient/{}", unique_id("hol-p"))]).await;
+    let (_, t_b) = enqueue_all(store, &b, &eb).await;
+
+    let now = t_b + 1_000;
+    let mut best = Duration::MAX;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let due = store.due_deliveries(now, 100).await.unwrap();
+        best = best.min(started.elapsed());
+        let mine: Vec<(String, i64)> = due
+            .into_iter()
+            .filter(|d| d.subscription == a || d.subscription == b)
+            .map(|d| (d.subscription, d.seq))
+            .collect();
+        assert_eq!(
+            mine,
+            vec![(b.clone(), eb[0].seq)],
+            "only b's delivery is due"
+        );
+    }
+    assert!(
+        best < Duration::from_millis(5),
+        "due_deliveries took {best:?} with {BACKLOG} deliveries queued behind a head"
+    );
+    let mut best = Duration::MAX;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let next = store.next_due_ms().await.unwrap();
+        best = best.min(started.elapsed());
+        assert!(next.is_some_and(|n| n <= t_b), "next_due_ms {next:?}");
+    }
+    assert!(
+        best < Duration::from_millis(5),
+        "next_due_ms took {best:?} with {BACKLOG} deliveries queued behind a head"
+    );
+    assert_eq!(
+        due_of(store, far, &[&a]).await,
+        vec![(a.clone(), first.seq)],
+        "the backlog shows only its head"
+    );
+    assert_eq!(
+        store.delivery_counts(&a).await.unwrap().pending,
+        BACKLOG as u64
+    );
+    set_delivery(
+        store,
+        &b,
+        eb[0].seq,
+        DeliveryUpdate::Delivered {
+            attempts: 1,
+            status: 200,
+        },
+    )
+    .await;
+}
+
+/// `watch_events` moves after a commit that appended events (to its highest seq), not after other commits.
+pub async fn events_watch<S: Store>(store: &Arc<S>) {
+    let mut rx = store.watch_events();
+    let start = *rx.borrow_and_update();
+    assert!(
+        store.events_after(start, 1).await.unwrap().is_empty(),
+        "the watch starts at the last committed event"
+    );
+    if start > 0 {
+        assert_eq!(
+            store
+                .events_after(start - 1, 1)
+                .await
+                .unwrap()
+                .first()
+                .map(|e| e.seq),
+            Some(start),
+            "the watch names an existing event"
+        );
+    }
+    let ns = unique_id("watch");
+    let n = ns.clone();
+    store
+        .write(move |tx| tx.kv_put(&n, "k", Some("v")))
+        .await
+        .unwrap();
+    let subject = format!("Patient/{}", unique_id("watch"));
+    let s = subject.clone();
+    let r: crate::Result<()> = store
+        .write(move |tx| {
+            tx.append_event(delivery_event(&s))?;
+            Err(StoreError::Conflict("refused".into()))
+        })
+        .await;
+    assert!(r.is_err());
+    assert!(
+        !rx.has_changed().unwrap(),
+        "no change after commits without events"
+    );
+
+    let mut waiting = store.watch_events();
+    waiting.borrow_and_update();
+    let waiter = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(10), waiting.changed())
+            .await
+            .expect("the watch wakes its waiters")
+            .unwrap();
+        *waiting.borrow()
+    });
+    sleep_ms(20).await;
+    let ev = append_events(store, &[&subject, &subject]).await;
+    assert!(
+        rx.has_changed().unwrap(),
+        "changed after a commit with events"
+    );
+    assert_eq!(
+        *rx.borrow_and_update(),
+        ev[1].seq,
+        "the watch holds the highest committed seq once the write is acknowledged"
+    );
+    assert_eq!(waiter.await.unwrap(), ev[1].seq);
+    let later = store.watch_events();
+    assert_eq!(
+        *later.borrow(),
+        ev[1].seq,
+        "a new receiver starts at the current value"
+    );
+}
+
+/// Poll a future once (a backend with a writer queue has then queued the write); its answer if it is ready.
+async fn poll_once<T>(
+    f: &mut std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>,
+) -> Option<T> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match f.as_mut().poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+/// Writes committed together (group commit) where some fail: the others' deliveries, requeues and named
+/// values are kept exactly as answered, the failed ones' vanish.
+pub async fn delivery_batch_isolation<S: Store>(store: &Arc<S>) {
+    type Answer = crate::Result<Vec<i64>>;
+    type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>;
+    type Closure = Box<dyn FnOnce(&mut dyn crate::Tx) -> Answer + Send>;
+
+    let sub = unique_id("bi");
+    let ns = unique_id("bi-kv");
+    let s1 = format!("Appointment/{}", unique_id("bi-s1"));
+    let s2 = format!("Appointment/{}", unique_id("bi-s2"));
+    let ev = append_events(store, &[&s1, &s1, &s2]).await;
+    let (e0, e1, e2) = (ev[0].clone(), ev[1].clone(), ev[2].clone());
+    enqueue_all(store, &sub, &[e0.clone(), e2.clone()]).await;
+    set_delivery(
+        store,
+        &sub,
+        e2.seq,
+        DeliveryUpdate::Dead {
+            attempts: 1,
+            status: None,
+            error: "x".into(),
+        },
+    )
+    .await;
+    let mut rx = store.watch_events();
+    rx.borrow_and_update();
+
+    // Keep the backend busy so that the writes below queue up and commit together.
+    let s = store.clone();
+    let mut blocker: std::pin::Pin<
+        Box<dyn std::future::Future<Output = crate::Result<()>> + Send>,
+    > = Box::pin(async move {
+        s.write(|_| {
+            std::thread::sleep(Duration::from_millis(150));
+            Ok(())
+        })
+        .await
+    });
+    let blocker_done = poll_once(&mut blocker).await;
+    sleep_ms(30).await;
+
+    let far = wall_ms() + 86_400_000;
+    let mut jobs: Vec<(&str, Pending)> = Vec::new();
+    let mut add = |name: &'static str, f: Closure| {
+        let s = store.clone();
+        jobs.push((name, Box::pin(async move { s.write(f).await })));
+    };
+    let (q, n, e) = (sub.clone(), ns.clone(), e1.clone());
+    add(
+        "a",
+        Box::new(move |tx| {
+            let added = tx.enqueue_delivery(&q, &e)?;
+            tx.kv_put(&n, "k1", Some("a"))?;
+            tx.kv_put(&n, "k2", Some("a"))?;
+            Ok(vec![i64::from(added)])
+        }),
+    );
+    let (q, n, s) = (sub.clone(), ns.clone(), s1.clone());
+    add(
+        "b",
+        Box::new(move |tx| {
+            tx.update_delivery(
+                &q,
+                e0.seq,
+                DeliveryUpdate::Dead {
+                    attempts: 2,
+                    status: Some(500),
+                    error: "b".into(),
+                },
+            )?;
+            let requeued = tx.requeue_dead(&q)?;
+            let e3 = tx.append_event(delivery_event(&s))?;
+            let added = tx.enqueue_delivery(&q, &e3)?;
+            tx.kv_put(&n, "k2", None)?;
+            Ok(vec![
+                i64::try_from(requeued).unwrap(),
+                e3.seq,
+                i64::from(added),
+            ])
+        }),
+    );
+    let (q, n, s) = (sub.clone(), ns.clone(), s2.clone());
+    add(
+        "c (fails)",
+        Box::new(move |tx| {
+            tx.update_delivery(
+                &q,
+                e1.seq,
+                DeliveryUpdate::Delivered {
+                    attempts: 1,
+                    status: 200,
+                },
+            )?;
+            tx.kv_put(&n, "k1", Some("c"))?;
+            tx.kv_put(&n, "k3", Some("c"))?;
+            let e4 = tx.append_event(delivery_event(&s))?;
+            tx.enqueue_delivery(&q, &e4)?;
+            tx.requeue_dead(&q)?;
+            Err(StoreError::Conflict("c".into()))
+        }),
+    );
+    let (q, n) = (sub.clone(), ns.clone());
+    add(
+        "d",
+        Box::new(move |tx| {
+            tx.update_delivery(
+                &q,
+                e0.seq,
+                DeliveryUpdate::Delivered {
+                    attempts: 1,
+                    status: 200,
+                },
+            )?;
+            tx.kv_put(&n, "k3", Some("d"))?;
+            Ok(vec![])
+        }),
+    );
+    let (q, n) = (sub.clone(), ns.clone());
+    add(
+        "e (fails)",
+        Box::new(move |tx| {
+            tx.kv_put(&n, "k1", Some("e"))?;
+            tx.update_delivery(&q, -1, DeliveryUpdate::Requeue)?;
+            Ok(vec![])
+        }),
+    );
+    let (q, n) = (sub.clone(), ns.clone());
+    add(
+        "f",
+        Box::new(move |tx| {
+            tx.update_delivery(
+                &q,
+                e1.seq,
+                DeliveryUpdate::Retry {
+                    attempts: 1,
+                    next_attempt_ms: far,
+                    status: Some(429),
+                    error: "slow down".into(),
+                },
+            )?;
+            tx.kv_put(&n, "k4", Some("f"))?;
+            Ok(vec![tx.now_ms()])
+        }),
+    );
+    let mut answers: BTreeMap<&str, Answer> = BTreeMap::new();
+    let mut queued = Vec::new();
+    for (name, mut f) in jobs {
+        match poll_once(&mut f).await {
+            Some(answer) => {
+                answers.insert(name, answer);
+            }
+            None => queued.push((name, f)),
+        }
+    }
+    match blocker_done {
+        Some(r) => r.unwrap(),
+        None => blocker.await.unwrap(),
+    }
+    for (name, f) in queued {
+        answers.insert(name, f.await);
+    }
+
+    let ok = |name: &str| {
+        answers[name]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .clone()
+    };
+    assert!(
+        matches!(answers["c (fails)"], Err(StoreError::Conflict(_))),
+        "{:?}",
+        answers["c (fails)"]
+    );
+    assert!(
+        matches!(answers["e (fails)"], Err(StoreError::Invalid(_))),
+        "{:?}",
+        answers["e (fails)"]
+    );
+    assert_eq!(ok("a"), vec![1]);
+    let b_answer = ok("b");
+    assert_eq!(
+        (b_answer[0], b_answer[2]),
+        (2, 1),
+        "b requeued e0 and e2, enqueued e3"
+    );
+    let e3_seq = b_answer[1];
+    ok("d");
+    ok("f");
+
+    let kv = |k: &'static str| {
+        let (store, ns) = (store.clone(), ns.clone());
+        async move { store.kv_get(&ns, k).await.unwrap() }
+    };
+    assert_eq!(
+        kv("k1").await.as_deref(),
+        Some("a"),
+        "failed writes' values vanished"
+    );
+    assert_eq!(kv("k2").await, None, "b's removal kept");
+    assert_eq!(kv("k3").await.as_deref(), Some("d"));
+    assert_eq!(kv("k4").await.as_deref(), Some("f"));
+
+    let listed: Vec<(i64, DeliveryState, u32)> = store
+        .deliveries(&DeliveryQuery {
+            subscription: Some(sub.clone()),
+            limit: 100,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.seq, d.state, d.attempts))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (ev[0].seq, DeliveryState::Delivered, 1),
+            (ev[1].seq, DeliveryState::Pending, 1),
+            (ev[2].seq, DeliveryState::Pending, 0),
+            (e3_seq, DeliveryState::Pending, 0),
+        ],
+        "deliveries exactly as answered"
+    );
+    assert_eq!(
+        delivery_of(store, &sub, ev[1].seq).await.next_attempt_ms,
+        far
+    );
+    assert_eq!(
+        due_of(store, far - 1, &[&sub]).await,
+        vec![(sub.clone(), ev[2].seq)],
+        "s1 waits for e1's retry (e3 behind it); s2's requeued dead letter is due"
+    );
+    assert_eq!(
+        due_of(store, far, &[&sub]).await,
+        vec![(sub.clone(), ev[2].seq), (sub.clone(), ev[1].seq)]
+    );
+    assert_eq!(
+        *rx.borrow_and_update(),
+        e3_seq,
+        "the watch holds the highest kept event, not a failed write's"
+    );
+    let stored: Vec<Event> = store.events_after(ev[2].seq, 100).await.unwrap();
+    assert_eq!(
+        stored.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![e3_seq],
+        "the failed write's event vanished"
+    );
+    for e in [ev[2].seq, ev[1].seq, e3_seq] {
+        set_delivery(
+            store,
+            &sub,
+            e,
+            DeliveryUpdate::Delivered {
+                attempts: 2,
+                status: 200,
+            },
+        )
+        .await;
+    }
 }

@@ -104,6 +104,100 @@ pub struct IdempotencyRecord {
     pub created_ms: i64,
 }
 
+/// State of one delivery of one outbox event to one subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeliveryState {
+    /// Not yet acknowledged by the consumer (never tried, or waiting for a retry).
+    Pending,
+    /// The consumer answered 2xx.
+    Delivered,
+    /// Given up after the retry policy: a dead letter, until replayed.
+    Dead,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeliveryState> {
+        match s {
+            "pending" => Some(DeliveryState::Pending),
+            "delivered" => Some(DeliveryState::Delivered),
+            "dead" => Some(DeliveryState::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// One delivery of outbox event `seq` to subscription `subscription`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The Subscription's id.
+    pub subscription: String,
+    /// The outbox event's global seq.
+    pub seq: i64,
+    /// The event's subject (ordering key), e.g. `Appointment/1`.
+    pub subject: String,
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Earliest time of the next attempt (pending only).
+    pub next_attempt_ms: i64,
+    /// When the delivery was enqueued.
+    pub created_ms: i64,
+    /// When the state last changed.
+    pub updated_ms: i64,
+    /// HTTP status of the last attempt, if it got one.
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// The result of a delivery attempt (or an operator's replay), applied with [`Tx::update_delivery`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryUpdate {
+    Delivered {
+        attempts: u32,
+        status: u16,
+    },
+    Retry {
+        attempts: u32,
+        next_attempt_ms: i64,
+        status: Option<u16>,
+        error: String,
+    },
+    Dead {
+        attempts: u32,
+        status: Option<u16>,
+        error: String,
+    },
+    /// Replay: back to pending with no attempts, due now.
+    Requeue,
+}
+
+/// Which deliveries to list.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeliveryQuery {
+    pub subscription: Option<String>,
+    pub state: Option<DeliveryState>,
+    /// Only deliveries of events with `seq > after_seq`.
+    pub after_seq: i64,
+    pub limit: usize,
+}
+
+/// Deliveries of one subscription per state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeliveryCounts {
+    pub pending: u64,
+    pub delivered: u64,
+    pub dead: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StoreError {
     #[error("{rtype}/{id} not found")]
@@ -165,6 +259,25 @@ pub trait Tx {
     fn append_event(&mut self, event: NewEvent) -> Result<Event>;
     fn idempotency_get(&mut self, key: &str) -> Result<Option<IdempotencyRecord>>;
     fn idempotency_put(&mut self, record: IdempotencyRecord) -> Result<()>;
+
+    /// Small named values (cursors, secrets kept out of resources): read one.
+    fn kv_get(&mut self, namespace: &str, key: &str) -> Result<Option<String>>;
+    /// Set (`Some`) or remove (`None`) one named value.
+    fn kv_put(&mut self, namespace: &str, key: &str, value: Option<&str>) -> Result<()>;
+
+    /// Enqueue the delivery of `event` to `subscription` (pending, due now). Idempotent: returns false when
+    /// that delivery already exists (in any state), leaving it unchanged.
+    fn enqueue_delivery(&mut self, subscription: &str, event: &Event) -> Result<bool>;
+    /// Record the outcome of an attempt, or requeue a delivery (replay). `NotFound`-free: updating a delivery
+    /// that does not exist is `StoreError::Invalid`.
+    fn update_delivery(
+        &mut self,
+        subscription: &str,
+        seq: i64,
+        update: DeliveryUpdate,
+    ) -> Result<()>;
+    /// Requeue every dead delivery of a subscription; returns how many.
+    fn requeue_dead(&mut self, subscription: &str) -> Result<u64>;
 }
 
 /// Result of a search outside a transaction.
@@ -211,4 +324,41 @@ pub trait Store: Send + Sync + 'static {
         after: i64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Event>>> + Send;
+
+    /// The highest committed outbox `seq` (0 when none): changes after each commit that appended events (not
+    /// after commits without events), before the writes of that commit are acknowledged.
+    fn watch_events(&self) -> tokio::sync::watch::Receiver<i64>;
+
+    /// A named value as committed (see [`Tx::kv_get`]).
+    fn kv_get(
+        &self,
+        namespace: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Deliveries to attempt at `now_ms`: for each (subscription, subject) only its pending delivery with the
+    /// lowest seq (the head; later ones wait until it is delivered or dead), and only if its
+    /// `next_attempt_ms <= now_ms`. Earliest `next_attempt_ms` first (then seq), at most `limit`. Costs
+    /// O(log n + limit), however many deliveries wait behind a head.
+    fn due_deliveries(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
+
+    /// The earliest `next_attempt_ms` of any head (see [`Store::due_deliveries`]); `None` when nothing is
+    /// pending.
+    fn next_due_ms(&self) -> impl Future<Output = Result<Option<i64>>> + Send;
+
+    /// Deliveries matching `query`, by seq (then subscription), at most `query.limit`.
+    fn deliveries(
+        &self,
+        query: &DeliveryQuery,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
+
+    /// How many deliveries of `subscription` are in each state.
+    fn delivery_counts(
+        &self,
+        subscription: &str,
+    ) -> impl Future<Output = Result<DeliveryCounts>> + Send;
 }

@@ -153,7 +153,7 @@ fn check_string(p: Prim, s: &str) -> Result<(), Fail> {
             Ok(())
         }
         Prim::Uri | Prim::Url | Prim::Canonical => {
-            if s.chars().any(char::is_whitespace) {
+            if has_whitespace(s) {
                 return lexical(p, s, "must not contain whitespace");
             }
             Ok(())
@@ -256,8 +256,28 @@ fn check_string(p: Prim, s: &str) -> Result<(), Fail> {
     }
 }
 
+/// Whether `s` has a character that is `char::is_whitespace` (ASCII text checked byte by byte).
+fn has_whitespace(s: &str) -> bool {
+    if s.is_ascii() {
+        s.bytes().any(|b| matches!(b, b'\t'..=b'\r' | b' '))
+    } else {
+        s.chars().any(char::is_whitespace)
+    }
+}
+
 /// R4 code: `[^\s]+(\s[^\s]+)*`.
 fn is_code(s: &str) -> bool {
+    if s.is_ascii() {
+        let mut prev_ws = true;
+        for b in s.bytes() {
+            let ws = matches!(b, b'\t'..=b'\r' | b' ');
+            if ws && prev_ws {
+                return false;
+            }
+            prev_ws = ws;
+        }
+        return !prev_ws;
+    }
     let mut prev_ws = true; // start counts as whitespace: a leading space fails
     for c in s.chars() {
         let ws = c.is_whitespace();
@@ -597,6 +617,40 @@ mod tests {
             serde_json::from_str("1.50").unwrap_or(Value::Null)
         ));
         assert!(!ok(Prim::Decimal, json!("1.50")));
+    }
+
+    #[test]
+    fn ascii_fast_paths_agree_with_char_rules() {
+        let mut samples: Vec<String> = vec![String::new()];
+        let parts = [
+            "a", " ", "\t", "\u{b}", "\u{c}", "\r", "\n", "\u{85}", "\u{a0}", "\u{2003}", "é", "b",
+            "\u{1c}",
+        ];
+        for x in parts {
+            for y in parts {
+                for z in parts {
+                    samples.push(format!("{x}{y}{z}"));
+                }
+            }
+        }
+        for s in &samples {
+            assert_eq!(
+                has_whitespace(s),
+                s.chars().any(char::is_whitespace),
+                "{s:?}"
+            );
+            let mut prev_ws = true;
+            let mut ok = true;
+            for c in s.chars() {
+                let ws = c.is_whitespace();
+                if ws && prev_ws {
+                    ok = false;
+                    break;
+                }
+                prev_ws = ws;
+            }
+            assert_eq!(is_code(s), ok && !prev_ws, "{s:?}");
+        }
     }
 
     #[test]

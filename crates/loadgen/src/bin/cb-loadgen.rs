@@ -1,8 +1,15 @@
-//! `cb-loadgen`: closed-loop HTTP/1.1 load against a FHIR R4 server's Patient endpoint.
+//! `cb-loadgen`: closed-loop HTTP/1.1 load against a FHIR R4 server's Patient endpoint, and (Carebridge only)
+//! its booking engine.
 //!
 //! Prints one human line per run and, with `--json`, one JSON line per run (seeding included, as scenario
-//! `seed`). Exit status: 0 when every run got at least one 2xx response, 1 otherwise, 2 on a usage error.
+//! `seed`); booking scenarios also print a line describing their setup, and `contention` the PASS/FAIL line of
+//! its correctness check. Exit status: 0 when every run got at least one 2xx response (and every contention
+//! check passed), 1 otherwise, 2 on a usage error.
 
+use loadgen::booking::{
+    BookingRunner, BookingScenario, DEFAULT_CONTENTION_SLOTS, DEFAULT_PATIENTS, SLOT_BUDGET_RATE,
+    SlotQueue, slot_budget,
+};
 use loadgen::scenario::{Runner, Scenario, Seeded, Stop, Target};
 use loadgen::stats::Summary;
 use std::path::PathBuf;
@@ -13,7 +20,8 @@ const USAGE: &str = "\
 usage: cb-loadgen --url http://HOST:PORT[/BASE] [options]
 
   --url URL                 FHIR base URL (Carebridge: http://127.0.0.1:PORT/fhir; a server at the root: http://HOST:PORT)
-  --scenario LIST           comma-separated: create, read, search-identifier (none: only seed)
+  --scenario LIST           comma-separated: create, read, search-identifier (Patient), book, contention
+                            (booking, Carebridge only); none: only seed
   --concurrency LIST        comma-separated connection counts, each run in turn [default: 32]
   --duration D              length of each run, e.g. 10s, 500ms [default: 10s]
   --requests N              stop each run after N requests instead of a duration
@@ -25,11 +33,37 @@ usage: cb-loadgen --url http://HOST:PORT[/BASE] [options]
   --nhs-start N             offset of the first generated NHS number [default: from the clock]
   --threads N               client runtime threads [default: 1]
   --timeout D               per-request time limit [default: 30s]
-  --json                    also print a JSON line per run";
+  --patients N              patients created by each booking scenario's setup [default: 200]
+  --slots N                 free slots created for `book` [default: 5000 per second of all its runs and
+                            warm-ups, at least 1000; when used up, cancelled slots are booked again]
+  --contention-slots N      slots the `contention` connections race for [default: 100]
+  --json                    also print a JSON line per run
+
+  book: each iteration books a distinct free slot (POST Appointment, 201) and cancels it (POST
+        Appointment/{id}/$transition status=cancelled, 200); reports bookings/s (completed pairs) and the
+        latency of each request.
+  contention: each iteration books a random slot of --contention-slots (201 or 409) and cancels a 201 at once;
+        reports attempts/s, bookings/s, 409s, and checks afterwards that every slot is free, no booked
+        appointment is left and the appointments created equal the 201s (PASS/FAIL).";
+
+/// One scenario to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    Patient(Scenario),
+    Booking(BookingScenario),
+}
+
+impl Job {
+    fn parse(s: &str) -> Option<Job> {
+        BookingScenario::parse(s)
+            .map(Job::Booking)
+            .or_else(|| Scenario::parse(s).map(Job::Patient))
+    }
+}
 
 struct Args {
     target: Target,
-    scenarios: Vec<Scenario>,
+    jobs: Vec<Job>,
     concurrency: Vec<usize>,
     stop: Stop,
     warmup: Duration,
@@ -41,6 +75,9 @@ struct Args {
     threads: usize,
     timeout: Duration,
     json: bool,
+    patients: usize,
+    slots: Option<usize>,
+    contention_slots: usize,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -50,7 +87,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             addr: String::new(),
             base: String::new(),
         },
-        scenarios: Vec::new(),
+        jobs: Vec::new(),
         concurrency: vec![32],
         stop: Stop::After(Duration::from_secs(10)),
         warmup: Duration::ZERO,
@@ -65,6 +102,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         threads: 1,
         timeout: Duration::from_secs(30),
         json: false,
+        patients: DEFAULT_PATIENTS,
+        slots: None,
+        contention_slots: DEFAULT_CONTENTION_SLOTS,
     };
     let num = |v: &str, what: &str| {
         v.parse::<u64>()
@@ -83,10 +123,10 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         match flag.as_str() {
             "--url" => url = Some(v.clone()),
             "--scenario" => {
-                a.scenarios = v
+                a.jobs = v
                     .split(',')
                     .filter(|s| !s.is_empty() && *s != "seed")
-                    .map(|s| Scenario::parse(s).ok_or_else(|| format!("unknown scenario {s:?}")))
+                    .map(|s| Job::parse(s).ok_or_else(|| format!("unknown scenario {s:?}")))
                     .collect::<Result<_, _>>()?
             }
             "--concurrency" => {
@@ -115,6 +155,11 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--nhs-start" => a.nhs_start = num(v, "--nhs-start")?,
             "--threads" => a.threads = num(v, "--threads")?.max(1) as usize,
             "--timeout" => a.timeout = loadgen::parse_duration(v)?,
+            "--patients" => a.patients = num(v, "--patients")?.max(1) as usize,
+            "--slots" => a.slots = Some(num(v, "--slots")?.max(1) as usize),
+            "--contention-slots" => {
+                a.contention_slots = num(v, "--contention-slots")?.max(1) as usize
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -132,7 +177,10 @@ fn report(s: &Summary, json: bool) {
 async fn run(a: Args) -> Result<bool, String> {
     let mut runner = Runner::new(a.target.clone(), a.nhs_start);
     runner.timeout = a.timeout;
-    let needs_seed = a.scenarios.iter().any(|s| s.needs_seed());
+    let needs_seed = a
+        .jobs
+        .iter()
+        .any(|j| matches!(j, Job::Patient(s) if s.needs_seed()));
     let mut all_ok = true;
     let seeded = match (&a.seed_file, a.seed) {
         (Some(f), _) => Seeded::load(f)?,
@@ -156,7 +204,14 @@ async fn run(a: Args) -> Result<bool, String> {
         _ => Seeded::default(),
     };
     let seeded = Arc::new(seeded);
-    for &sc in &a.scenarios {
+    for &job in &a.jobs {
+        let sc = match job {
+            Job::Patient(sc) => sc,
+            Job::Booking(b) => {
+                all_ok &= run_booking(&a, &runner, b).await?;
+                continue;
+            }
+        };
         for &c in &a.concurrency {
             if !a.warmup.is_zero() {
                 runner
@@ -169,6 +224,61 @@ async fn run(a: Args) -> Result<bool, String> {
         }
     }
     Ok(all_ok)
+}
+
+/// Set up one booking scenario and run it at each concurrency (after its warm-up). Whether every run made
+/// bookings (and every contention check passed).
+async fn run_booking(a: &Args, runner: &Runner, scenario: BookingScenario) -> Result<bool, String> {
+    let mut br = BookingRunner::new(a.target.clone(), runner.nhs.clone());
+    br.timeout = a.timeout;
+    br.patients = a.patients;
+    br.setup_concurrency = a.seed_concurrency;
+    let runs = a.concurrency.len() as f64;
+    let warmups = runs * a.warmup.as_secs_f64();
+    let slots = match scenario {
+        BookingScenario::Contention => a.contention_slots,
+        BookingScenario::Book => a.slots.unwrap_or_else(|| match a.stop {
+            Stop::After(d) => slot_budget(runs * d.as_secs_f64() + warmups),
+            Stop::Requests(n) => {
+                (n as f64 * runs + warmups * SLOT_BUDGET_RATE).ceil() as usize + a.concurrency.len()
+            }
+        }),
+    };
+    let clinic = Arc::new(br.setup(scenario, slots).await?);
+    println!("{}", clinic.line());
+    let queue = Arc::new(SlotQueue::new(clinic.slots.len()));
+    let mut ok = true;
+    for &c in &a.concurrency {
+        match scenario {
+            BookingScenario::Book => {
+                if !a.warmup.is_zero() {
+                    br.book(clinic.clone(), queue.clone(), c, Stop::After(a.warmup))
+                        .await;
+                }
+                let s = br.book(clinic.clone(), queue.clone(), c, a.stop).await;
+                ok &= s.pairs > 0;
+                println!("{}", s.line());
+                if a.json {
+                    println!("{}", s.json());
+                }
+            }
+            BookingScenario::Contention => {
+                if !a.warmup.is_zero() {
+                    br.contention(clinic.clone(), c, Stop::After(a.warmup))
+                        .await;
+                }
+                let mut s = br.contention(clinic.clone(), c, a.stop).await;
+                let check = br.check_contention(&clinic).await;
+                ok &= s.created > 0 && check.pass;
+                s.check = Some(check);
+                println!("{}", s.line());
+                if a.json {
+                    println!("{}", s.json());
+                }
+            }
+        }
+    }
+    Ok(ok)
 }
 
 fn main() {

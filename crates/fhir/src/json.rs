@@ -1,0 +1,451 @@
+//! Fast path for turning request bytes into a `serde_json::Value`.
+//!
+//! Why it exists: `validate_json` must hand back the resource as a `serde_json::Value` (callers store and
+//! index it), and `serde_json::from_slice` builds one slowly: every object grows its `IndexMap` one insert
+//! at a time (rehashing and reallocating as it goes) and every number goes through a scratch buffer. This
+//! parser builds the *same* `Value` (same keys in the same order, same strings, same number text, the last
+//! of duplicate keys winning in the position of the first) with each map and array allocated once at its
+//! final size.
+//!
+//! How: a plain recursive-descent parser over the input (checked as UTF-8 once, up front) that only
+//! handles well-formed JSON. Anything else (a syntax error, a lone surrogate escape, nesting deeper than
+//! [`MAX_DEPTH`], serde_json's private marker keys) makes [`parse`] return `None`, and the caller falls back
+//! to `serde_json::from_slice`, which then produces exactly the value or the error message it always did.
+//! So the fast path can only change speed, never results.
+//!
+//! Invariants: never panics on any input (no indexing that can fail, no unwrap); recursion depth is bounded
+//! by [`MAX_DEPTH`]; returns `Some(v)` only when `serde_json::from_slice` would return `Ok(v)` (checked by a
+//! differential test).
+
+use serde_json::{Map, Number, Value};
+use std::cell::Cell;
+
+/// Deepest nesting of arrays and objects the fast path handles; deeper input goes to serde_json (whose own
+/// limit, 128, then applies unchanged).
+const MAX_DEPTH: u32 = 100;
+
+/// Prefix of the marker keys serde_json uses for `arbitrary_precision` numbers and raw values: an object
+/// with such a key means something else to serde_json, so it is left to serde_json.
+const PRIVATE_KEY: &str = "$serde_json::private::";
+
+/// Work stacks reused across calls on one thread (object members and array items waiting for their
+/// container to close, so the container is allocated once at its final size).
+#[derive(Default)]
+struct Scratch {
+    members: Vec<(String, Value)>,
+    items: Vec<Value>,
+}
+
+thread_local! {
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
+/// Scratch buffers larger than this (in entries) are not kept for the next call.
+const KEEP_SCRATCH: usize = 4096;
+
+/// Parse a complete JSON text; `None` when the fast path cannot (or must not) decide, see the module docs.
+pub(crate) fn parse(bytes: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    SCRATCH.with(|cell| {
+        let scratch = cell.take();
+        let mut p = Parser {
+            s: text,
+            b: bytes,
+            i: 0,
+            depth: 0,
+            members: scratch.members,
+            items: scratch.items,
+        };
+        let result = p.document();
+        p.members.clear();
+        p.items.clear();
+        if p.members.capacity() <= KEEP_SCRATCH && p.items.capacity() <= KEEP_SCRATCH {
+            cell.set(Scratch {
+                members: p.members,
+                items: p.items,
+            });
+        }
+        result
+    })
+}
+
+struct Parser<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    i: usize,
+    depth: u32,
+    members: Vec<(String, Value)>,
+    items: Vec<Value>,
+}
+
+/// Bytes with the high bit of each lane set where `x` has a byte equal to `n` (exact in the lowest such
+/// lane, which is all the caller relies on).
+#[inline(always)]
+fn has_byte(x: u64, n: u8) -> u64 {
+    let y = x ^ (0x0101_0101_0101_0101u64 * u64::from(n));
+    y.wrapping_sub(0x0101_0101_0101_0101) & !y & 0x8080_8080_8080_8080
+}
+
+/// Bytes below 0x20 (same exactness as [`has_byte`]).
+#[inline(always)]
+fn has_control(x: u64) -> u64 {
+    x.wrapping_sub(0x2020_2020_2020_2020) & !x & 0x8080_8080_8080_8080
+}
+
+impl Parser<'_> {
+    #[inline(always)]
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    #[inline(always)]
+    fn ws(&mut self) {
+        while let Some(c) = self.peek() {
+            if matches!(c, b' ' | b'\n' | b'\t' | b'\r') {
+                self.i += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn document(&mut self) -> Option<Value> {
+        self.ws();
+        let v = self.value()?;
+        self.ws();
+        if self.i == self.b.len() {
+            Some(v)
+        } else {
+            None
+        }
+    }
+
+    fn value(&mut self) -> Option<Value> {
+        match self.peek()? {
+            b'"' => {
+                self.i += 1;
+                self.string().map(Value::String)
+            }
+            b'{' => self.object(),
+            b'[' => self.array(),
+            b't' => self.literal(b"true", Value::Bool(true)),
+            b'f' => self.literal(b"false", Value::Bool(false)),
+            b'n' => self.literal(b"null", Value::Null),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, word: &[u8], v: Value) -> Option<Value> {
+        let end = self.i + word.len();
+        if self.b.get(self.i..end) == Some(word) {
+            self.i = end;
+            Some(v)
+        } else {
+            None
+        }
+    }
+
+    /// Position of the first `"`, `\` or control byte at or after `self.i` (the end of input if none).
+    #[inline(always)]
+    fn scan_plain(&self) -> usize {
+        let mut i = self.i;
+        while let Some(chunk) = self.b.get(i..i + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let x = u64::from_le_bytes(word);
+            let hits = has_byte(x, b'"') | has_byte(x, b'\\') | has_control(x);
+            if hits != 0 {
+                return i + (hits.trailing_zeros() / 8) as usize;
+            }
+            i += 8;
+        }
+        while let Some(&c) = self.b.get(i) {
+            if c == b'"' || c == b'\\' || c < 0x20 {
+                return i;
+            }
+            i += 1;
+        }
+        i
+    }
+
+    /// A string body (the opening quote already consumed), up to and including the closing quote.
+    fn string(&mut self) -> Option<String> {
+        let start = self.i;
+        let end = self.scan_plain();
+        if self.b.get(end) == Some(&b'"') {
+            let s = self.s.get(start..end)?;
+            self.i = end + 1;
+            return Some(s.to_owned());
+        }
+        // Escapes (or an error): build the string piece by piece.
+        let mut out = String::with_capacity(end - start + 16);
+        out.push_str(self.s.get(start..end)?);
+        self.i = end;
+        loop {
+            match self.peek()? {
+                b'"' => {
+                    self.i += 1;
+                    return Some(out);
+                }
+                b'\\' => {
+                    self.i += 1;
+                    self.escape(&mut out)?;
+                }
+                _ => return None, // control character
+            }
+            let from = self.i;
+            let to = self.scan_plain();
+            out.push_str(self.s.get(from..to)?);
+            self.i = to;
+        }
+    }
+
+    fn hex4(&mut self) -> Option<u32> {
+        let digits = self.b.get(self.i..self.i + 4)?;
+        let mut n = 0u32;
+        for &d in digits {
+            n = n * 16 + char::from(d).to_digit(16)?;
+        }
+        self.i += 4;
+        Some(n)
+    }
+
+    /// One escape sequence (the backslash already consumed).
+    fn escape(&mut self, out: &mut String) -> Option<()> {
+        let c = self.peek()?;
+        self.i += 1;
+        let ch = match c {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let n = self.hex4()?;
+                match n {
+                    0xD800..=0xDBFF => {
+                        // A high surrogate must be followed by an escaped low surrogate; anything else is
+                        // left to serde_json.
+                        if self.b.get(self.i..self.i + 2) != Some(b"\\u") {
+                            return None;
+                        }
+                        self.i += 2;
+                        let lo = self.hex4()?;
+                        if !(0xDC00..=0xDFFF).contains(&lo) {
+                            return None;
+                        }
+                        char::from_u32(0x10000 + ((n - 0xD800) << 10) + (lo - 0xDC00))?
+                    }
+                    0xDC00..=0xDFFF => return None,
+                    _ => char::from_u32(n)?,
+                }
+            }
+            _ => return None,
+        };
+        out.push(ch);
+        Some(())
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while self.peek().is_some_and(|c| c.is_ascii_digit()) {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    fn number(&mut self) -> Option<Value> {
+        let start = self.i;
+        let negative = self.peek() == Some(b'-');
+        if negative {
+            self.i += 1;
+        }
+        match self.peek()? {
+            b'0' => self.i += 1,
+            b'1'..=b'9' => {
+                self.digits();
+            }
+            _ => return None,
+        }
+        let mut plain = true;
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            plain = false;
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.i += 1;
+            plain = false;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        let text = self.s.get(start..self.i)?;
+        if plain
+            && !negative
+            && let Ok(u) = text.parse::<u64>()
+        {
+            return Some(Value::Number(Number::from(u)));
+        }
+        // Exactly what serde_json does with the number's text (`1E5` becomes `1e+5`, `-0` stays `-0`).
+        text.parse::<Number>().ok().map(Value::Number)
+    }
+
+    fn enter(&mut self) -> Option<()> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return None;
+        }
+        self.i += 1;
+        self.ws();
+        Some(())
+    }
+
+    fn object(&mut self) -> Option<Value> {
+        self.enter()?;
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            self.depth -= 1;
+            return Some(Value::Object(Map::new()));
+        }
+        let base = self.members.len();
+        loop {
+            if self.peek() != Some(b'"') {
+                return None;
+            }
+            self.i += 1;
+            let key = self.string()?;
+            if key.starts_with(PRIVATE_KEY) {
+                return None;
+            }
+            self.ws();
+            if self.peek() != Some(b':') {
+                return None;
+            }
+            self.i += 1;
+            self.ws();
+            let v = self.value()?;
+            self.members.push((key, v));
+            self.ws();
+            match self.peek()? {
+                b',' => {
+                    self.i += 1;
+                    self.ws();
+                }
+                b'}' => {
+                    self.i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+        let mut map = Map::with_capacity(self.members.len() - base);
+        for (k, v) in self.members.drain(base..) {
+            // As serde_json: a repeated key keeps its first position and takes the last value.
+            map.insert(k, v);
+        }
+        self.depth -= 1;
+        Some(Value::Object(map))
+    }
+
+    fn array(&mut self) -> Option<Value> {
+        self.enter()?;
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            self.depth -= 1;
+            return Some(Value::Array(Vec::new()));
+        }
+        let base = self.items.len();
+        loop {
+            let v = self.value()?;
+            self.items.push(v);
+            self.ws();
+            match self.peek()? {
+                b',' => {
+                    self.i += 1;
+                    self.ws();
+                }
+                b']' => {
+                    self.i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+        let mut items = Vec::with_capacity(self.items.len() - base);
+        items.extend(self.items.drain(base..));
+        self.depth -= 1;
+        Some(Value::Array(items))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    fn same(text: &str) {
+        let ours = parse(text.as_bytes());
+        let theirs: Result<Value, _> = serde_json::from_str(text);
+        match (&ours, &theirs) {
+            (Some(a), Ok(b)) => {
+                assert_eq!(a, b, "{text}");
+                assert_eq!(
+                    serde_json::to_string(a).unwrap(),
+                    serde_json::to_string(b).unwrap(),
+                    "{text}"
+                );
+            }
+            (None, _) => {}
+            (Some(a), Err(e)) => panic!("{text}: fast path accepted {a} but serde_json says {e}"),
+        }
+    }
+
+    #[test]
+    fn agrees_with_serde_json() {
+        for t in [
+            r#"{"a":1,"b":[true,false,null],"c":{"d":"e"}}"#,
+            r#"{"a":1,"a":2,"b":3,"a":4}"#,
+            r#"  {"x" : [ 1 , 2 ] , "y":{}} "#,
+            r#"{"n":[0,-0,1.50,1E5,1e-5,-1.0e+2,18446744073709551616,-9223372036854775809,123]}"#,
+            r#"{"s":"a\"b\\c\/d\b\f\n\r\t\u0041\u00e9\ud83d\ude00\u0000"}"#,
+            r#""\ud83d""#,
+            r#""\ude00""#,
+            r#"{"$serde_json::private::Number":"1"}"#,
+            "[]",
+            "{}",
+            "\"Zoë\"",
+            "[1,]",
+            "{\"a\":1,}",
+            "01",
+            "1.",
+            "-",
+            "[1 2]",
+            "tru",
+            "\"\u{1}\"",
+            "{\"a\"}",
+            "[1]x",
+        ] {
+            same(t);
+        }
+        assert!(parse(r#"{"a":1}"#.as_bytes()).is_some());
+        assert!(parse(b"\"\xff\"").is_none());
+    }
+
+    #[test]
+    fn deep_nesting_is_left_to_serde_json() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(parse(deep.as_bytes()).is_none());
+        let ok = format!("{}{}", "[".repeat(50), "]".repeat(50));
+        same(&ok);
+    }
+}

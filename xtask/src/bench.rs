@@ -94,7 +94,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 Some("booking") => only_booking = true,
                 other => {
                     return Err(format!(
-                        "bench: --only takes `booking` (the only part that runs alone), got {other:?}"
+                        "bench: --only takes `booking` (the only part that runs alone), got {}",
+                        other.unwrap_or("nothing")
                     ));
                 }
             },
@@ -1211,12 +1212,18 @@ impl Report {
                         book_at_target = Some(r.bookings_per_s);
                         let mut missed = Vec::new();
                         if r.bookings_per_s < BOOK_TARGET_PER_S {
-                            missed.push(format!("{:.0} bookings/s", r.bookings_per_s));
+                            missed.push(format!(
+                                "{:.0} < {BOOK_TARGET_PER_S:.0} bookings/s",
+                                r.bookings_per_s
+                            ));
                         }
                         for (what, p99) in [("booking", r.book_p99_us), ("cancel", r.cancel_p99_us)]
                         {
                             if p99 / 1000.0 >= BOOK_TARGET_P99_MS {
-                                missed.push(format!("{what} p99 {} ms", ms(p99)));
+                                missed.push(format!(
+                                    "{what} p99 {} ≥ {BOOK_TARGET_P99_MS:.0} ms",
+                                    ms(p99)
+                                ));
                             }
                         }
                         if r.errors + r.non_2xx > 0.0 {
@@ -1276,7 +1283,11 @@ impl Report {
                 let target = match (r.pass, share) {
                     (false, _) => "missed: check FAILED".to_string(),
                     (true, Some(x)) if x >= CONTENTION_TARGET_SHARE => "met".to_string(),
-                    (true, Some(x)) => format!("missed: {:.0}% of book", x * 100.0),
+                    (true, Some(x)) => format!(
+                        "missed: {:.0}% < {:.0}% of book",
+                        x * 100.0,
+                        CONTENTION_TARGET_SHARE * 100.0
+                    ),
                     (true, None) => "n/a (no book result)".to_string(),
                 };
                 let _ = writeln!(

@@ -152,8 +152,8 @@ fn parameters(body: &[u8]) -> Result<Vec<Value>, ApiError> {
         .unwrap_or_default())
 }
 
-async fn subscription_query<S: Store>(app: &App<S>, id: &str) -> Result<SearchQuery, ApiError> {
-    let current = app.store.read(ResourceType::Subscription, id).await?;
+async fn subscription_query<S: Store>(store: &S, id: &str) -> Result<SearchQuery, ApiError> {
+    let current = store.read(ResourceType::Subscription, id).await?;
     let Some(s) = current.filter(|s| !s.deleted) else {
         return Err(ApiError::not_found(format!(
             "Subscription/{id} is not known"
@@ -165,19 +165,14 @@ async fn subscription_query<S: Store>(app: &App<S>, id: &str) -> Result<SearchQu
     Ok(store::url::parse_criteria(criteria)?)
 }
 
-async fn event_matches<S: Store>(
-    app: &App<S>,
-    q: &SearchQuery,
-    ev: &Event,
-) -> Result<bool, ApiError> {
+async fn event_matches<S: Store>(store: &S, q: &SearchQuery, ev: &Event) -> Result<bool, ApiError> {
     if ev.rtype != q.rtype {
         return Ok(false);
     }
     if q.clauses.is_empty() {
         return Ok(true);
     }
-    let Some(v) = app
-        .store
+    let Some(v) = store
         .vread(ev.rtype, &ev.id, ev.version)
         .await?
         .filter(|v| !v.deleted)
@@ -214,7 +209,7 @@ pub async fn replay<S: Store>(
         ps.iter()
             .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
     };
-    let query = subscription_query(&app, &id).await?;
+    let query = subscription_query(app.store.as_ref(), &id).await?;
     let sub = id.clone();
     let (requeued, enqueued) = if get("deadLetters")
         .and_then(|p| p.get("valueBoolean"))
@@ -255,39 +250,7 @@ pub async fn replay<S: Store>(
             )
             .at("Parameters.parameter"));
         }
-        let mut cursor = from_seq.map_or(0, |s| s - 1).max(0);
-        let mut picked: Vec<Event> = Vec::new();
-        loop {
-            let page = app.store.events_after(cursor, 1000).await?;
-            if page.is_empty() {
-                break;
-            }
-            for ev in &page {
-                cursor = ev.seq;
-                if since_ms.is_some_and(|t| ev.time_ms < t) {
-                    continue;
-                }
-                if event_matches(&app, &query, ev).await? {
-                    picked.push(ev.clone());
-                }
-            }
-        }
-        let total = picked.len() as u64;
-        let requeued = app
-            .store
-            .write(move |tx| {
-                let mut requeued = 0u64;
-                for ev in &picked {
-                    if !tx.enqueue_delivery(&sub, ev)? {
-                        tx.update_delivery(&sub, ev.seq, DeliveryUpdate::Requeue)?;
-                        requeued += 1;
-                    }
-                }
-                Ok(requeued)
-            })
-            .await
-            .map_err(write_error)?;
-        (requeued, total - requeued)
+        replay_from(app.store.as_ref(), &sub, &query, from_seq, since_ms).await?
     };
     Ok(Reply {
         status: 200,
@@ -406,4 +369,54 @@ pub async fn metrics<S: Store>(State(app): AppState<S>) -> Result<Response, ApiE
     let last = *app.store.watch_events().borrow();
     let body = crate::metrics::render(&app.config.metrics, &counts, &lags, last);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
+}
+
+/// Deliver again every event of the subscription's criteria from event number `from_seq` and/or time
+/// `since_ms` on (already delivered ones included): new deliveries are enqueued, existing ones requeued.
+/// Returns (requeued, enqueued). Used by `$replay` and by `carebridge deliveries replay`.
+pub async fn replay_from<S: Store>(
+    store: &S,
+    subscription: &str,
+    query: &SearchQuery,
+    from_seq: Option<i64>,
+    since_ms: Option<i64>,
+) -> Result<(u64, u64), ApiError> {
+    let sub = subscription.to_string();
+    let mut cursor = from_seq.map_or(0, |s| s - 1).max(0);
+    let mut picked: Vec<Event> = Vec::new();
+    loop {
+        let page = store.events_after(cursor, 1000).await?;
+        if page.is_empty() {
+            break;
+        }
+        for ev in &page {
+            cursor = ev.seq;
+            if since_ms.is_some_and(|t| ev.time_ms < t) {
+                continue;
+            }
+            if event_matches(store, query, ev).await? {
+                picked.push(ev.clone());
+            }
+        }
+    }
+    let total = picked.len() as u64;
+    let requeued = store
+        .write(move |tx| {
+            let mut requeued = 0u64;
+            for ev in &picked {
+                if !tx.enqueue_delivery(&sub, ev)? {
+                    tx.update_delivery(&sub, ev.seq, DeliveryUpdate::Requeue)?;
+                    requeued += 1;
+                }
+            }
+            Ok(requeued)
+        })
+        .await
+        .map_err(write_error)?;
+    Ok((requeued, total - requeued))
+}
+
+/// The criteria of a live Subscription, parsed.
+pub async fn criteria_of<S: Store>(store: &S, id: &str) -> Result<SearchQuery, ApiError> {
+    subscription_query(store, id).await
 }

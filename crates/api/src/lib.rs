@@ -27,6 +27,7 @@ use std::sync::Arc;
 use store::Store;
 
 pub use error::{ApiError, FHIR_JSON};
+pub use feed::{criteria_of, replay_from};
 
 /// Configuration of the API layer.
 #[derive(Debug, Clone)]

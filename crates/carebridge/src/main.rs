@@ -3,6 +3,7 @@
 //! Invariants: the only crate that reads configuration (flags, environment, TOML file), owns the runtime,
 //! binds listeners, spawns tasks and handles shutdown. Nothing depends on it.
 
+mod admin_cmd;
 mod config;
 mod deliver;
 mod validate_cmd;
@@ -28,6 +29,12 @@ struct Cli {
 enum Command {
     /// Run the hub: FHIR R4 REST API at /fhir on an embedded store.
     Serve(config::ServeArgs),
+    /// Availability: generate a Schedule's slots.
+    #[command(subcommand)]
+    Slots(admin_cmd::SlotsCommand),
+    /// Webhook deliveries: list them (dead letters included) and replay.
+    #[command(subcommand)]
+    Deliveries(admin_cmd::DeliveriesCommand),
     /// Validate FHIR JSON files offline (exit 0 when all are valid, 1 otherwise).
     Validate {
         /// Files to validate.
@@ -50,8 +57,20 @@ fn main() {
             }
         },
         Command::Validate { files, json } => validate_cmd::run(&files, json),
+        Command::Slots(cmd) => report(admin_cmd::slots(cmd)),
+        Command::Deliveries(cmd) => report(admin_cmd::deliveries(cmd)),
     };
     std::process::exit(code);
+}
+
+fn report(r: Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("carebridge: {e:#}");
+            2
+        }
+    }
 }
 
 fn serve(args: config::ServeArgs) -> Result<()> {

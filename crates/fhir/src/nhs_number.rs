@@ -40,6 +40,19 @@ impl NhsNumber {
     /// nine. Repeated-digit numbers (`0000000000`, `1111111111`, ...) are refused before the arithmetic.
     /// Which ranges are acceptable (e.g. the 9xx test range) is policy and not decided here.
     pub fn parse(s: &str) -> Result<NhsNumber, NhsNumberError> {
+        let digits = Self::digits(s)?;
+        Ok(NhsNumber(
+            digits.iter().map(|&d| char::from(b'0' + d)).collect(),
+        ))
+    }
+
+    /// Whether `s` is a valid NHS number, as [`NhsNumber::parse`] decides, without building the number.
+    pub(crate) fn check(s: &str) -> Result<(), NhsNumberError> {
+        Self::digits(s).map(|_| ())
+    }
+
+    /// The ten digits of a valid NHS number (the checks of [`NhsNumber::parse`]).
+    fn digits(s: &str) -> Result<[u8; 10], NhsNumberError> {
         let mut digits = [0u8; 10];
         let mut n = 0usize;
         for c in s.chars() {
@@ -64,9 +77,7 @@ impl NhsNumber {
         match check_digit_of(&first_nine) {
             None => Err(NhsNumberError::CheckDigitTen),
             Some(c) if c != digits[9] => Err(NhsNumberError::CheckDigit),
-            Some(_) => Ok(NhsNumber(
-                digits.iter().map(|&d| char::from(b'0' + d)).collect(),
-            )),
+            Some(_) => Ok(digits),
         }
     }
 

@@ -287,14 +287,42 @@ struct LutTable {
     required: u64,
 }
 
+/// The first 8 bytes of `b` as a number (shorter input: its first and last 4 bytes, or a few bytes).
 #[inline(always)]
 fn load_u64(b: &[u8]) -> u64 {
-    let mut w = [0u8; 8];
-    let n = b.len().min(8);
-    if let (Some(dst), Some(src)) = (w.get_mut(..n), b.get(..n)) {
-        dst.copy_from_slice(src);
+    if let Some(c) = b.first_chunk::<8>() {
+        return u64::from_le_bytes(*c);
     }
-    u64::from_le_bytes(w)
+    if let (Some(lo), Some(hi)) = (b.first_chunk::<4>(), b.last_chunk::<4>()) {
+        return u64::from(u32::from_le_bytes(*lo)) | (u64::from(u32::from_le_bytes(*hi)) << 32);
+    }
+    match b {
+        [] => 0,
+        [x] => u64::from(*x),
+        [x, y] => u64::from(*x) | (u64::from(*y) << 8),
+        [x, y, z, ..] => u64::from(*x) | (u64::from(*y) << 8) | (u64::from(*z) << 16),
+    }
+}
+
+/// `a == b` for the short strings of JSON keys and codes, inline (no call to `memcmp`).
+#[inline(always)]
+pub(crate) fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    if a.len() < 8 {
+        return load_u64(a) == load_u64(b);
+    }
+    let (mut x, mut y) = (a, b);
+    while let (Some((cx, rx)), Some((cy, ry))) = (x.split_first_chunk::<8>(), y.split_first_chunk::<8>()) {
+        if cx != cy {
+            return false;
+        }
+        x = rx;
+        y = ry;
+    }
+    // The last 8 bytes (overlapping what was compared) cover the remainder.
+    a.last_chunk::<8>() == b.last_chunk::<8>()
 }
 
 /// Cheap hash of a key: its length and its first and last 8 bytes.
@@ -302,7 +330,10 @@ fn load_u64(b: &[u8]) -> u64 {
 fn key_hash(k: &[u8]) -> u32 {
     let n = k.len();
     let head = load_u64(k);
-    let tail = load_u64(k.get(n.saturating_sub(8)..).unwrap_or(&[]));
+    let tail = match k.last_chunk::<8>() {
+        Some(c) => u64::from_le_bytes(*c),
+        None => head,
+    };
     let x = (head ^ tail.rotate_left(23) ^ (n as u64).wrapping_mul(0x9E37_79B9))
         .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (x >> 32) as u32
@@ -364,7 +395,7 @@ impl LutTable {
         loop {
             let slot = *self.slots.get(pos)?;
             let e = self.entries.get(usize::from(slot).checked_sub(1)?)?;
-            if e.hash == h && e.key.as_bytes() == k {
+            if e.hash == h && bytes_eq(e.key.as_bytes(), k) {
                 return e.ty.map(|t| (e.index, e.elem, t));
             }
             pos = (pos + 1) & self.mask;
@@ -1681,6 +1712,27 @@ mod tests {
                         e.name
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_eq_is_equality() {
+        let words: Vec<Vec<u8>> = (0..40)
+            .flat_map(|n| {
+                let base: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                let mut out = vec![base.clone()];
+                for i in 0..n {
+                    let mut w = base.clone();
+                    w[i] ^= 1;
+                    out.push(w);
+                }
+                out
+            })
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(bytes_eq(a, b), a == b, "{a:?} {b:?}");
             }
         }
     }

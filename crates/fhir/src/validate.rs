@@ -87,7 +87,7 @@ pub fn validate_json(
                 ),
             )]);
         };
-        let name = match obj.get("resourceType") {
+        let name = match member(obj, "resourceType") {
             None => {
                 return Err(vec![
                     Issue::error(IssueType::Required, "The resource has no resourceType")
@@ -157,6 +157,23 @@ fn unsupported_type(name: &str) -> Issue {
             supported_list()
         ),
     )
+}
+
+/// `obj.get(name)`: a scan for the small objects FHIR is made of (cheaper than hashing `name`), the map's
+/// own index for large ones. Keys are unique, so both find the same member.
+#[inline]
+pub(crate) fn member<'v>(obj: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
+    if obj.len() <= 16 {
+        obj.iter().find(|(k, _)| k.as_str() == name).map(|(_, v)| v)
+    } else {
+        obj.get(name)
+    }
+}
+
+/// `v.get(name)` for a `&str` key, via [`member`].
+#[inline]
+pub(crate) fn field<'v>(v: &'v Value, name: &str) -> Option<&'v Value> {
+    v.as_object().and_then(|o| member(o, name))
 }
 
 /// Deepest nesting of complex elements followed (JSON from `serde_json` is at most 128 deep anyway; this
@@ -335,7 +352,7 @@ impl<'a> Ctx<'a> {
             );
             return;
         };
-        match obj.get("resourceType") {
+        match member(obj, "resourceType") {
             Some(Value::String(s)) if s == rtype.as_str() => {}
             None => self.issues.push(
                 Issue::error(
@@ -371,10 +388,10 @@ impl<'a> Ctx<'a> {
                 return;
             }
         }
-        if let Some(Value::Array(items)) = obj.get("contained") {
+        if let Some(Value::Array(items)) = member(obj, "contained") {
             self.contained_ids = items
                 .iter()
-                .filter_map(|c| c.get("id").and_then(Value::as_str))
+                .filter_map(|c| field(c, "id").and_then(Value::as_str))
                 .collect::<Vec<&'a str>>();
         }
         self.path.push(Seg::Root(rtype.as_str()));
@@ -407,7 +424,7 @@ impl<'a> Ctx<'a> {
             );
             return;
         }
-        let rtype = match obj.get("resourceType") {
+        let rtype = match member(obj, "resourceType") {
             None => {
                 self.error(
                     IssueType::Required,
@@ -497,7 +514,7 @@ impl<'a> Ctx<'a> {
                     );
                     continue;
                 }
-                if obj.contains_key(name) {
+                if member(obj, name).is_some() {
                     continue; // validated together with the value
                 }
             }
@@ -750,7 +767,7 @@ impl<'a> Ctx<'a> {
                 Ok(()) => {
                     let Value::String(s) = v else { return };
                     if let Some(b) = elem.binding
-                        && !b.codes.contains(&s.as_str())
+                        && !b.codes.iter().any(|c| schema::bytes_eq(c.as_bytes(), s.as_bytes()))
                     {
                         self.error(
                                 IssueType::CodeInvalid,

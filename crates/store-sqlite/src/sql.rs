@@ -549,8 +549,30 @@ fn u32_i64(n: u32) -> i64 {
 
 /// Columns (of `deliveries d`): subscription, seq, subject, state, attempts, next_attempt_ms, created_ms,
 /// updated_ms, last_status, last_error.
-const DELIVERY_COLUMNS: &str = "d.subscription, d.seq, d.subject, d.state, d.attempts, d.next_attempt_ms, \
-    d.created_ms, d.updated_ms, d.last_status, d.last_error";
+macro_rules! delivery_columns {
+    () => {
+        "d.subscription, d.seq, d.subject, d.state, d.attempts, d.next_attempt_ms, d.created_ms, \
+         d.updated_ms, d.last_status, d.last_error"
+    };
+}
+
+/// The lowest pending delivery of a (subscription, subject): one seek on `deliveries_subject`.
+pub(crate) const LOWEST_PENDING: &str = "SELECT seq, next_attempt_ms FROM deliveries
+     WHERE subscription = ?1 AND subject = ?2 AND state = 0 ORDER BY seq LIMIT 1";
+
+/// Due heads, earliest first: a range of `delivery_heads_due` in index order, then each delivery by key.
+pub(crate) const DUE_DELIVERIES: &str = concat!(
+    "SELECT ",
+    delivery_columns!(),
+    " FROM delivery_heads h CROSS JOIN deliveries d ON d.subscription = h.subscription AND d.seq = h.seq
+     WHERE h.next_attempt_ms <= ?1
+     ORDER BY h.next_attempt_ms, h.seq LIMIT ?2"
+);
+
+pub(crate) const NEXT_DUE: &str = "SELECT MIN(next_attempt_ms) FROM delivery_heads";
+
+pub(crate) const DELIVERY_COUNTS: &str =
+    "SELECT state, COUNT(*) FROM deliveries WHERE subscription = ?1 GROUP BY state";
 
 fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
     Ok(Delivery {
@@ -572,10 +594,7 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
 /// Make the head row of (subscription, subject) name its lowest pending delivery, or remove it.
 fn refresh_head(conn: &Connection, subscription: &str, subject: &str) -> Result<()> {
     let lowest: Option<(i64, i64)> = conn
-        .prepare_cached(
-            "SELECT seq, next_attempt_ms FROM deliveries
-             WHERE subscription = ?1 AND subject = ?2 AND state = 0 ORDER BY seq LIMIT 1",
-        )
+        .prepare_cached(LOWEST_PENDING)
         .and_then(|mut s| {
             s.query_row(params![subscription, subject], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -733,13 +752,7 @@ pub(crate) fn due_deliveries(
     now_ms: i64,
     limit: usize,
 ) -> Result<Vec<Delivery>> {
-    let sql = format!(
-        "SELECT {DELIVERY_COLUMNS}
-         FROM delivery_heads h CROSS JOIN deliveries d ON d.subscription = h.subscription AND d.seq = h.seq
-         WHERE h.next_attempt_ms <= ?1
-         ORDER BY h.next_attempt_ms, h.seq LIMIT ?2"
-    );
-    conn.prepare_cached(&sql)
+    conn.prepare_cached(DUE_DELIVERIES)
         .and_then(|mut s| {
             s.query_map(params![now_ms, usize_i64(limit)], delivery_from_row)?
                 .collect()
@@ -749,16 +762,19 @@ pub(crate) fn due_deliveries(
 
 /// The earliest next attempt of any head.
 pub(crate) fn next_due_ms(conn: &Connection) -> Result<Option<i64>> {
-    conn.prepare_cached("SELECT MIN(next_attempt_ms) FROM delivery_heads")
+    conn.prepare_cached(NEXT_DUE)
         .and_then(|mut s| s.query_row([], |r| r.get(0)))
         .map_err(db)
 }
 
-pub(crate) fn deliveries(conn: &Connection, q: &DeliveryQuery) -> Result<Vec<Delivery>> {
+/// The listing statement of `q` (without a subscription it scans and sorts: an operator's query).
+pub(crate) fn deliveries_sql(q: &DeliveryQuery) -> Frag<'_> {
     let mut f = Frag::default();
-    f.push("SELECT ");
-    f.push(DELIVERY_COLUMNS);
-    f.push(" FROM deliveries d WHERE ");
+    f.push(concat!(
+        "SELECT ",
+        delivery_columns!(),
+        " FROM deliveries d WHERE "
+    ));
     if let Some(subscription) = &q.subscription {
         f.arg("d.subscription = ? AND ", subscription.as_str());
     }
@@ -768,6 +784,11 @@ pub(crate) fn deliveries(conn: &Connection, q: &DeliveryQuery) -> Result<Vec<Del
     f.arg("d.seq > ?", q.after_seq);
     f.push(" ORDER BY d.seq, d.subscription");
     f.arg(" LIMIT ?", usize_i64(q.limit));
+    f
+}
+
+pub(crate) fn deliveries(conn: &Connection, q: &DeliveryQuery) -> Result<Vec<Delivery>> {
+    let f = deliveries_sql(q);
     conn.prepare_cached(&f.sql)
         .and_then(|mut s| {
             s.query_map(params_from_iter(f.args.iter()), delivery_from_row)?
@@ -778,9 +799,7 @@ pub(crate) fn deliveries(conn: &Connection, q: &DeliveryQuery) -> Result<Vec<Del
 
 pub(crate) fn delivery_counts(conn: &Connection, subscription: &str) -> Result<DeliveryCounts> {
     let rows: Vec<(DeliveryState, i64)> = conn
-        .prepare_cached(
-            "SELECT state, COUNT(*) FROM deliveries WHERE subscription = ?1 GROUP BY state",
-        )
+        .prepare_cached(DELIVERY_COUNTS)
         .and_then(|mut s| {
             s.query_map([subscription], |r| Ok((state_from_code(r, 0)?, r.get(1)?)))?
                 .collect()
@@ -836,9 +855,9 @@ pub(crate) fn prefix_upper_bound(prefix: &str) -> Option<String> {
 
 /// A SQL fragment with its positional (`?`) arguments, in text order.
 #[derive(Default)]
-struct Frag<'a> {
-    sql: String,
-    args: Vec<ToSqlOutput<'a>>,
+pub(crate) struct Frag<'a> {
+    pub(crate) sql: String,
+    pub(crate) args: Vec<ToSqlOutput<'a>>,
 }
 
 impl<'a> Frag<'a> {

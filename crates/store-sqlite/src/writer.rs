@@ -376,15 +376,13 @@ impl Writer {
                         seq,
                         subject,
                     } => {
-                        if false
-                            && !sql::enqueue_delivery(
-                                &self.conn,
-                                job.now_ms,
-                                subscription,
-                                *seq,
-                                subject,
-                            )?
-                        {
+                        if !sql::enqueue_delivery(
+                            &self.conn,
+                            job.now_ms,
+                            subscription,
+                            *seq,
+                            subject,
+                        )? {
                             return Err(diverged("delivery enqueue"));
                         }
                     }

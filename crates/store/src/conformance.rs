@@ -2277,7 +2277,7 @@ pub async fn delivery_lifecycle<S: Store>(store: &Arc<S>) {
         },
         "after a retry"
     );
-    let (done, _) = enqueue_all(store, a, &[e0.clone()]).await;
+    let (done, _) = enqueue_all(store, a, std::slice::from_ref(e0)).await;
     assert_eq!(done, vec![false]);
     assert_eq!(
         delivery_of(store, a, e0.seq).await.attempts,
@@ -2306,7 +2306,7 @@ pub async fn delivery_lifecycle<S: Store>(store: &Arc<S>) {
         },
     )
     .await;
-    let (_, t_b) = (0, delivery_of(store, b, e0.seq).await.next_attempt_ms);
+    let t_b = delivery_of(store, b, e0.seq).await.next_attempt_ms;
     assert!(t_b < t1 - 10);
     assert_eq!(
         due_of(store, t1, &[a, b]).await,
@@ -2724,6 +2724,7 @@ pub async fn delivery_no_head_of_line_blocking<S: Store>(store: &Arc<S>) {
             "only b's delivery is due"
         );
     }
+    eprintln!("BEST due {best:?}");
     assert!(
         best < Duration::from_millis(5),
         "due_deliveries took {best:?} with {BACKLOG} deliveries queued behind a head"

@@ -27,10 +27,11 @@ FHIR_JSON = "application/fhir+json"
 
 
 class Server:
-    def __init__(self, proc, base_url, log_path):
+    def __init__(self, proc, base_url, log_path, data_dir=None):
         self.proc = proc
         self.base_url = base_url
         self.log_path = log_path
+        self.data_dir = data_dir
 
     def log(self) -> str:
         try:
@@ -43,18 +44,19 @@ def _binary() -> Path:
     return Path(os.environ.get("CAREBRIDGE_BIN") or REPO / "target" / "debug" / "carebridge")
 
 
-def start_server(tmp_path_factory, name="carebridge"):
-    """Start `carebridge serve` on a fresh data dir; returns a Server (base_url None if it never got ready)."""
+def start_server(tmp_path_factory, name="carebridge", extra_args=None, data_dir=None):
+    """Start `carebridge serve` on a fresh data dir (or on `data_dir`, e.g. a previous server's, to restart
+    it); `extra_args` are appended to the command line (e.g. delivery flags). Returns a Server."""
     binary = _binary()
     if not binary.exists():
         pytest.exit(f"server binary {binary} not found: run `cargo build -p carebridge` or set CAREBRIDGE_BIN", 2)
     root = tmp_path_factory.mktemp(name)
-    data_dir = root / "data"
+    data_dir = Path(data_dir) if data_dir is not None else root / "data"
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAREBRIDGE_")}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [str(binary), "serve", "--http", "127.0.0.1:0", "--data-dir", str(data_dir)],
+            [str(binary), "serve", "--http", "127.0.0.1:0", "--data-dir", str(data_dir), *(extra_args or [])],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -75,7 +77,7 @@ def start_server(tmp_path_factory, name="carebridge"):
 
     threading.Thread(target=read_stdout, daemon=True).start()
     ready.wait(STARTUP_TIMEOUT_S)
-    srv = Server(proc, found.get("url"), log_path)
+    srv = Server(proc, found.get("url"), log_path, data_dir)
     if srv.base_url is None:
         proc.kill()
         proc.wait()

@@ -5,11 +5,14 @@
 //! Each job is all-or-nothing. The obvious way, a SAVEPOINT per job, costs about a quarter of the writer's
 //! time (SQLite copies every page a job touches into the savepoint's journal; measured 8.5k vs 10.9k
 //! puts/s). So a batch starts without savepoints and records, per job, what its changes were (the rows a
-//! put wrote, the events and idempotency records it added, the deletes). If a job fails (its closure
-//! returns `Err`, panics, or a change failed inside the database), the writer rolls the transaction back,
-//! begins again, replays the recorded changes of the jobs before it (deterministic: same starting state,
+//! put wrote, the events and idempotency records it added, the deletes, named values set or removed,
+//! deliveries enqueued, updated or requeued). If a job fails (its closure returns `Err`, panics, or a
+//! change failed inside the database), the writer rolls the transaction back, begins again, replays the recorded changes of the jobs before it (deterministic: same starting state,
 //! same inputs, same instants, so the same versions and outbox sequence numbers, which the replay checks),
 //! and runs the rest of the batch with one SAVEPOINT per job, so a batch replays at most once.
+//!
+//! After a COMMIT that kept at least one appended event, the writer publishes the batch's highest outbox seq
+//! on the store's events watch, before answering the jobs.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -2724,7 +2724,6 @@ pub async fn delivery_no_head_of_line_blocking<S: Store>(store: &Arc<S>) {
             "only b's delivery is due"
         );
     }
-    eprintln!("BEST due {best:?}");
     assert!(
         best < Duration::from_millis(5),
         "due_deliveries took {best:?} with {BACKLOG} deliveries queued behind a head"

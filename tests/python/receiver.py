@@ -76,6 +76,7 @@ class Receiver:
         self.errors: list[str] = []
         self._counter = itertools.count(1)
         self.port = 0
+        self.inflight = 0  # requests being handled right now
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
@@ -150,7 +151,7 @@ class Receiver:
         """(behaviour, status, retry_after) for the next request."""
         with self.lock:
             if self.always_status is not None:
-                return "always-fail", self.always_status, None
+                return "always-fail", self.always_status, self.rng.choice(self.retry_after)
             r = self.rng.random()
             if r < self.hang_rate:
                 return "hang", 503, None
@@ -175,6 +176,16 @@ class Receiver:
                 self.send_error(405)
 
             def do_POST(self):
+                with rec.lock:
+                    rec.inflight += 1
+                try:
+                    self._post()
+                finally:
+                    with rec.lock:
+                        rec.inflight -= 1
+                        rec.cond.notify_all()
+
+            def _post(self):
                 arrival = rec._next()
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""

@@ -51,6 +51,8 @@ struct Settings {
     python_iterations: u64,
     /// Concurrency levels of the `book` scenario.
     book_concurrency: &'static [u32],
+    /// `--only booking`: nothing but the booking runs.
+    only_booking: bool,
 }
 
 impl Settings {
@@ -65,6 +67,7 @@ impl Settings {
                 validate_iterations: 2_000,
                 python_iterations: 300,
                 book_concurrency: &[BOOKING_TARGET_C],
+                only_booking: false,
             }
         } else {
             Settings {
@@ -76,6 +79,7 @@ impl Settings {
                 validate_iterations: 50_000,
                 python_iterations: 5_000,
                 book_concurrency: &CONCURRENCY,
+                only_booking: false,
             }
         }
     }
@@ -116,7 +120,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             other => return Err(format!("bench: unknown argument {other:?} (try --help)")),
         }
     }
-    let s = Settings::new(quick);
+    let mut s = Settings::new(quick);
+    s.only_booking = only_booking;
     let root = workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -933,7 +938,8 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "# Carebridge benchmark{}\n",
+            "# Carebridge benchmark{}{}\n",
+            if s.only_booking { ": booking only" } else { "" },
             if s.quick {
                 " (--quick: smoke run, not for comparison)"
             } else {
@@ -956,13 +962,22 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        let _ = writeln!(
-            out,
-            "- Client: `cb-loadgen` (HTTP/1.1 keep-alive, 1 thread) on the same machine as the servers; closed loop, C \
-             connections with one request in flight each; {} per run after a {} warm-up; read and search over {} \
-             seeded patients; the same ~1.5 KB UK Core Patient shape for every create.",
-            s.duration, s.warmup, s.seed
-        );
+        if s.only_booking {
+            let _ = writeln!(
+                out,
+                "- Client: `cb-loadgen` (HTTP/1.1 keep-alive, 1 thread) on the same machine as the server; closed loop, C \
+                 connections with one request in flight each; {} per run after a {} warm-up.",
+                s.duration, s.warmup
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "- Client: `cb-loadgen` (HTTP/1.1 keep-alive, 1 thread) on the same machine as the servers; closed loop, C \
+                 connections with one request in flight each; {} per run after a {} warm-up; read and search over {} \
+                 seeded patients; the same ~1.5 KB UK Core Patient shape for every create.",
+                s.duration, s.warmup, s.seed
+            );
+        }
         let _ = writeln!(
             out,
             "- Caveat: runs on shared 2-core machines vary by 20-40%; servers are interleaved run by run, so compare \

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("bench") => bench::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci | bench [--quick] [--hfs PATH]>");
+            eprintln!("usage: cargo xtask <ci | bench [--quick] [--only booking] [--hfs PATH]>");
             return ExitCode::from(2);
         }
     };

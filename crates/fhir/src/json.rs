@@ -28,12 +28,13 @@ const MAX_DEPTH: u32 = 100;
 /// with such a key means something else to serde_json, so it is left to serde_json.
 const PRIVATE_KEY: &str = "$serde_json::private::";
 
-/// Work stacks reused across calls on one thread (object members and array items waiting for their
-/// container to close, so the container is allocated once at its final size).
+/// Work stacks reused across calls on one thread: parsed values (and the keys of object members) wait here
+/// for their container to close, so the container is allocated once at its final size and each value is
+/// moved once into it.
 #[derive(Default)]
 struct Scratch {
-    members: Vec<(String, Value)>,
-    items: Vec<Value>,
+    keys: Vec<String>,
+    values: Vec<Value>,
 }
 
 thread_local! {
@@ -53,16 +54,16 @@ pub(crate) fn parse(bytes: &[u8]) -> Option<Value> {
             b: bytes,
             i: 0,
             depth: 0,
-            members: scratch.members,
-            items: scratch.items,
+            keys: scratch.keys,
+            values: scratch.values,
         };
         let result = p.document();
-        p.members.clear();
-        p.items.clear();
-        if p.members.capacity() <= KEEP_SCRATCH && p.items.capacity() <= KEEP_SCRATCH {
+        p.keys.clear();
+        p.values.clear();
+        if p.keys.capacity() <= KEEP_SCRATCH && p.values.capacity() <= KEEP_SCRATCH {
             cell.set(Scratch {
-                members: p.members,
-                items: p.items,
+                keys: p.keys,
+                values: p.values,
             });
         }
         result
@@ -74,8 +75,10 @@ struct Parser<'a> {
     b: &'a [u8],
     i: usize,
     depth: u32,
-    members: Vec<(String, Value)>,
-    items: Vec<Value>,
+    /// Keys of the members of the objects being parsed, innermost last.
+    keys: Vec<String>,
+    /// Values parsed and not yet in their container, innermost last.
+    values: Vec<Value>,
 }
 
 /// Bytes with the high bit of each lane set where `x` has a byte equal to `n` (exact in the lowest such
@@ -111,29 +114,32 @@ impl Parser<'_> {
 
     fn document(&mut self) -> Option<Value> {
         self.ws();
-        let v = self.value()?;
+        self.value()?;
         self.ws();
         if self.i == self.b.len() {
-            Some(v)
+            self.values.pop()
         } else {
             None
         }
     }
 
-    fn value(&mut self) -> Option<Value> {
-        match self.peek()? {
+    /// Parse one value and push it on `values`.
+    fn value(&mut self) -> Option<()> {
+        let v = match self.peek()? {
             b'"' => {
                 self.i += 1;
-                self.string().map(Value::String)
+                Value::String(self.string()?)
             }
-            b'{' => self.object(),
-            b'[' => self.array(),
-            b't' => self.literal(b"true", Value::Bool(true)),
-            b'f' => self.literal(b"false", Value::Bool(false)),
-            b'n' => self.literal(b"null", Value::Null),
-            b'-' | b'0'..=b'9' => self.number(),
-            _ => None,
-        }
+            b'{' => return self.object(),
+            b'[' => return self.array(),
+            b't' => self.literal(b"true", Value::Bool(true))?,
+            b'f' => self.literal(b"false", Value::Bool(false))?,
+            b'n' => self.literal(b"null", Value::Null)?,
+            b'-' | b'0'..=b'9' => self.number()?,
+            _ => return None,
+        };
+        self.values.push(v);
+        Some(())
     }
 
     fn literal(&mut self, word: &[u8], v: Value) -> Option<Value> {
@@ -310,14 +316,15 @@ impl Parser<'_> {
         Some(())
     }
 
-    fn object(&mut self) -> Option<Value> {
+    fn object(&mut self) -> Option<()> {
         self.enter()?;
         if self.peek() == Some(b'}') {
             self.i += 1;
             self.depth -= 1;
-            return Some(Value::Object(Map::new()));
+            self.values.push(Value::Object(Map::new()));
+            return Some(());
         }
-        let base = self.members.len();
+        let (key_base, value_base) = (self.keys.len(), self.values.len());
         loop {
             if self.peek() != Some(b'"') {
                 return None;
@@ -327,14 +334,14 @@ impl Parser<'_> {
             if key.starts_with(PRIVATE_KEY) {
                 return None;
             }
+            self.keys.push(key);
             self.ws();
             if self.peek() != Some(b':') {
                 return None;
             }
             self.i += 1;
             self.ws();
-            let v = self.value()?;
-            self.members.push((key, v));
+            self.value()?;
             self.ws();
             match self.peek()? {
                 b',' => {
@@ -348,26 +355,31 @@ impl Parser<'_> {
                 _ => return None,
             }
         }
-        let mut map = Map::with_capacity(self.members.len() - base);
-        for (k, v) in self.members.drain(base..) {
+        let mut map = Map::with_capacity(self.keys.len() - key_base);
+        for (k, v) in self
+            .keys
+            .drain(key_base..)
+            .zip(self.values.drain(value_base..))
+        {
             // As serde_json: a repeated key keeps its first position and takes the last value.
             map.insert(k, v);
         }
         self.depth -= 1;
-        Some(Value::Object(map))
+        self.values.push(Value::Object(map));
+        Some(())
     }
 
-    fn array(&mut self) -> Option<Value> {
+    fn array(&mut self) -> Option<()> {
         self.enter()?;
         if self.peek() == Some(b']') {
             self.i += 1;
             self.depth -= 1;
-            return Some(Value::Array(Vec::new()));
+            self.values.push(Value::Array(Vec::new()));
+            return Some(());
         }
-        let base = self.items.len();
+        let base = self.values.len();
         loop {
-            let v = self.value()?;
-            self.items.push(v);
+            self.value()?;
             self.ws();
             match self.peek()? {
                 b',' => {
@@ -381,10 +393,10 @@ impl Parser<'_> {
                 _ => return None,
             }
         }
-        let mut items = Vec::with_capacity(self.items.len() - base);
-        items.extend(self.items.drain(base..));
+        let items: Vec<Value> = self.values.drain(base..).collect();
         self.depth -= 1;
-        Some(Value::Array(items))
+        self.values.push(Value::Array(items));
+        Some(())
     }
 }
 
@@ -439,6 +451,167 @@ mod tests {
         }
         assert!(parse(r#"{"a":1}"#.as_bytes()).is_some());
         assert!(parse(b"\"\xff\"").is_none());
+    }
+
+    mod differential {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON text built by hand, so it can hold what serializers never write: odd whitespace, escapes of
+        /// any character, surrogate pairs (and lone halves), duplicate keys, every number form, and syntax
+        /// errors.
+        fn text(depth: u32) -> BoxedStrategy<String> {
+            let ws = prop_oneof![
+                Just(String::new()),
+                Just(" ".to_string()),
+                Just("\n  ".to_string()),
+                Just("\t".to_string()),
+                Just("\r\n".to_string()),
+                Just("\u{b}".to_string()),
+            ];
+            let piece = prop_oneof![
+                4 => "[a-zA-Z0-9 _#:/.-]{0,8}",
+                1 => Just("\\\"".to_string()),
+                1 => Just("\\\\".to_string()),
+                1 => Just("\\/".to_string()),
+                1 => Just("\\b\\f\\n\\r\\t".to_string()),
+                1 => any::<char>().prop_map(|c| format!("\\u{:04x}", u32::from(c).min(0xFFFF))),
+                1 => Just("\\ud83d\\ude00".to_string()),
+                1 => Just("\\uD83D\\uDE00".to_string()),
+                1 => Just("\\ud83d".to_string()),
+                1 => Just("\\ude00x".to_string()),
+                1 => Just("\\ud83d\\u0041".to_string()),
+                1 => Just("\\x".to_string()),
+                1 => Just("\\u12g4".to_string()),
+                1 => Just("\u{1}".to_string()),
+                1 => Just("\u{7f}".to_string()),
+                1 => Just("é€😀".to_string()),
+                1 => Just("$serde_json::private::Number".to_string()),
+            ];
+            let string =
+                proptest::collection::vec(piece, 0..4).prop_map(|p| format!("\"{}\"", p.concat()));
+            let number = prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                "-?(0|[1-9][0-9]{0,25})(\\.[0-9]{1,6})?([eE][+-]?[0-9]{1,4})?",
+                "-?[0-9.eE+-]{1,6}",
+            ];
+            let leaf = prop_oneof![
+                2 => string.clone(),
+                2 => number,
+                1 => prop_oneof![Just("true"), Just("false"), Just("null"), Just("nul"), Just("True")]
+                    .prop_map(str::to_string),
+            ];
+            if depth == 0 {
+                return leaf.boxed();
+            }
+            let inner = text(depth - 1);
+            let array = (
+                proptest::collection::vec((inner.clone(), ws.clone()), 0..5),
+                ws.clone(),
+                any::<u8>(),
+            )
+                .prop_map(|(items, w, flaw)| {
+                    let body: Vec<String> = items
+                        .into_iter()
+                        .map(|(v, w2)| format!("{w2}{v}{w2}"))
+                        .collect();
+                    let sep = if flaw == 0 { " " } else { "," };
+                    let trailing = if flaw == 1 { "," } else { "" };
+                    format!("[{w}{}{trailing}]", body.join(sep))
+                });
+            let key = prop_oneof![
+                3 => prop_oneof![Just("\"id\""), Just("\"url\""), Just("\"a\""), Just("\"\""), Just("\"resourceType\"")]
+                    .prop_map(str::to_string),
+                1 => string,
+            ];
+            let object = (
+                proptest::collection::vec((key, inner, ws.clone()), 0..6),
+                any::<u8>(),
+            )
+                .prop_map(|(members, flaw)| {
+                    let body: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, v, w)| {
+                            if flaw == 2 {
+                                format!("{k}{w}{v}")
+                            } else {
+                                format!("{w}{k}{w}:{w}{v}{w}")
+                            }
+                        })
+                        .collect();
+                    let trailing = if flaw == 1 { "," } else { "" };
+                    format!("{{{}{trailing}}}", body.join(","))
+                });
+            prop_oneof![2 => leaf, 1 => array, 2 => object].boxed()
+        }
+
+        fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
+            let theirs = serde_json::from_slice::<Value>(bytes);
+            if let Some(ours) = parse(bytes) {
+                match theirs {
+                    Ok(v) => {
+                        prop_assert_eq!(&ours, &v);
+                        prop_assert_eq!(
+                            serde_json::to_string(&ours).ok(),
+                            serde_json::to_string(&v).ok()
+                        );
+                        let order = |v: &Value| -> Vec<String> {
+                            v.as_object()
+                                .map(|m| m.keys().cloned().collect())
+                                .unwrap_or_default()
+                        };
+                        prop_assert_eq!(order(&ours), order(&v));
+                    }
+                    Err(e) => {
+                        prop_assert!(false, "fast path accepted what serde_json refuses: {}", e)
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4000, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn same_value_as_serde_json(t in text(4), pad in "[ \n]{0,2}") {
+                check(format!("{pad}{t}{pad}").as_bytes())?;
+            }
+
+            #[test]
+            fn same_value_after_byte_edits(t in text(3), edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..4)) {
+                let mut b = t.into_bytes();
+                for (at, byte, op) in edits {
+                    let i = if b.is_empty() { 0 } else { at % b.len() };
+                    match op {
+                        0 if !b.is_empty() => b[i] = byte,
+                        1 => b.insert(i, byte),
+                        _ if !b.is_empty() => { b.remove(i); }
+                        _ => {}
+                    }
+                }
+                check(&b)?;
+            }
+
+            #[test]
+            fn serialized_values_take_the_fast_path(v in any::<(i64, String, Vec<(String, bool)>)>()) {
+                let mut m = Map::new();
+                m.insert("n".into(), Value::from(v.0));
+                m.insert("s".into(), Value::from(v.1));
+                m.insert("list".into(), Value::Array(v.2.into_iter().map(|(k, b)| {
+                    let mut o = Map::new();
+                    o.insert(k, Value::Bool(b));
+                    Value::Object(o)
+                }).collect()));
+                let value = Value::Object(m);
+                for text in [serde_json::to_vec(&value), serde_json::to_vec_pretty(&value)] {
+                    let text = text.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let ours = parse(&text);
+                    prop_assert_eq!(ours.as_ref(), Some(&value));
+                }
+            }
+        }
     }
 
     #[test]

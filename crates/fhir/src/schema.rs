@@ -314,7 +314,9 @@ pub(crate) fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
         return load_u64(a) == load_u64(b);
     }
     let (mut x, mut y) = (a, b);
-    while let (Some((cx, rx)), Some((cy, ry))) = (x.split_first_chunk::<8>(), y.split_first_chunk::<8>()) {
+    while let (Some((cx, rx)), Some((cy, ry))) =
+        (x.split_first_chunk::<8>(), y.split_first_chunk::<8>())
+    {
         if cx != cy {
             return false;
         }

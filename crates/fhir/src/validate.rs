@@ -767,7 +767,10 @@ impl<'a> Ctx<'a> {
                 Ok(()) => {
                     let Value::String(s) = v else { return };
                     if let Some(b) = elem.binding
-                        && !b.codes.iter().any(|c| schema::bytes_eq(c.as_bytes(), s.as_bytes()))
+                        && !b
+                            .codes
+                            .iter()
+                            .any(|c| schema::bytes_eq(c.as_bytes(), s.as_bytes()))
                     {
                         self.error(
                                 IssueType::CodeInvalid,

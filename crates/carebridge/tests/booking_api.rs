@@ -546,3 +546,57 @@ async fn nhs_number_is_unique_and_merge_moves_future_appointments() {
     .await;
     assert_eq!(by_patient.body["total"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_slot_filters_specialty_service_type_and_delivery_channel() {
+    let h = hub();
+    let schedule = create(
+        &h,
+        json!({
+            "resourceType": "Schedule", "active": true,
+            "actor": [{"reference": "Location/clinic"}],
+            "serviceType": [{"coding": [{"system": "http://snomed.info/sct", "code": "394802001"}]}],
+            "specialty": [{"coding": [{"system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-PracticeSettingCode", "code": "110"}]}]
+        }),
+    )
+    .await;
+    let r = call(
+        &h,
+        "POST",
+        &format!("/fhir/Schedule/{schedule}/$generate-slots"),
+        Some(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "daysOfWeek", "valueCode": "mon"},
+            {"name": "openingTime", "valueString": "09:00-10:00"},
+            {"name": "slotMinutes", "valuePositiveInt": 30},
+            {"name": "start", "valueDate": DAY},
+            {"name": "end", "valueDate": DAY}
+        ]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.raw);
+    // A video slot in the same schedule, with the UK Core delivery channel.
+    create(
+        &h,
+        json!({
+            "resourceType": "Slot", "status": "free",
+            "schedule": {"reference": format!("Schedule/{schedule}")},
+            "start": format!("{DAY}T11:00:00Z"), "end": format!("{DAY}T11:30:00Z"),
+            "extension": [{"url": "https://fhir.hl7.org.uk/StructureDefinition/Extension-UKCore-DeliveryChannel",
+                           "valueCodeableConcept": {"coding": [{"system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-DeliveryChannel", "code": "Video"}]}}]
+        }),
+    )
+    .await;
+    let count = |q: String| {
+        let h = &h;
+        async move {
+            let r = call(h, "GET", &format!("/fhir/Slot?status=free&{q}&_summary=count"), None).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.raw);
+            r.body["total"].as_u64().unwrap_or(u64::MAX)
+        }
+    };
+    assert_eq!(count("specialty=110".into()).await, 2, "generated slots copy the schedule's specialty");
+    assert_eq!(count("service-type=http://snomed.info/sct|394802001".into()).await, 2);
+    assert_eq!(count("delivery-channel=Video".into()).await, 1);
+    assert_eq!(count("schedule.actor=Location/clinic".into()).await, 3);
+    assert_eq!(count(format!("start=ge{DAY}T10:00:00Z")).await, 1);
+}

@@ -15,13 +15,16 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use store::{DeliveryUpdate, Event, ResourceType, SearchQuery, Store};
+use store::{
+    DeliveryQuery, DeliveryState, DeliveryUpdate, Event, ResourceType, SearchQuery, Store,
+};
 use tokio::sync::{Notify, Semaphore, watch};
 
 const NS: &str = "delivery";
 const CURSOR: &str = "cursor";
 const START_NS: &str = "subscription-start";
 const COUNT_NS: &str = "subscription-count";
+const NUMBER_NS: &str = "delivery-number";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -76,7 +79,9 @@ fn parse_sub(json: &str, start: Option<i64>) -> Option<Sub> {
         .collect();
     Some(Sub {
         id,
-        active: v.get("status").and_then(Value::as_str) == Some("active"),
+        // `error` only reports failures: delivery goes on (and a success flips it back to active). Only `off`
+        // pauses a subscription.
+        active: v.get("status").and_then(Value::as_str) != Some("off"),
         query,
         endpoint: channel.get("endpoint")?.as_str()?.to_string(),
         payload: channel
@@ -246,18 +251,27 @@ async fn dispatch<S: Store>(store: &S, cache: &Cache, events: &[Event]) -> store
     let last = events.last().map_or(0, |e| e.seq);
     store
         .write(move |tx| {
-            let mut added: HashMap<String, u64> = HashMap::new();
+            // Each delivery's number among its subscription's events (`events-since-subscription-start`).
+            let mut counters: HashMap<String, u64> = HashMap::new();
             for (sub, ev) in &enqueue {
                 if tx.enqueue_delivery(sub, ev)? {
-                    *added.entry(sub.clone()).or_insert(0) += 1;
+                    let n = match counters.get(sub) {
+                        Some(n) => *n,
+                        None => tx
+                            .kv_get(COUNT_NS, sub)?
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0),
+                    } + 1;
+                    counters.insert(sub.clone(), n);
+                    tx.kv_put(
+                        NUMBER_NS,
+                        &format!("{sub}/{}", ev.seq),
+                        Some(&n.to_string()),
+                    )?;
                 }
             }
-            for (sub, n) in added {
-                let before: u64 = tx
-                    .kv_get(COUNT_NS, &sub)?
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                tx.kv_put(COUNT_NS, &sub, Some(&(before + n).to_string()))?;
+            for (sub, n) in counters {
+                tx.kv_put(COUNT_NS, &sub, Some(&n.to_string()))?;
             }
             for (sub, seq) in &starts {
                 tx.kv_put(START_NS, sub, Some(&seq.to_string()))?;
@@ -384,11 +398,30 @@ async fn attempt<S: Store>(
     metrics: &Metrics,
     d: store::Delivery,
 ) {
+    // The due list was read before earlier attempts finished: make sure this delivery is still the pending
+    // one it was (an attempt that just succeeded must not be sent again).
+    let still_pending = store
+        .deliveries(&DeliveryQuery {
+            subscription: Some(d.subscription.clone()),
+            state: Some(DeliveryState::Pending),
+            after_seq: d.seq - 1,
+            limit: 1,
+        })
+        .await
+        .map(|l| {
+            l.first()
+                .is_some_and(|x| x.seq == d.seq && x.attempts == d.attempts)
+        })
+        .unwrap_or(false);
+    if !still_pending {
+        return;
+    }
     let sub = cache
         .read()
         .ok()
         .and_then(|c| c.get(&d.subscription).cloned());
     let attempts = d.attempts + 1;
+    let paused = sub.as_ref().is_some_and(|s| !s.active);
     let update = match sub {
         None => DeliveryUpdate::Dead {
             attempts: d.attempts,
@@ -399,7 +432,7 @@ async fn attempt<S: Store>(
             attempts: d.attempts,
             next_attempt_ms: now_ms() + 30_000,
             status: None,
-            error: "the subscription is not active".into(),
+            error: "the subscription is off".into(),
         },
         Some(s) => match send(store, cfg, client, &s, &d).await {
             Ok(status) => DeliveryUpdate::Delivered { attempts, status },
@@ -431,7 +464,9 @@ async fn attempt<S: Store>(
         DeliveryUpdate::Dead { .. } => "dead",
         _ => "failed",
     };
-    metrics.record_attempt(&d.subscription, result);
+    if !paused {
+        metrics.record_attempt(&d.subscription, result);
+    }
     let (sub_id, seq) = (d.subscription.clone(), d.seq);
     let status_change = match &update {
         DeliveryUpdate::Dead { error, .. } => Some((
@@ -443,7 +478,12 @@ async fn attempt<S: Store>(
     };
     let r = store
         .write(move |tx| {
+            let delivered = matches!(update, DeliveryUpdate::Delivered { .. });
             tx.update_delivery(&sub_id, seq, update)?;
+            if delivered {
+                // The number has been sent; keep the key-value table from growing with every delivery.
+                tx.kv_put(NUMBER_NS, &format!("{sub_id}/{seq}"), None)?;
+            }
             if let Some((status, error)) = &status_change {
                 // Only flips error <-> active; an `off` subscription stays off.
                 let current = tx.read(ResourceType::Subscription, &sub_id)?;
@@ -511,12 +551,21 @@ async fn send<S: Store>(
             delivery::cloud_event(&input),
         ),
         Some(_) => {
-            let n = store
-                .kv_get(COUNT_NS, &sub.id)
+            // The number given when the event was enqueued for this subscription; a replayed delivery that
+            // was never enqueued before has none and takes the current count.
+            let numbered = store
+                .kv_get(NUMBER_NS, &format!("{}/{}", sub.id, d.seq))
                 .await
-                .map_err(internal)?
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+                .map_err(internal)?;
+            let n = match numbered.and_then(|v| v.parse().ok()) {
+                Some(n) => n,
+                None => store
+                    .kv_get(COUNT_NS, &sub.id)
+                    .await
+                    .map_err(internal)?
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            };
             (
                 "application/fhir+json",
                 delivery::notification_bundle(&input, &sub.id, n),

@@ -589,13 +589,26 @@ async fn free_slot_filters_specialty_service_type_and_delivery_channel() {
     let count = |q: String| {
         let h = &h;
         async move {
-            let r = call(h, "GET", &format!("/fhir/Slot?status=free&{q}&_summary=count"), None).await;
+            let r = call(
+                h,
+                "GET",
+                &format!("/fhir/Slot?status=free&{q}&_summary=count"),
+                None,
+            )
+            .await;
             assert_eq!(r.status, StatusCode::OK, "{}", r.raw);
             r.body["total"].as_u64().unwrap_or(u64::MAX)
         }
     };
-    assert_eq!(count("specialty=110".into()).await, 2, "generated slots copy the schedule's specialty");
-    assert_eq!(count("service-type=http://snomed.info/sct|394802001".into()).await, 2);
+    assert_eq!(
+        count("specialty=110".into()).await,
+        2,
+        "generated slots copy the schedule's specialty"
+    );
+    assert_eq!(
+        count("service-type=http://snomed.info/sct|394802001".into()).await,
+        2
+    );
     assert_eq!(count("delivery-channel=Video".into()).await, 1);
     assert_eq!(count("schedule.actor=Location/clinic".into()).await, 3);
     assert_eq!(count(format!("start=ge{DAY}T10:00:00Z")).await, 1);

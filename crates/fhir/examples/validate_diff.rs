@@ -5,7 +5,13 @@
 //!
 //! Usage: `cargo run --release -p fhir --example validate_diff -- CASES [EXTRA.json...] > out.txt`
 
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test tool")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::collapsible_if,
+    clippy::collapsible_match,
+    reason = "test tool"
+)]
 
 use fhir::{ResourceType, operation_outcome, validate, validate_json};
 use serde_json::{Value, json};

@@ -1,7 +1,11 @@
-//! Profiling loop for `fhir::validate_json` on a Patient file (e.g. the one `cb-validate-bench --write-sample`
-//! writes). Prints µs per call for: serde_json parse alone, `validate` on a parsed Value, `validate_json`.
+//! Profiling loop for `fhir::validate_json` on one resource file (e.g. the Patient that
+//! `cb-validate-bench --write-sample FILE` writes). Prints wall-clock µs per call.
 //!
-//! Usage: `cargo run --release -p fhir --example validate_profile -- PATIENT.json [ITERATIONS] [only-json]`
+//! Usage: `cargo run --release -p fhir --example validate_profile -- FILE [ITERATIONS] [MODE]`, MODE one of
+//! `all` (default: each of the below), `json` (`validate_json`: parse + validate + drop, what a write
+//! costs), `validate` (`validate` on an already parsed Value), `serde` (`serde_json::from_slice::<Value>` +
+//! drop), `clone` (`Value::clone` + drop: the cost of allocating and freeing that Value, a floor for any
+//! parser that must return one). Run a single mode under `perf record -g` to profile it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "profiling tool")]
 
@@ -22,49 +26,39 @@ fn time(label: &str, n: u64, mut f: impl FnMut()) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let path = args.first().expect("PATIENT.json");
+    let path = args
+        .first()
+        .expect("usage: validate_profile FILE [ITERATIONS] [MODE]");
     let n: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let mode = args.get(2).map(String::as_str).unwrap_or("all");
-    let only_json = mode == "only-json";
     let bytes = std::fs::read(path).expect("read");
-    let expected = Some(fhir::ResourceType::Patient);
-    assert!(fhir::validate_json(&bytes, expected).is_ok());
-    if mode == "only-validate" {
-        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        time("validate(&mut Value)", n, || {
-            black_box(fhir::validate(
-                fhir::ResourceType::Patient,
-                black_box(&mut v),
-            ));
-        });
-        return;
-    }
-    if mode == "only-parse" {
-        time("fhir::parse_json_value (fast parser)", n, || {
-            black_box(fhir::__bench_parse(black_box(&bytes)));
-        });
-        return;
-    }
-    if !only_json {
+    let parsed: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    let rtype = parsed
+        .get("resourceType")
+        .and_then(serde_json::Value::as_str)
+        .and_then(fhir::ResourceType::parse)
+        .expect("a served resource type");
+    let run = |m: &str| mode == "all" || mode == m;
+    if run("serde") {
         time("serde_json::from_slice::<Value>", n, || {
             let v: serde_json::Value = serde_json::from_slice(black_box(&bytes)).unwrap();
             black_box(v);
         });
-        time("fhir::parse_json_value (fast parser)", n, || {
-            black_box(fhir::__bench_parse(black_box(&bytes)));
-        });
-        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    }
+    if run("clone") {
         time("Value::clone + drop", n, || {
-            black_box(black_box(&v).clone());
-        });
-        time("validate(&mut Value)", n, || {
-            black_box(fhir::validate(
-                fhir::ResourceType::Patient,
-                black_box(&mut v),
-            ));
+            black_box(black_box(&parsed).clone());
         });
     }
-    time("validate_json", n, || {
-        black_box(fhir::validate_json(black_box(&bytes), expected).is_ok());
-    });
+    if run("validate") {
+        let mut v = parsed.clone();
+        time("validate(rtype, &mut Value)", n, || {
+            black_box(fhir::validate(rtype, black_box(&mut v)));
+        });
+    }
+    if run("json") {
+        time("validate_json (parse + validate)", n, || {
+            black_box(fhir::validate_json(black_box(&bytes), Some(rtype)).is_ok());
+        });
+    }
 }

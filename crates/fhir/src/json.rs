@@ -42,7 +42,7 @@ thread_local! {
 }
 
 /// Scratch buffers larger than this (in entries) are not kept for the next call.
-const KEEP_SCRATCH: usize = 4096;
+const KEEP_SCRATCH: usize = 1024;
 
 /// Parse a complete JSON text; `None` when the fast path cannot (or must not) decide, see the module docs.
 pub(crate) fn parse(bytes: &[u8]) -> Option<Value> {
@@ -401,7 +401,7 @@ impl Parser<'_> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "tests")]
+#[allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
 mod tests {
     use super::*;
 
@@ -572,7 +572,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 4000, failure_persistence: None, ..ProptestConfig::default() })]
+            #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
 
             #[test]
             fn same_value_as_serde_json(t in text(4), pad in "[ \n]{0,2}") {
@@ -595,7 +595,9 @@ mod tests {
             }
 
             #[test]
-            fn serialized_values_take_the_fast_path(v in any::<(i64, String, Vec<(String, bool)>)>()) {
+            fn serialized_values_take_the_fast_path(
+                v in (any::<i64>(), "\\PC{0,12}", proptest::collection::vec(("\\PC{0,8}", any::<bool>()), 0..6))
+            ) {
                 let mut m = Map::new();
                 m.insert("n".into(), Value::from(v.0));
                 m.insert("s".into(), Value::from(v.1));

@@ -31,9 +31,3 @@ pub use outcome::{Issue, IssueType, Severity, operation_outcome};
 pub use resource_type::ResourceType;
 pub use text::{normalize_string, string_prefix_upper_bound};
 pub use validate::{Validated, validate, validate_json};
-
-/// Not public API: the fast JSON parser alone, for the profiling example.
-#[doc(hidden)]
-pub fn __bench_parse(bytes: &[u8]) -> Option<serde_json::Value> {
-    json::parse(bytes)
-}

@@ -13,7 +13,9 @@
 //!
 //! Invariants: the tables are hand-written from the R4 element definitions; element names within one type
 //! (including the inherited ones) are unique, and no type has more than 64 elements in total (the
-//! validator tracks presence in a `u64`); both are checked by unit tests.
+//! validator tracks presence in a `u64`); both are checked by unit tests. [`TypeDef::lookup`] resolves a JSON
+//! key through a small hash index of the type ([`Lut`], built on first use), which a unit test checks
+//! against a plain scan of the element list.
 
 use crate::ResourceType;
 use std::sync::OnceLock;
@@ -225,7 +227,8 @@ impl TypeDef {
     /// its types' suffixes is the key.
     #[inline]
     pub(crate) fn lookup(&self, key: &str) -> Option<(usize, &'static Elem, Ty)> {
-        self.table().find(key)
+        let e = self.table().find(key)?;
+        e.ty.map(|t| (e.index, e.elem, t))
     }
 
     /// Bit `i` set when element `i` (for `i < 64`) has min cardinality 1.
@@ -389,8 +392,9 @@ impl LutTable {
         }
     }
 
+    /// The entry of `key` (returned by reference: one register, not a tuple through memory).
     #[inline]
-    fn find(&self, key: &str) -> Option<(usize, &'static Elem, Ty)> {
+    fn find(&self, key: &str) -> Option<&LutEntry> {
         let k = key.as_bytes();
         let h = key_hash(k);
         let mut pos = h as usize & self.mask;
@@ -398,7 +402,7 @@ impl LutTable {
             let slot = *self.slots.get(pos)?;
             let e = self.entries.get(usize::from(slot).checked_sub(1)?)?;
             if e.hash == h && bytes_eq(e.key.as_bytes(), k) {
-                return e.ty.map(|t| (e.index, e.elem, t));
+                return Some(e);
             }
             pos = (pos + 1) & self.mask;
         }

@@ -145,6 +145,22 @@ impl Hub {
         s
     }
 
+    /// Lines of the hub's log at WARN and at ERROR level, and the first of them (shortened).
+    pub fn log_problems(&self) -> (usize, usize, Option<String>) {
+        let text = std::fs::read_to_string(self.root.join("hub.log")).unwrap_or_default();
+        let (mut warn, mut error, mut first) = (0, 0, None);
+        for line in text.lines() {
+            let w = line.contains(" WARN ") || line.contains("WARN\u{1b}");
+            let e = line.contains(" ERROR ") || line.contains("ERROR\u{1b}");
+            warn += usize::from(w);
+            error += usize::from(e);
+            if (w || e) && first.is_none() {
+                first = Some(line.chars().take(300).collect());
+            }
+        }
+        (warn, error, first)
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
@@ -224,6 +240,28 @@ pub struct CpuSample {
     total: u64,
     /// tid -> (thread name, ticks)
     threads: HashMap<String, (String, u64)>,
+    /// The whole machine (`/proc/stat`): (busy ticks, all ticks), summed over every CPU.
+    machine: (u64, u64),
+}
+
+/// (busy, total) ticks of all CPUs since boot; busy excludes idle and iowait.
+fn machine_ticks() -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
 }
 
 impl CpuSample {
@@ -242,6 +280,7 @@ impl CpuSample {
             at: Instant::now(),
             total,
             threads,
+            machine: machine_ticks(),
         }
     }
 
@@ -273,10 +312,19 @@ impl CpuSample {
             })
             .collect();
         threads.sort_by(|a, b| b.pct.total_cmp(&a.pct));
+        let busy = later.machine.0.saturating_sub(self.machine.0) as f64;
+        let all = later.machine.1.saturating_sub(self.machine.1) as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         CpuUsage {
             secs,
             total_pct: pct(later.total.saturating_sub(self.total)),
             threads,
+            machine_busy_pct: if all > 0.0 {
+                busy / all * cores * 100.0
+            } else {
+                0.0
+            },
+            machine_max_pct: cores * 100.0,
         }
     }
 }
@@ -294,6 +342,9 @@ pub struct CpuUsage {
     pub secs: f64,
     pub total_pct: f64,
     pub threads: Vec<ThreadUsage>,
+    /// Every process on the machine, in % of one core, and the most it could be (cores x 100).
+    pub machine_busy_pct: f64,
+    pub machine_max_pct: f64,
 }
 
 impl CpuUsage {
@@ -322,8 +373,17 @@ impl CpuUsage {
         )
     }
 
+    /// `183% of 200%`
+    pub fn machine(&self) -> String {
+        format!(
+            "{:.0}% of {:.0}%",
+            self.machine_busy_pct, self.machine_max_pct
+        )
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
+            "machine_busy_pct": round(self.machine_busy_pct, 1),
             "seconds": round(self.secs, 2),
             "total_pct": round(self.total_pct, 1),
             "threads": self.threads.iter().map(|t| serde_json::json!({

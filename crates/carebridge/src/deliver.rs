@@ -318,14 +318,43 @@ async fn sender<S: Store>(
         if *shutdown.borrow() {
             return;
         }
-        let due = match store.due_deliveries(now_ms(), 512).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "delivery: reading due deliveries failed");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+        // Due work per subscription, each within its own share of the in-flight budget: a subscriber with a
+        // large backlog (or a dead endpoint) never hides another's due work.
+        let now = now_ms();
+        let subs: Vec<String> = cache
+            .read()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut due = Vec::new();
+        let mut failed = None;
+        for sub in &subs {
+            let in_use = limits
+                .per_sub
+                .lock()
+                .map(|p| p.get(sub).copied().unwrap_or(0))
+                .unwrap_or(0);
+            if in_use >= cfg.per_subscription {
                 continue;
             }
-        };
+            // In-flight heads are still pending, so ask for as many as the whole share.
+            match store
+                .due_deliveries_for(sub, now, cfg.per_subscription)
+                .await
+            {
+                Ok(d) => due.extend(d),
+                Err(e) => failed = Some(e),
+            }
+        }
+        // Deliveries of subscriptions that no longer exist: found by the global scan, ended as dead letters.
+        match store.due_deliveries(now, 16).await {
+            Ok(d) => due.extend(d.into_iter().filter(|d| !subs.contains(&d.subscription))),
+            Err(e) => failed = Some(e),
+        }
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "delivery: reading due deliveries failed");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
         let mut started = 0usize;
         for d in due {
             let key = (d.subscription.clone(), d.subject.clone());
@@ -374,11 +403,12 @@ async fn sender<S: Store>(
             }
         }
         if started == 0 {
+            // Short naps: work can also appear without a wake-up (a `$replay` or a CLI requeue).
             let sleep = match store.next_due_ms().await {
                 Ok(Some(t)) => Duration::from_millis(
-                    u64::try_from((t - now_ms()).clamp(1, 1000)).unwrap_or(1000),
+                    u64::try_from((t - now_ms()).clamp(1, 100)).unwrap_or(100),
                 ),
-                _ => Duration::from_secs(1),
+                _ => Duration::from_millis(100),
             };
             tokio::select! {
                 _ = wake.notified() => {},

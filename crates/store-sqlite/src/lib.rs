@@ -240,6 +240,18 @@ impl Store for SqliteStore {
         ready(self.reads.with(|c| sql::due_deliveries(c, now_ms, limit)))
     }
 
+    fn due_deliveries_for(
+        &self,
+        subscription: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send {
+        ready(
+            self.reads
+                .with(|c| sql::due_deliveries_for(c, subscription, now_ms, limit)),
+        )
+    }
+
     fn next_due_ms(&self) -> impl Future<Output = Result<Option<i64>>> + Send {
         ready(self.reads.with(sql::next_due_ms))
     }

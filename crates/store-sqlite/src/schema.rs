@@ -182,6 +182,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         ('delivery_heads', 'delivery_heads', '100000 1000 1'),
         ('delivery_heads', 'delivery_heads_due', '100000 2 1');
     "#,
+    // 3: due work per subscription, so a subscriber with a large backlog never hides another's due work.
+    r#"
+    CREATE INDEX delivery_heads_sub_due ON delivery_heads (subscription, next_attempt_ms, seq);
+    INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
+        ('delivery_heads', 'delivery_heads_sub_due', '100000 1000 2 1');
+    "#,
 ];
 
 // PLANNER_STATS: migration 1 seeds `sqlite_stat1` with fixed numbers describing a large store (a million

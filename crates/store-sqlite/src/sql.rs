@@ -569,6 +569,15 @@ pub(crate) const DUE_DELIVERIES: &str = concat!(
      ORDER BY h.next_attempt_ms, h.seq LIMIT ?2"
 );
 
+pub(crate) const DUE_DELIVERIES_FOR: &str = concat!(
+    "SELECT ",
+    delivery_columns!(),
+    " FROM delivery_heads h INDEXED BY delivery_heads_sub_due
+       CROSS JOIN deliveries d ON d.subscription = h.subscription AND d.seq = h.seq
+     WHERE h.subscription = ?1 AND h.next_attempt_ms <= ?2
+     ORDER BY h.next_attempt_ms, h.seq LIMIT ?3"
+);
+
 pub(crate) const NEXT_DUE: &str = "SELECT MIN(next_attempt_ms) FROM delivery_heads";
 
 pub(crate) const DELIVERY_COUNTS: &str =
@@ -756,6 +765,24 @@ pub(crate) fn due_deliveries(
         .and_then(|mut s| {
             s.query_map(params![now_ms, usize_i64(limit)], delivery_from_row)?
                 .collect()
+        })
+        .map_err(db)
+}
+
+/// Due heads of one subscription.
+pub(crate) fn due_deliveries_for(
+    conn: &Connection,
+    subscription: &str,
+    now_ms: i64,
+    limit: usize,
+) -> Result<Vec<Delivery>> {
+    conn.prepare_cached(DUE_DELIVERIES_FOR)
+        .and_then(|mut s| {
+            s.query_map(
+                params![subscription, now_ms, usize_i64(limit)],
+                delivery_from_row,
+            )?
+            .collect()
         })
         .map_err(db)
 }

@@ -48,6 +48,7 @@ check!(
     kv,
     delivery_lifecycle,
     delivery_listing,
+    due_per_subscription,
     delivery_no_head_of_line_blocking,
     events_watch,
     delivery_batch_isolation,

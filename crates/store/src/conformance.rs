@@ -59,6 +59,7 @@ pub async fn run_all<S: Store>(store: Arc<S>) {
     kv(&store).await;
     delivery_lifecycle(&store).await;
     delivery_listing(&store).await;
+    due_per_subscription(&store).await;
     events_watch(&store).await;
     delivery_batch_isolation(&store).await;
     delivery_no_head_of_line_blocking(&store).await;
@@ -2539,6 +2540,44 @@ pub async fn delivery_lifecycle<S: Store>(store: &Arc<S>) {
 }
 
 /// `deliveries` filters by subscription, state and seq, orders by (seq, subscription) and honours `limit`.
+/// `due_deliveries_for` returns the due heads of one subscription only, whatever the others hold.
+pub async fn due_per_subscription<S: Store>(store: &Arc<S>) {
+    let base = unique_id("dps");
+    let (a, b) = (format!("{base}-a"), format!("{base}-b"));
+    let s1 = format!("Slot/{}", unique_id("dps-1"));
+    let s2 = format!("Slot/{}", unique_id("dps-2"));
+    let ev = append_events(store, &[&s1, &s2, &s1]).await;
+    enqueue_all(store, &a, &ev).await;
+    enqueue_all(store, &b, &ev[..1]).await;
+    let now = i64::MAX / 2;
+    let due_a = store.due_deliveries_for(&a, now, 100).await.expect("due a");
+    let seqs: Vec<i64> = due_a.iter().map(|d| d.seq).collect();
+    assert_eq!(
+        seqs,
+        [ev[0].seq, ev[1].seq],
+        "heads of a: one per subject, lowest seq first"
+    );
+    assert!(due_a.iter().all(|d| d.subscription == a));
+    let due_b = store.due_deliveries_for(&b, now, 100).await.expect("due b");
+    assert_eq!(due_b.iter().map(|d| d.seq).collect::<Vec<_>>(), [ev[0].seq]);
+    assert_eq!(
+        store
+            .due_deliveries_for(&a, now, 1)
+            .await
+            .expect("limit")
+            .len(),
+        1,
+        "limit is honoured"
+    );
+    assert!(
+        store
+            .due_deliveries_for(&a, 0, 100)
+            .await
+            .expect("not yet due")
+            .is_empty()
+    );
+}
+
 pub async fn delivery_listing<S: Store>(store: &Arc<S>) {
     let base = unique_id("dl");
     let (c, d) = (format!("{base}-c"), format!("{base}-d"));

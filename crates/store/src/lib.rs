@@ -346,6 +346,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
 
+    /// [`Store::due_deliveries`] restricted to one subscription, so a runner can give every subscriber its own
+    /// share of the in-flight budget whatever the others' backlogs.
+    fn due_deliveries_for(
+        &self,
+        subscription: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
+
     /// The earliest `next_attempt_ms` of any head (see [`Store::due_deliveries`]); `None` when nothing is
     /// pending.
     fn next_due_ms(&self) -> impl Future<Output = Result<Option<i64>>> + Send;

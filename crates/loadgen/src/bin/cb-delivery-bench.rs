@@ -351,7 +351,10 @@ fn log_cell(hub: &Hub) -> String {
 }
 
 fn cpu_rows(table: &mut Table, hub: &CpuUsage, bench: &CpuUsage) {
-    table.row(vec!["hub CPU".into(), hub.describe()]);
+    table.row(vec![
+        "hub CPU, whole measured window".into(),
+        hub.describe(),
+    ]);
     table.row(vec![
         "bench CPU (load + receivers)".into(),
         format!("{:.0}% of one core", bench.total_pct),

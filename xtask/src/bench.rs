@@ -281,6 +281,35 @@ pub fn run(args: &[String]) -> Result<(), String> {
     report.load_tables(&servers, &s);
     report.booking_tables(&booking, &s);
     report.startup_table(&startups, restart, &servers);
+    // 6. Webhook delivery, by its own harness (it starts its own hub and receivers).
+    let mut delivery = Command::new(bin("cb-delivery-bench"));
+    delivery.arg("--hub-bin").arg(bin("carebridge"));
+    if s.quick {
+        delivery.arg("--quick");
+    }
+    progress(&format!("running {delivery:?}"));
+    match delivery.output() {
+        Ok(out) => {
+            report
+                .out
+                .push_str("\n## Webhook delivery (`cb-delivery-bench`)\n\n");
+            let text = String::from_utf8_lossy(&out.stdout);
+            // Its own title line is replaced by the heading above; its sections become subsections.
+            for line in text.lines().skip_while(|l| l.starts_with("# ")) {
+                if let Some(rest) = line.strip_prefix("## ") {
+                    report.out.push_str("### ");
+                    report.out.push_str(rest);
+                } else {
+                    report.out.push_str(line);
+                }
+                report.out.push('\n');
+            }
+            if !out.status.success() {
+                report.problem(format!("cb-delivery-bench exited with {}", out.status));
+            }
+        }
+        Err(e) => report.problem(format!("cb-delivery-bench did not start: {e}")),
+    }
     report.finish();
     for t in &mut servers {
         t.server.stop();

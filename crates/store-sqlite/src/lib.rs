@@ -41,6 +41,7 @@
 //! size. A search is two statements: the page of matching rows (clauses as `rid IN (SELECT rid FROM idx_*
 //! ...)`, sorted, limited), then each row's JSON by primary key.
 
+mod checkpoint;
 mod pool;
 mod schema;
 mod sql;
@@ -101,6 +102,9 @@ pub struct SqliteStore {
     path: PathBuf,
     /// The highest committed outbox seq (the writer publishes it after each COMMIT that appended events).
     events: Arc<watch::Sender<i64>>,
+    /// Dropping it stops the checkpoint thread.
+    checkpoint_stop: Option<std::sync::mpsc::Sender<()>>,
+    checkpointer: Option<JoinHandle<()>>,
 }
 
 impl SqliteStore {
@@ -127,12 +131,22 @@ impl SqliteStore {
             .name("carebridge-sqlite-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let checkpoint_path = path.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("carebridge-sqlite-checkpoint".into())
+            .spawn(move || checkpoint::run(&checkpoint_path, stop_rx))
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}"))
+            })?;
         Ok(SqliteStore {
             jobs: Some(tx),
             writer: Some(handle),
             reads: ReadPool::new(path.clone(), options.read_connections),
             path,
             events,
+            checkpoint_stop: Some(stop_tx),
+            checkpointer: Some(checkpointer),
         })
     }
 
@@ -156,6 +170,10 @@ impl Drop for SqliteStore {
             if handle.thread().id() != std::thread::current().id() {
                 let _ = handle.join();
             }
+        }
+        self.checkpoint_stop = None;
+        if let Some(handle) = self.checkpointer.take() {
+            let _ = handle.join();
         }
     }
 }

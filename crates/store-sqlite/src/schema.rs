@@ -232,6 +232,10 @@ pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connect
         Durability::OsCrash => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", sync).map_err(db)?;
+    // The checkpoint thread (checkpoint.rs) keeps the WAL backfilled; the writer's own automatic checkpoint
+    // is only the backstop that restarts the WAL file, so it rarely has anything left to copy.
+    conn.pragma_update(None, "wal_autocheckpoint", 4096)
+        .map_err(db)?;
     tune(&conn)?;
     migrate(&mut conn)?;
     // Load the planner statistics the migrations may just have written.

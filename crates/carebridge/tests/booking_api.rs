@@ -7,26 +7,13 @@ use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use store::Store;
-use store_sqlite::{SqliteOptions, SqliteStore};
 use tower::ServiceExt;
 
-struct Hub {
-    app: axum::Router,
-    store: Arc<SqliteStore>,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+mod inproc;
+use inproc::Hub;
 
 fn hub() -> Hub {
-    let dir = std::env::temp_dir().join(format!("cb-booking-test-{}", uuid::Uuid::new_v4()));
-    let store = Arc::new(SqliteStore::open(&dir, SqliteOptions::default()).expect("open store"));
-    let app = api::router(store.clone(), api::ApiConfig::new("http://hub.test"));
-    Hub { app, store, dir }
+    inproc::hub("booking-test")
 }
 
 struct Res {

@@ -293,7 +293,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
             report
                 .out
                 .push_str("\n## Webhook delivery (`cb-delivery-bench`)\n\n");
-            let text = String::from_utf8_lossy(&out.stdout);
+            // Paths relative to the workspace, so the report names no machine's folders.
+            let text = String::from_utf8_lossy(&out.stdout)
+                .replace(&format!("{}/", workspace_root().display()), "");
             // Its own title line is replaced by the heading above; its sections become subsections.
             for line in text.lines().skip_while(|l| l.starts_with("# ")) {
                 if let Some(rest) = line.strip_prefix("## ") {

@@ -5,7 +5,10 @@ use fhir::{IndexEntry, IndexValue, ResourceType, index_entries, search_param};
 use serde_json::Value;
 use std::path::Path;
 
-const CORPUS: &str = "/work/shared/corpus/fhir";
+/// The shared corpus beside the repository (`<repo>/../shared/corpus/fhir`).
+fn corpus() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus/fhir")
+}
 
 /// The resources of one file: the resource itself, or the entries of a Bundle (recursively).
 fn resources(v: &Value, out: &mut Vec<Value>) {
@@ -26,7 +29,7 @@ fn resources(v: &Value, out: &mut Vec<Value>) {
 }
 
 fn load(dir: &str) -> Option<Vec<(String, ResourceType, Value)>> {
-    let path = Path::new(CORPUS).join(dir);
+    let path = corpus().join(dir);
     let Ok(read) = std::fs::read_dir(&path) else {
         println!("skipping: corpus directory {} is absent", path.display());
         return None;

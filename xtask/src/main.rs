@@ -101,6 +101,13 @@ fn ci() -> Result<(), String> {
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]).envs(env);
     run(&mut build)?;
+    // The README's run command (`cargo run --release -- serve`) must find exactly one binary; check its shape
+    // in the debug profile, which is already built.
+    let mut readme_run = cargo();
+    readme_run
+        .args(["run", "--quiet", "--", "--version"])
+        .envs(env);
+    run(&mut readme_run)?;
     let mut nextest = cargo();
     nextest
         .args(["nextest", "run", "--workspace", "--profile", "ci"])

@@ -245,10 +245,10 @@ where
     S: Store,
     F: FnOnce(&mut dyn Tx) -> store::Result<Result<Reply, ApiError>> + Send + 'static,
 {
-    let out = store
+    store
         .write(move |tx| {
-            if let Some(key) = &key {
-                if let Some(rec) = tx.idempotency_get(key)? {
+            if let Some(key) = &key
+                && let Some(rec) = tx.idempotency_get(key)? {
                     if rec.request_hash != hash {
                         return Ok(Err(ApiError::new(
                             StatusCode::UNPROCESSABLE_ENTITY,
@@ -260,7 +260,6 @@ where
                     headers.push(("idempotent-replayed".into(), "true".into()));
                     return Ok(Ok(Reply { status: rec.status, headers, body: rec.body }));
                 }
-            }
             let reply = match f(tx)? {
                 Ok(r) => r,
                 Err(e) => return Ok(Err(e)),
@@ -278,8 +277,7 @@ where
             Ok(Ok(reply))
         })
         .await
-        .map_err(write_error)?;
-    out
+        .map_err(write_error)?
 }
 
 fn conditional_query(rtype: ResourceType, raw: &str) -> Result<SearchQuery, ApiError> {
@@ -480,10 +478,10 @@ pub async fn delete<S: Store>(
         .map_err(write_error)?
         .map_err(refused)?;
     let mut res = StatusCode::NO_CONTENT.into_response();
-    if let Some(s) = deleted {
-        if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
-            res.headers_mut().insert(header::ETAG, v);
-        }
+    if let Some(s) = deleted
+        && let Ok(v) = HeaderValue::from_str(&etag(s.version))
+    {
+        res.headers_mut().insert(header::ETAG, v);
     }
     Ok(res)
 }
@@ -492,14 +490,13 @@ fn read_response(base: &str, s: &Stored, headers: &HeaderMap) -> Response {
     if let Some(inm) = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
+        && inm.trim() == etag(s.version)
     {
-        if inm.trim() == etag(s.version) {
-            let mut res = StatusCode::NOT_MODIFIED.into_response();
-            if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
-                res.headers_mut().insert(header::ETAG, v);
-            }
-            return res;
+        let mut res = StatusCode::NOT_MODIFIED.into_response();
+        if let Ok(v) = HeaderValue::from_str(&etag(s.version)) {
+            res.headers_mut().insert(header::ETAG, v);
         }
+        return res;
     }
     stored_reply(base, s, 200, Return::Representation, false).into_response()
 }
@@ -655,11 +652,12 @@ async fn history<S: Store>(
         offset,
     };
     let mut result = app.store.history(&q).await?;
-    if let Some(id) = &id {
-        if result.resources.is_empty() && offset == 0 && app.store.read(rtype, id).await?.is_none()
-        {
-            return Err(ApiError::not_found(format!("{rtype}/{id} is not known")));
-        }
+    if let Some(id) = &id
+        && result.resources.is_empty()
+        && offset == 0
+        && app.store.read(rtype, id).await?.is_none()
+    {
+        return Err(ApiError::not_found(format!("{rtype}/{id} is not known")));
     }
     let more = result.resources.len() > count;
     result.resources.truncate(count);
@@ -752,10 +750,10 @@ async fn run_search<S: Store>(
                 let Some(t) = ResourceType::parse(t) else {
                     continue;
                 };
-                if let Some(found) = app.store.read(t, id).await? {
-                    if !found.deleted {
-                        included.push(found);
-                    }
+                if let Some(found) = app.store.read(t, id).await?
+                    && !found.deleted
+                {
+                    included.push(found);
                 }
             }
         }

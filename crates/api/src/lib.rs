@@ -195,33 +195,32 @@ async fn negotiate(req: Request, next: Next) -> Response {
         )
         .into_response();
     }
-    if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
-        if let Some(ct) = req
+    if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
+        && let Some(ct) = req
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-        {
-            let mime = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            let ok = matches!(
-                mime.as_str(),
-                "application/fhir+json"
-                    | "application/json"
-                    | "application/json-patch+json"
-                    | "application/x-www-form-urlencoded"
-            );
-            if !ok {
-                return ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    IssueType::NotSupported,
-                    format!("request body must be application/fhir+json (got {ct})"),
-                )
-                .into_response();
-            }
+    {
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let ok = matches!(
+            mime.as_str(),
+            "application/fhir+json"
+                | "application/json"
+                | "application/json-patch+json"
+                | "application/x-www-form-urlencoded"
+        );
+        if !ok {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                IssueType::NotSupported,
+                format!("request body must be application/fhir+json (got {ct})"),
+            )
+            .into_response();
         }
     }
     next.run(req).await

@@ -32,10 +32,8 @@ fn take_secret(resource: &mut Value) -> Result<Option<String>, BookingError> {
     };
     let ext = exts.remove(i);
     let empty = exts.is_empty();
-    if empty {
-        if let Some(o) = resource.as_object_mut() {
-            o.remove("extension");
-        }
+    if empty && let Some(o) = resource.as_object_mut() {
+        o.remove("extension");
     }
     let secret = ext
         .get("valueString")
@@ -80,16 +78,16 @@ fn prepare(resource: &mut Value) -> Result<Option<String>, BookingError> {
                     "Subscription.channel.endpoint",
                 ));
             }
-            if let Some(payload) = channel.get("payload").and_then(Value::as_str) {
-                if !PAYLOADS.contains(&payload) {
-                    return Err(invalid(
-                        format!(
-                            "payload '{payload}' is not supported; use {} or leave it out for an id-only signal",
-                            PAYLOADS.join(" or ")
-                        ),
-                        "Subscription.channel.payload",
-                    ));
-                }
+            if let Some(payload) = channel.get("payload").and_then(Value::as_str)
+                && !PAYLOADS.contains(&payload)
+            {
+                return Err(invalid(
+                    format!(
+                        "payload '{payload}' is not supported; use {} or leave it out for an id-only signal",
+                        PAYLOADS.join(" or ")
+                    ),
+                    "Subscription.channel.payload",
+                ));
             }
             for (i, h) in channel
                 .get("header")

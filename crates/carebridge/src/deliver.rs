@@ -126,10 +126,10 @@ async fn load_subscriptions<S: Store>(store: &S, cache: &Cache) -> store::Result
                 .kv_get(START_NS, &s.id)
                 .await?
                 .and_then(|v| v.parse().ok());
-            if let Some(sub) = parse_sub(&s.json, start) {
-                if let Ok(mut c) = cache.write() {
-                    c.insert(sub.id.clone(), sub);
-                }
+            if let Some(sub) = parse_sub(&s.json, start)
+                && let Ok(mut c) = cache.write()
+            {
+                c.insert(sub.id.clone(), sub);
             }
         }
         if n < 500 {
@@ -392,10 +392,10 @@ async fn sender<S: Store>(
                     if let Ok(mut inf) = limits.in_flight.lock() {
                         inf.remove(&key);
                     }
-                    if let Ok(mut per) = limits.per_sub.lock() {
-                        if let Some(n) = per.get_mut(&key.0) {
-                            *n = n.saturating_sub(1);
-                        }
+                    if let Ok(mut per) = limits.per_sub.lock()
+                        && let Some(n) = per.get_mut(&key.0)
+                    {
+                        *n = n.saturating_sub(1);
                     }
                     wake.notify_one();
                 });

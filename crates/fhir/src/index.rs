@@ -615,10 +615,10 @@ impl Out {
                 self.push(param, IndexValue::String(normalized));
             }
             // `:exact` matches case and accents, so the value is also indexed as sent.
-            if let Some(exact) = exact_param(param) {
-                if !s.is_empty() {
-                    self.push(exact, IndexValue::String(s.to_string()));
-                }
+            if let Some(exact) = exact_param(param)
+                && !s.is_empty()
+            {
+                self.push(exact, IndexValue::String(s.to_string()));
             }
         }
     }

@@ -131,10 +131,10 @@ pub fn operation_outcome(issues: &[Issue]) -> Value {
                     "code": i.code.as_str(),
                     "diagnostics": i.diagnostics,
                 });
-                if !i.expression.is_empty() {
-                    if let Some(m) = o.as_object_mut() {
-                        m.insert("expression".into(), json!(i.expression));
-                    }
+                if !i.expression.is_empty()
+                    && let Some(m) = o.as_object_mut()
+                {
+                    m.insert("expression".into(), json!(i.expression));
                 }
                 o
             })

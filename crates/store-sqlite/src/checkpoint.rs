@@ -34,12 +34,12 @@ pub(crate) fn run(path: &Path, stop: Receiver<()>) {
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             });
-        if let Ok((_, frames, _)) = passive {
-            if frames > TRUNCATE_FRAMES {
-                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                });
-            }
+        if let Ok((_, frames, _)) = passive
+            && frames > TRUNCATE_FRAMES
+        {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
         }
         if stopping {
             return;

@@ -141,10 +141,10 @@ fn parse_prefix(v: &str) -> (Cmp, &str) {
         ("ap", Cmp::Ap),
     ];
     for (p, c) in prefixes {
-        if let Some(rest) = v.strip_prefix(p) {
-            if rest.starts_with(|ch: char| ch.is_ascii_digit()) {
-                return (c, rest);
-            }
+        if let Some(rest) = v.strip_prefix(p)
+            && rest.starts_with(|ch: char| ch.is_ascii_digit())
+        {
+            return (c, rest);
         }
     }
     (Cmp::Eq, v)

@@ -106,18 +106,7 @@ fn parent_mut<'a>(
     let Some((last, init)) = tokens.split_last() else {
         return Err("the operation needs a path below the root".into());
     };
-    let mut cur = doc;
-    for t in init {
-        cur = match cur {
-            Value::Object(m) => m.get_mut(t).ok_or_else(|| format!("no member '{t}'"))?,
-            Value::Array(a) => {
-                let i = array_index(t, a.len(), false)?;
-                a.get_mut(i)
-                    .ok_or_else(|| format!("index {i} is out of bounds"))?
-            }
-            _ => return Err(format!("cannot descend into a scalar at '{t}'")),
-        };
-    }
+    let cur = get_mut(doc, init)?;
     Ok((cur, last.clone()))
 }
 

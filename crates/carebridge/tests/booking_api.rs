@@ -82,6 +82,17 @@ fn golden(name: &str, actual: &Value) {
 
 const DAY: &str = "2030-03-04"; // a Monday, far enough ahead to stay in the future
 
+/// `$generate-slots` Parameters: Monday 09:00-10:00 of `DAY`, slots of `minutes`.
+fn monday_slots(minutes: u32) -> Value {
+    json!({"resourceType": "Parameters", "parameter": [
+        {"name": "daysOfWeek", "valueCode": "mon"},
+        {"name": "openingTime", "valueString": "09:00-10:00"},
+        {"name": "slotMinutes", "valuePositiveInt": minutes},
+        {"name": "start", "valueDate": DAY},
+        {"name": "end", "valueDate": DAY}
+    ]})
+}
+
 struct Clinic {
     patient: String,
     schedule: String,
@@ -112,13 +123,7 @@ async fn clinic(h: &Hub) -> Clinic {
         h,
         "POST",
         &format!("/fhir/Schedule/{schedule}/$generate-slots"),
-        Some(&json!({"resourceType": "Parameters", "parameter": [
-            {"name": "daysOfWeek", "valueCode": "mon"},
-            {"name": "openingTime", "valueString": "09:00-10:00"},
-            {"name": "slotMinutes", "valuePositiveInt": 15},
-            {"name": "start", "valueDate": DAY},
-            {"name": "end", "valueDate": DAY}
-        ]})),
+        Some(&monday_slots(15)),
     )
     .await;
     assert_eq!(generated.status, StatusCode::OK, "{}", generated.raw);
@@ -132,13 +137,7 @@ async fn clinic(h: &Hub) -> Clinic {
         h,
         "POST",
         &format!("/fhir/Schedule/{schedule}/$generate-slots"),
-        Some(&json!({"resourceType": "Parameters", "parameter": [
-            {"name": "daysOfWeek", "valueCode": "mon"},
-            {"name": "openingTime", "valueString": "09:00-10:00"},
-            {"name": "slotMinutes", "valuePositiveInt": 15},
-            {"name": "start", "valueDate": DAY},
-            {"name": "end", "valueDate": DAY}
-        ]})),
+        Some(&monday_slots(15)),
     )
     .await;
     assert_eq!(
@@ -551,13 +550,7 @@ async fn free_slot_filters_specialty_service_type_and_delivery_channel() {
         &h,
         "POST",
         &format!("/fhir/Schedule/{schedule}/$generate-slots"),
-        Some(&json!({"resourceType": "Parameters", "parameter": [
-            {"name": "daysOfWeek", "valueCode": "mon"},
-            {"name": "openingTime", "valueString": "09:00-10:00"},
-            {"name": "slotMinutes", "valuePositiveInt": 30},
-            {"name": "start", "valueDate": DAY},
-            {"name": "end", "valueDate": DAY}
-        ]})),
+        Some(&monday_slots(30)),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.raw);

@@ -22,13 +22,16 @@ REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 30
 SHUTDOWN_TIMEOUT_S = 10
 LISTENING = re.compile(r"listening on (http://[0-9A-Za-z.\[\]:]+)")
+MLLP_LISTENING = re.compile(r"MLLP listening on ([0-9A-Za-z.\[\]:]+)")
 
 FHIR_JSON = "application/fhir+json"
 
 
 class Server:
-    def __init__(self, proc, base_url, log_path, data_dir=None):
+    def __init__(self, proc, base_url, log_path, data_dir=None, mllp=None):
         self.proc = proc
+        # (host, port) of the MLLP listener when the hub was started with --mllp.
+        self.mllp = mllp
         self.base_url = base_url
         self.log_path = log_path
         self.data_dir = data_dir
@@ -44,9 +47,10 @@ def _binary() -> Path:
     return Path(os.environ.get("CAREBRIDGE_BIN") or REPO / "target" / "debug" / "carebridge")
 
 
-def start_server(tmp_path_factory, name="carebridge", extra_args=None, data_dir=None):
+def start_server(tmp_path_factory, name="carebridge", extra_args=None, data_dir=None, auth=False, env_extra=None):
     """Start `carebridge serve` on a fresh data dir (or on `data_dir`, e.g. a previous server's, to restart
-    it); `extra_args` are appended to the command line (e.g. delivery flags). Returns a Server."""
+    it); `extra_args` are appended to the command line (e.g. delivery flags). Authentication is off
+    (CAREBRIDGE_AUTH=none, loopback only) unless `auth` is true. Returns a Server."""
     binary = _binary()
     if not binary.exists():
         pytest.exit(f"server binary {binary} not found: run `cargo build -p carebridge` or set CAREBRIDGE_BIN", 2)
@@ -54,6 +58,9 @@ def start_server(tmp_path_factory, name="carebridge", extra_args=None, data_dir=
     data_dir = Path(data_dir) if data_dir is not None else root / "data"
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAREBRIDGE_")}
+    if not auth:
+        env["CAREBRIDGE_AUTH"] = "none"
+    env.update(env_extra or {})
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [str(binary), "serve", "--http", "127.0.0.1:0", "--data-dir", str(data_dir), *(extra_args or [])],
@@ -69,6 +76,10 @@ def start_server(tmp_path_factory, name="carebridge", extra_args=None, data_dir=
         # Reads stdout for the life of the process, so the server never blocks on a full pipe.
         for raw in proc.stdout:
             line = raw.decode(errors="replace")
+            mm = MLLP_LISTENING.search(line)
+            if mm:
+                host, _, port = mm.group(1).rpartition(":")
+                found["mllp"] = (host, int(port))
             m = LISTENING.search(line)
             if m and not ready.is_set():
                 found["url"] = m.group(1)
@@ -77,7 +88,7 @@ def start_server(tmp_path_factory, name="carebridge", extra_args=None, data_dir=
 
     threading.Thread(target=read_stdout, daemon=True).start()
     ready.wait(STARTUP_TIMEOUT_S)
-    srv = Server(proc, found.get("url"), log_path, data_dir)
+    srv = Server(proc, found.get("url"), log_path, data_dir, found.get("mllp"))
     if srv.base_url is None:
         proc.kill()
         proc.wait()

@@ -90,15 +90,21 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut quick = false;
     let mut hfs_arg = None;
     let mut only_booking = false;
+    let mut only_hl7 = false;
+    let mut only_pg = false;
+    let mut only_mesh = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--only" => match it.next().map(String::as_str) {
                 Some("booking") => only_booking = true,
+                Some("hl7") => only_hl7 = true,
+                Some("postgres") => only_pg = true,
+                Some("mesh") => only_mesh = true,
                 other => {
                     return Err(format!(
-                        "bench: --only takes `booking` (the only part that runs alone), got {}",
+                        "bench: --only takes `booking`, `hl7`, `mesh` or `postgres` (the parts that run alone), got {}",
                         other.unwrap_or("nothing")
                     ));
                 }
@@ -110,10 +116,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY] [--only booking]   (or HFS_BIN=PATH)\n\
+                    "usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY] [--only booking|hl7|mesh|postgres]   (or HFS_BIN=PATH)\n\
                      \n  --quick          short runs (a smoke test, not for comparison)\
                      \n  --hfs PATH       the Helios FHIR Server binary of the peer (default: $HFS_BIN, then `hfs` on PATH)\
-                     \n  --only booking   only the booking runs (Carebridge alone), written to target/bench/results-booking.md"
+                     \n  --only booking   only the booking runs (Carebridge alone), written to target/bench/results-booking.md\
+                     \n  --only hl7       only the HL7 v2 parse and MLLP ingest runs, written to target/bench/results-hl7.md\
+                     \n  --only postgres  creates and bookings on SQLite, PostgreSQL and two PostgreSQL processes, written to target/bench/results-postgres.md\
+                     \n  --only mesh      1,000-message MESH round trip through mesh-sandbox beside mesh-client, written to target/bench/results-mesh.md"
                 );
                 return Ok(());
             }
@@ -143,6 +152,33 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let bin = |name: &str| target.join("release").join(name);
     let tmp = TempDir::create()?;
     report.data_dir(&tmp.0);
+
+    if only_mesh {
+        match mesh_roundtrip(&root, &target, quick) {
+            Ok(md) => report.out.push_str(&md),
+            Err(e) => report.problem(format!("MESH benchmark: {e}")),
+        }
+        report.finish();
+        return write_report(report, &out_dir.join("results-mesh.md"));
+    }
+
+    if only_pg {
+        match crate::bench_pg::run(&root, &target, quick) {
+            Ok(md) => report.out.push_str(&md),
+            Err(e) => report.problem(format!("PostgreSQL benchmark: {e}")),
+        }
+        report.finish();
+        return write_report(report, &out_dir.join("results-postgres.md"));
+    }
+
+    if only_hl7 {
+        match crate::bench_hl7::run(&root, &target, quick) {
+            Ok(md) => report.out.push_str(&md),
+            Err(e) => report.problem(format!("HL7 benchmark: {e}")),
+        }
+        report.finish();
+        return write_report(report, &out_dir.join("results-hl7.md"));
+    }
 
     if only_booking {
         let booking = run_booking(&bin("carebridge"), &bin("cb-loadgen"), &tmp.0, &s);
@@ -312,6 +348,33 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
         Err(e) => report.problem(format!("cb-delivery-bench did not start: {e}")),
     }
+    // 7. HL7 v2: parse throughput beside python-hl7/hl7apy, MLLP ingest.
+    for t in &mut servers {
+        t.server.stop();
+    }
+    match crate::bench_hl7::run(&root, &target, quick) {
+        Ok(md) => {
+            report.out.push('\n');
+            report.out.push_str(&md);
+        }
+        Err(e) => report.problem(format!("HL7 benchmark: {e}")),
+    }
+    // 8. MESH round trip through the official sandbox, beside mesh-client.
+    match mesh_roundtrip(&root, &target, quick) {
+        Ok(md) => {
+            report.out.push('\n');
+            report.out.push_str(&md);
+        }
+        Err(e) => report.problem(format!("MESH benchmark: {e}")),
+    }
+    // 9. PostgreSQL beside the embedded store, and two processes beside one.
+    match crate::bench_pg::run(&root, &target, quick) {
+        Ok(md) => {
+            report.out.push('\n');
+            report.out.push_str(&md);
+        }
+        Err(e) => report.problem(format!("PostgreSQL benchmark: {e}")),
+    }
     report.finish();
     for t in &mut servers {
         t.server.stop();
@@ -327,7 +390,7 @@ fn write_report(report: Report, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
@@ -337,10 +400,10 @@ fn workspace_root() -> PathBuf {
 }
 
 /// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn create() -> Result<TempDir, String> {
+    pub(crate) fn create() -> Result<TempDir, String> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -442,6 +505,8 @@ fn start_carebridge(
             "--data-dir",
         ])
         .arg(data_dir)
+        // The benchmarks measure the FHIR server on loopback; authentication has its own comparison.
+        .env("CAREBRIDGE_AUTH", "none")
         .env_remove("CAREBRIDGE_CONFIG")
         .env_remove("CAREBRIDGE_PUBLIC_URL")
         .stdin(Stdio::null())
@@ -525,7 +590,7 @@ fn bundle_path(root: &Path) -> PathBuf {
     root.join("../shared/corpus/peers/hfs/search-parameters-r4.json")
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
     l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }
@@ -901,7 +966,7 @@ fn run_booking(carebridge: &Path, loadgen: &Path, tmp: &Path, s: &Settings) -> B
 }
 
 /// The raw text of `"key":VALUE` in a flat JSON object (strings keep their quotes, escapes untouched).
-fn json_field<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn json_field<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
     let start = obj.find(&format!("\"{key}\":"))? + key.len() + 3;
     let rest = &obj[start..];
     if rest.starts_with('"') {
@@ -1542,4 +1607,50 @@ mod tests {
         assert_eq!(json_field(l, "x"), Some("null"));
         assert_eq!(json_field(l, "missing"), None);
     }
+}
+
+/// `bench/mesh_roundtrip.py` (its own mesh-sandbox; the hub's Rust client beside mesh-client), in the test venv.
+fn mesh_roundtrip(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
+    let venv = crate::python_env()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(&cargo)
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "mesh",
+            "--example",
+            "roundtrip",
+            "-p",
+            "carebridge",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return Err("building the MESH round-trip example failed".into());
+    }
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.arg(root.join("bench/mesh_roundtrip.py"))
+        .arg("--hub-bin")
+        .arg(target.join("release/carebridge"))
+        .arg("--roundtrip-bin")
+        .arg(target.join("release/examples/roundtrip"));
+    if quick {
+        cmd.args(["--n", "200", "--repeat", "1"]);
+    }
+    progress(&format!("running {cmd:?}"));
+    let out = cmd
+        .output()
+        .map_err(|e| format!("running the MESH benchmark: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the MESH benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).replace(&format!("{}/", root.display()), "");
+    Ok(format!(
+        "## MESH round trip (`bench/mesh_roundtrip.py`)\n\n{text}\n"
+    ))
 }

@@ -5,6 +5,9 @@
 //! a venv under `target/`) itself.
 
 mod bench;
+mod bench_hl7;
+mod bench_pg;
+mod pg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -15,8 +18,11 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench::run(&args[1..]),
+        Some("pg") => pg::serve(),
         _ => {
-            eprintln!("usage: cargo xtask <ci | bench [--quick] [--only booking] [--hfs PATH]>");
+            eprintln!(
+                "usage: cargo xtask <ci | bench [--quick] [--only booking] [--hfs PATH] | pg>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -108,10 +114,21 @@ fn ci() -> Result<(), String> {
         .args(["run", "--quiet", "--", "--version"])
         .envs(env);
     run(&mut readme_run)?;
+    // A throwaway PostgreSQL cluster for the PostgreSQL store's tests (unless one is named already); it is
+    // stopped and removed when `ci` returns, whatever the outcome.
+    let pg_cluster = match std::env::var_os(pg::TEST_DATABASE_ENV) {
+        Some(_) => None,
+        None => Some(pg::ensure_cluster()?),
+    };
+    let pg_env: Vec<(&str, String)> = pg_cluster
+        .iter()
+        .map(|c| (pg::TEST_DATABASE_ENV, c.url.clone()))
+        .collect();
     let mut nextest = cargo();
     nextest
         .args(["nextest", "run", "--workspace", "--profile", "ci"])
-        .envs(env);
+        .envs(env)
+        .envs(pg_env.clone());
     run(&mut nextest)?;
 
     let venv = python_env()?;
@@ -122,8 +139,10 @@ fn ci() -> Result<(), String> {
         .arg("tests/python")
         .arg("-q")
         .arg("-rs")
-        .env("CAREBRIDGE_BIN", &bin);
+        .env("CAREBRIDGE_BIN", &bin)
+        .envs(pg_env);
     run(&mut pytest)?;
+    drop(pg_cluster);
 
     eprintln!(
         "xtask: ci passed in {:.0} s",

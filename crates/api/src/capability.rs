@@ -106,7 +106,10 @@ pub fn capability_statement(fhir_base: &str) -> Value {
         "rest": [{
             "mode": "server",
             "resource": resources,
-            "interaction": [],
+            "interaction": [
+                {"code": "transaction", "documentation": "POST /fhir with a transaction Bundle: all entries in one store transaction, all or nothing; urn:uuid references are resolved"},
+                {"code": "batch", "documentation": "POST /fhir with a batch Bundle: each entry on its own"},
+            ],
         }],
     })
 }
@@ -114,7 +117,12 @@ pub fn capability_statement(fhir_base: &str) -> Value {
 pub async fn metadata<S: Store>(State(app): State<Arc<App<S>>>) -> impl IntoResponse {
     let mut cs = capability_statement(&app.fhir_base());
     // An empty system-level interaction list is not valid FHIR: drop it.
-    if let Some(rest) = cs.pointer_mut("/rest/0").and_then(Value::as_object_mut) {
+    if let Some(rest) = cs.pointer_mut("/rest/0").and_then(Value::as_object_mut)
+        && rest
+            .get("interaction")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+    {
         rest.remove("interaction");
     }
     ([(header::CONTENT_TYPE, FHIR_JSON)], cs.to_string())

@@ -7,6 +7,8 @@
 //! does); nothing invalid reaches the store (every write is validated first); a write's response is sent only
 //! after the store has made it durable.
 
+pub mod auth;
+pub mod bundle;
 mod capability;
 mod error;
 mod feed;
@@ -38,6 +40,8 @@ pub struct ApiConfig {
     pub metrics: Arc<metrics::Metrics>,
     /// Turns true when the hub starts shutting down: long polls answer at once so draining is quick.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Bearer-token authentication, scopes, rate limits and audit; `None` = open (tests, `--auth none`).
+    pub auth: Option<Arc<auth::Guard>>,
 }
 
 impl ApiConfig {
@@ -46,6 +50,7 @@ impl ApiConfig {
             public_url: public_url.into(),
             metrics: Arc::default(),
             stopping: tokio::sync::watch::channel(false).1,
+            auth: None,
         }
     }
 }
@@ -82,7 +87,15 @@ static X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id"
 pub fn router<S: Store>(store: Arc<S>, config: ApiConfig) -> Router {
     let app = Arc::new(App { store, config });
     let fhir = Router::new()
+        .route(
+            "/",
+            post(bundle::post::<S>)
+                .layer(axum::extract::DefaultBodyLimit::max(bundle::MAX_BODY_BYTES)),
+        )
         .route("/metadata", get(capability::metadata::<S>))
+        // Audit records: read-only (append-only trail), admins only.
+        .route("/AuditEvent", get(auth::audit_search::<S>))
+        .route("/AuditEvent/{id}", get(auth::audit_read::<S>))
         .route(
             "/{rtype}",
             get(handlers::search::<S>)
@@ -115,11 +128,20 @@ pub fn router<S: Store>(store: Arc<S>, config: ApiConfig) -> Router {
         .layer(middleware::from_fn(negotiate));
     Router::new()
         .route("/health", get(health))
+        .route("/oauth2/token", post(auth::token::<S>))
         .route("/events", get(feed::events::<S>))
         .route("/metrics", get(feed::metrics::<S>))
         .route("/admin/deliveries", get(feed::deliveries::<S>))
+        // `POST /fhir/` (trailing slash, as some clients send it) is the Bundle endpoint too.
+        .route(
+            "/fhir/",
+            post(bundle::post::<S>)
+                .layer(axum::extract::DefaultBodyLimit::max(bundle::MAX_BODY_BYTES))
+                .layer(middleware::from_fn(negotiate)),
+        )
         .nest("/fhir", fhir)
-        .with_state(app)
+        .with_state(app.clone())
+        .layer(middleware::from_fn_with_state(app, auth::layer::<S>))
         .layer(middleware::from_fn(request_ids))
 }
 

@@ -113,9 +113,18 @@ fn prepare(resource: &mut Value) -> Result<Option<String>, BookingError> {
                 }
             }
         }
+        "message" => {
+            let endpoint = channel
+                .get("endpoint")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if let Err(why) = check_message_endpoint(endpoint) {
+                return Err(invalid(why, "Subscription.channel.endpoint"));
+            }
+        }
         other => {
             return Err(invalid(
-                format!("channel type '{other}' is not supported yet (supported: rest-hook)"),
+                format!("channel type '{other}' is not supported (supported: rest-hook, message)"),
                 "Subscription.channel.type",
             ));
         }
@@ -152,7 +161,8 @@ pub(crate) fn write_subscription(
         live_version,
     )?;
     let existing_secret = tx.kv_get(SECRET_NAMESPACE, id)?;
-    if secret.is_none() && existing_secret.is_none() {
+    let rest_hook = resource.pointer("/channel/type").and_then(Value::as_str) == Some("rest-hook");
+    if rest_hook && secret.is_none() && existing_secret.is_none() {
         return Ok(Err(invalid(
             format!(
                 "a rest-hook subscription needs a signing secret: add the extension {SECRET_EXTENSION} with valueString 'whsec_<base64 key>'"
@@ -225,4 +235,38 @@ pub fn set_status(
         Value::Null,
     )?;
     Ok(Some(stored))
+}
+
+/// A `message` channel's endpoint: `mllp://host:port` (HL7 v2 over MLLP) or `mesh://MAILBOX?workflow_id=WF`
+/// (a MESH mailbox, optionally `&from=MAILBOX`).
+pub fn check_message_endpoint(endpoint: &str) -> Result<(), String> {
+    if let Some(rest) = endpoint.strip_prefix("mllp://") {
+        let hostport = rest.trim_end_matches('/');
+        let ok = hostport
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if ok {
+            return Ok(());
+        }
+        return Err(format!(
+            "'{endpoint}' is not an MLLP endpoint: use mllp://host:port"
+        ));
+    }
+    if let Some(rest) = endpoint.strip_prefix("mesh://") {
+        let (mailbox, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let has_workflow = query.split('&').any(|kv| {
+            kv.strip_prefix("workflow_id=")
+                .is_some_and(|v| !v.is_empty())
+        });
+        if !mailbox.is_empty() && mailbox.bytes().all(|b| b.is_ascii_alphanumeric()) && has_workflow
+        {
+            return Ok(());
+        }
+        return Err(format!(
+            "'{endpoint}' is not a MESH endpoint: use mesh://MAILBOX?workflow_id=WORKFLOW (optionally &from=MAILBOX)"
+        ));
+    }
+    Err(format!(
+        "a message channel needs an mllp://host:port or mesh://MAILBOX?workflow_id=... endpoint, not '{endpoint}'"
+    ))
 }

@@ -1,18 +1,23 @@
 //! Operator commands that work on a store directly (also while `serve` runs on it):
-//! `carebridge slots generate` and `carebridge deliveries list|replay`.
+//! `carebridge slots generate`, `carebridge deliveries list|replay` and `carebridge mesh-inbound`.
 
 use anyhow::{Context, Result, anyhow, bail};
 use booking::scheduling::{LocalDate, OpeningPeriod, OpeningRule, SlotTemplate, Weekday};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use store::{DeliveryQuery, DeliveryState, DeliveryUpdate, Store};
-use store_sqlite::{SqliteOptions, SqliteStore};
+use store_sqlite::SqliteOptions;
+
+use crate::anystore::AnyStore;
 
 #[derive(Args, Debug)]
 pub struct StoreArgs {
     /// Directory of the embedded store [default: ./carebridge-data].
     #[arg(long, env = "CAREBRIDGE_DATA_DIR", default_value = "carebridge-data")]
     pub data_dir: PathBuf,
+    /// PostgreSQL store instead of the embedded one (as `serve --database-url`).
+    #[arg(long, env = "CAREBRIDGE_DATABASE_URL")]
+    pub database_url: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,10 +79,98 @@ pub enum DeliveriesCommand {
     },
 }
 
-fn open(args: &StoreArgs) -> Result<SqliteStore> {
-    SqliteStore::open(&args.data_dir, SqliteOptions::default())
-        .map_err(|e| anyhow!("{e}"))
-        .with_context(|| format!("opening the store in {}", args.data_dir.display()))
+/// `carebridge mesh-inbound`: what `serve` did with the messages its MESH pollers received.
+#[derive(Args, Debug)]
+pub struct MeshInboundArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// List the most recent messages, not only those that need an operator (failures, unrecognised or
+    /// unsupported payloads, REPORTs).
+    #[arg(long)]
+    all: bool,
+    /// Only this mailbox.
+    #[arg(long)]
+    mailbox: Option<String>,
+    /// Print one message's full record (raw body included), by MESH message id.
+    #[arg(long)]
+    show: Option<String>,
+    /// Print JSON (one array of records) instead of text.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+/// List the records of inbound MESH messages (see `mesh_poll`), newest first.
+pub fn mesh_inbound(args: MeshInboundArgs) -> Result<()> {
+    use crate::mesh_poll::{ATTENTION, INDEX_NS, NS, RECENT, Record};
+    let rt = runtime()?;
+    let st = open(&args.store)?;
+    let kv = |ns: &str, key: &str| rt.block_on(st.kv_get(ns, key)).map_err(|e| anyhow!("{e}"));
+    let list = if args.all { RECENT } else { ATTENTION };
+    let keys: Vec<String> = kv(INDEX_NS, list)?
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let mut records = Vec::new();
+    for key in keys.iter().rev() {
+        let (mb, id) = key.split_once('/').unwrap_or(("", key.as_str()));
+        if args.show.as_deref().is_some_and(|s| s != id)
+            || args
+                .mailbox
+                .as_deref()
+                .is_some_and(|m| !m.eq_ignore_ascii_case(mb))
+        {
+            continue;
+        }
+        let Some(rec) =
+            kv(NS, key)?.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        else {
+            continue;
+        };
+        records.push(rec);
+        if records.len() >= args.limit {
+            break;
+        }
+    }
+    if args.show.is_some() || args.json {
+        if args.show.is_some() && records.is_empty() {
+            bail!("no recorded MESH message {}", args.show.unwrap_or_default());
+        }
+        let out = if args.show.is_some() {
+            records.swap_remove(0)
+        } else {
+            serde_json::Value::Array(records)
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<34} {:<16} {:<12} {:<8} detail",
+        "mailbox", "message id", "kind", "outcome", "state"
+    );
+    for v in records {
+        let Ok(r) = serde_json::from_value::<Record>(v) else {
+            continue;
+        };
+        println!(
+            "{:<10} {:<34} {:<16} {:<12} {:<8} {}",
+            r.mailbox,
+            r.message_id,
+            r.kind,
+            r.outcome,
+            r.state,
+            r.detail.unwrap_or_default().replace('\n', " ")
+        );
+    }
+    Ok(())
+}
+
+fn open(args: &StoreArgs) -> Result<AnyStore> {
+    AnyStore::open(
+        &args.data_dir,
+        args.database_url.as_deref(),
+        SqliteOptions::default(),
+    )
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -168,13 +261,25 @@ pub fn deliveries(cmd: DeliveriesCommand) -> Result<()> {
                 "subscription", "event", "state", "attempts", "subject"
             );
             for d in list {
+                // A mesh:// delivery that MESH accepted: its message id, for `carebridge mesh track`.
+                let mesh_id = rt
+                    .block_on(st.kv_get(
+                        crate::mesh_out::NS,
+                        &format!("{}/{}", d.subscription, d.seq),
+                    ))
+                    .ok()
+                    .flatten()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v["messageId"].as_str().map(|m| format!("MESH {m} ")))
+                    .unwrap_or_default();
                 println!(
-                    "{:<38} {:>8} {:<10} {:>8} {:<24} {}",
+                    "{:<38} {:>8} {:<10} {:>8} {:<24} {}{}",
                     d.subscription,
                     d.seq,
                     d.state.as_str(),
                     d.attempts,
                     d.subject,
+                    mesh_id,
                     d.last_error.unwrap_or_default()
                 );
             }

@@ -34,7 +34,13 @@ pub struct Config {
     pub per_subscription: usize,
     /// The hub's public base URL (CloudEvents `source`).
     pub public_url: String,
+    /// Several processes share the store: the dispatcher runs under a lease and each attempt first claims
+    /// its delivery (so exactly one process makes it).
+    pub shared: bool,
 }
+
+/// How long the dispatcher's lease lasts without renewal (another process takes over after it).
+const DISPATCH_LEASE_MS: i64 = 5_000;
 
 /// What the runner needs of a Subscription.
 #[derive(Debug, Clone)]
@@ -109,6 +115,7 @@ pub fn spawn<S: Store>(
         cache.clone(),
         wake.clone(),
         shutdown.clone(),
+        cfg.shared,
     ));
     tokio::spawn(sender(store, cfg, cache, wake, metrics, shutdown));
 }
@@ -144,6 +151,7 @@ async fn dispatcher<S: Store>(
     cache: Cache,
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
+    cfg_shared: bool,
 ) {
     let mut commits = store.watch_events();
     let mut cursor: i64 = match store.kv_get(NS, CURSOR).await {
@@ -156,9 +164,32 @@ async fn dispatcher<S: Store>(
     if let Err(e) = load_subscriptions(store.as_ref(), &cache).await {
         tracing::error!(error = %e, "delivery: cannot load subscriptions");
     }
+    let mut leased = !cfg_shared;
     loop {
         if *shutdown.borrow() {
             return;
+        }
+        if cfg_shared {
+            let held = crate::lease::hold(store.as_ref(), "dispatcher", DISPATCH_LEASE_MS).await;
+            if !held {
+                // Another process dispatches; keep this process's view of the subscriptions fresh for its
+                // sender.
+                leased = false;
+                let _ = load_subscriptions(store.as_ref(), &cache).await;
+                tokio::select! {
+                    _ = shutdown.changed() => {},
+                    _ = tokio::time::sleep(Duration::from_millis(1_000)) => {},
+                }
+                continue;
+            }
+            if !leased {
+                // Taking over: another process may have advanced the cursor.
+                leased = true;
+                if let Ok(Some(v)) = store.kv_get(NS, CURSOR).await {
+                    cursor = v.parse().unwrap_or(cursor);
+                }
+                let _ = load_subscriptions(store.as_ref(), &cache).await;
+            }
         }
         let events = match store.events_after(cursor, 500).await {
             Ok(e) => e,
@@ -429,27 +460,72 @@ async fn attempt<S: Store>(
     d: store::Delivery,
 ) {
     // The due list was read before earlier attempts finished: make sure this delivery is still the pending
-    // one it was (an attempt that just succeeded must not be sent again).
-    let still_pending = store
-        .deliveries(&DeliveryQuery {
-            subscription: Some(d.subscription.clone()),
-            state: Some(DeliveryState::Pending),
-            after_seq: d.seq - 1,
-            limit: 1,
-        })
-        .await
-        .map(|l| {
-            l.first()
-                .is_some_and(|x| x.seq == d.seq && x.attempts == d.attempts)
-        })
-        .unwrap_or(false);
+    // one it was (an attempt that just succeeded must not be sent again). With a shared store, claim it: in
+    // one write, check it is still due and push its next attempt out by a lease, so no other process sends it
+    // meanwhile (a process that dies mid-attempt leaves it to the others once the lease ends).
+    if cfg.shared {
+        let (sub_id, seq, attempts) = (d.subscription.clone(), d.seq, d.attempts);
+        let lease_until =
+            now_ms() + i64::try_from(cfg.timeout.as_millis()).unwrap_or(i64::MAX / 2) + 5_000;
+        let now = now_ms();
+        let claimed = store
+            .write(move |tx| match tx.delivery(&sub_id, seq)? {
+                Some(x)
+                    if x.state == DeliveryState::Pending
+                        && x.attempts == attempts
+                        && x.next_attempt_ms <= now =>
+                {
+                    tx.update_delivery(
+                        &sub_id,
+                        seq,
+                        DeliveryUpdate::Retry {
+                            attempts,
+                            next_attempt_ms: lease_until,
+                            status: x.last_status,
+                            error: x
+                                .last_error
+                                .unwrap_or_else(|| "attempt in progress".to_string()),
+                        },
+                    )?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            })
+            .await
+            .unwrap_or(false);
+        if !claimed {
+            return;
+        }
+    }
+    let still_pending = cfg.shared
+        || store
+            .deliveries(&DeliveryQuery {
+                subscription: Some(d.subscription.clone()),
+                state: Some(DeliveryState::Pending),
+                after_seq: d.seq - 1,
+                limit: 1,
+            })
+            .await
+            .map(|l| {
+                l.first()
+                    .is_some_and(|x| x.seq == d.seq && x.attempts == d.attempts)
+            })
+            .unwrap_or(false);
     if !still_pending {
         return;
     }
-    let sub = cache
+    let mut sub = cache
         .read()
         .ok()
         .and_then(|c| c.get(&d.subscription).cloned());
+    if sub.is_none() && cfg.shared {
+        // Created or changed by another process since this one last loaded the subscriptions.
+        let _ = load_subscriptions(store, cache).await;
+        sub = cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(&d.subscription).cloned());
+    }
     let attempts = d.attempts + 1;
     let paused = sub.as_ref().is_some_and(|s| !s.active);
     let update = match sub {
@@ -466,7 +542,12 @@ async fn attempt<S: Store>(
         },
         Some(s) => match send(store, cfg, client, &s, &d).await {
             Ok(status) => DeliveryUpdate::Delivered { attempts, status },
-            Err((status, retry_after, error)) => {
+            Err((status, _, error, true)) => DeliveryUpdate::Dead {
+                attempts,
+                status,
+                error,
+            },
+            Err((status, retry_after, error, false)) => {
                 match cfg.policy.after_failure(
                     attempts,
                     d.created_ms,
@@ -538,7 +619,8 @@ async fn attempt<S: Store>(
     }
 }
 
-type SendError = (Option<u16>, Option<i64>, String);
+/// (HTTP status, Retry-After in ms, error text, permanent). A permanent failure (an HL7 AR) is dead at once.
+type SendError = (Option<u16>, Option<i64>, String, bool);
 
 async fn send<S: Store>(
     store: &S,
@@ -547,7 +629,7 @@ async fn send<S: Store>(
     sub: &Sub,
     d: &store::Delivery,
 ) -> Result<u16, SendError> {
-    let internal = |e: store::StoreError| (None, None, format!("hub error: {e}"));
+    let internal = |e: store::StoreError| (None, None, format!("hub error: {e}"), false);
     let event = store
         .events_after(d.seq - 1, 1)
         .await
@@ -558,7 +640,15 @@ async fn send<S: Store>(
             None,
             None,
             format!("event {} is no longer in the outbox", d.seq),
+            false,
         ))?;
+    if let Some(addr) = sub.endpoint.strip_prefix("mllp://") {
+        return crate::mllp::deliver(store, cfg, addr.trim_end_matches('/'), &event).await;
+    }
+    if let Some(rest) = sub.endpoint.strip_prefix("mesh://") {
+        let payload = sub.payload.as_deref();
+        return crate::mesh_out::deliver(store, cfg, &sub.id, rest, payload, d, &event).await;
+    }
     let version = store
         .vread(event.rtype, &event.id, event.version)
         .await
@@ -614,7 +704,7 @@ async fn send<S: Store>(
         .header("webhook-timestamp", ts.to_string());
     if let Some(secret) = secret {
         let sig = delivery::sign(&secret, &id, ts, body.as_bytes())
-            .map_err(|e| (None, None, e.to_string()))?;
+            .map_err(|e| (None, None, e.to_string(), false))?;
         req = req.header("webhook-signature", sig);
     }
     if content_type.is_empty() {
@@ -639,7 +729,7 @@ async fn send<S: Store>(
         } else {
             format!("{e}")
         };
-        (None, None, why)
+        (None, None, why, false)
     })?;
     let status = res.status().as_u16();
     if res.status().is_success() {
@@ -655,5 +745,6 @@ async fn send<S: Store>(
         Some(status),
         retry_after,
         format!("the endpoint answered {status}"),
+        false,
     ))
 }

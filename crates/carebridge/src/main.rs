@@ -4,8 +4,17 @@
 //! binds listeners, spawns tasks and handles shutdown. Nothing depends on it.
 
 mod admin_cmd;
+mod anystore;
+mod clients_cmd;
 mod config;
 mod deliver;
+mod hl7_cmd;
+mod lease;
+mod mesh_cmd;
+mod mesh_out;
+mod mesh_poll;
+mod mllp;
+mod transfer_cmd;
 mod validate_cmd;
 
 use anyhow::{Context, Result};
@@ -35,6 +44,28 @@ enum Command {
     /// Webhook deliveries: list them (dead letters included) and replay.
     #[command(subcommand)]
     Deliveries(admin_cmd::DeliveriesCommand),
+    /// HL7 v2: convert a message to the FHIR resources it maps to; send messages over MLLP.
+    #[command(subcommand)]
+    Hl7(hl7_cmd::Hl7Command),
+    /// MESH mailboxes ([[mesh.mailboxes]] in --config): handshake, send, inbox, download, ack, track, lookup.
+    Mesh(mesh_cmd::MeshArgs),
+    /// MESH messages received by `serve`: those needing an operator (failures, unrecognised, REPORTs) or --all.
+    MeshInbound(admin_cmd::MeshInboundArgs),
+    /// API clients (signed-JWT client credentials): add, list, rotate-key, revoke.
+    #[command(subcommand)]
+    Clients(clients_cmd::ClientsCommand),
+    /// Get an access token from a hub with a client's private key (prints the token).
+    Token(clients_cmd::TokenArgs),
+    /// Export resources as FHIR bulk-data NDJSON (one file per type; --all-versions for the whole history).
+    Export(transfer_cmd::ExportArgs),
+    /// Import NDJSON written by `export` into this store (ids, versions and history kept on an empty store).
+    Import(transfer_cmd::ImportArgs),
+    /// Apply the PostgreSQL schema migrations (`serve --database-url` refuses an unmigrated database).
+    Migrate {
+        /// PostgreSQL URL, e.g. postgres://user:pass@host/db.
+        #[arg(long, env = "CAREBRIDGE_DATABASE_URL")]
+        database_url: String,
+    },
     /// Validate FHIR JSON files offline (exit 0 when all are valid, 1 otherwise).
     Validate {
         /// Files to validate.
@@ -57,8 +88,16 @@ fn main() {
             }
         },
         Command::Validate { files, json } => validate_cmd::run(&files, json),
+        Command::Clients(cmd) => report(clients_cmd::run(cmd)),
+        Command::Token(args) => report(clients_cmd::token(args)),
         Command::Slots(cmd) => report(admin_cmd::slots(cmd)),
         Command::Deliveries(cmd) => report(admin_cmd::deliveries(cmd)),
+        Command::Hl7(cmd) => hl7_cmd::run(cmd),
+        Command::Migrate { database_url } => report(migrate(&database_url)),
+        Command::Export(args) => report(transfer_cmd::export(args)),
+        Command::Import(args) => report(transfer_cmd::import(args)),
+        Command::Mesh(args) => mesh_cmd::run(args),
+        Command::MeshInbound(args) => report(admin_cmd::mesh_inbound(args)),
     };
     std::process::exit(code);
 }
@@ -89,23 +128,82 @@ fn serve(args: config::ServeArgs) -> Result<()> {
         .thread_name("carebridge")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let store = store_sqlite::SqliteStore::open(
-            &cfg.data_dir,
-            store_sqlite::SqliteOptions { durability: cfg.durability, ..Default::default() },
-        )
-        .with_context(|| format!("opening the embedded store in {}", cfg.data_dir.display()))?;
-        let store = Arc::new(store);
+    let store = anystore::AnyStore::open(
+        &cfg.data_dir,
+        cfg.database_url.as_deref(),
+        store_sqlite::SqliteOptions {
+            durability: cfg.durability,
+            ..Default::default()
+        },
+    )?;
+    let described = anystore::AnyStore::describe(&cfg.data_dir, cfg.database_url.as_deref());
+    runtime.block_on(async move { run_hub(Arc::new(store), cfg, described, started).await })
+}
+
+/// `carebridge migrate`: apply the PostgreSQL schema migrations (safe to run from several processes at once).
+fn migrate(database_url: &str) -> Result<()> {
+    let report = store_postgres::migrate(database_url)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("migrating {}", anystore::redact(database_url)))?;
+    if report.applied == 0 {
+        println!("schema is current (version {})", report.to);
+    } else {
+        println!(
+            "applied {} migration(s): schema version {} -> {}",
+            report.applied, report.from, report.to
+        );
+    }
+    Ok(())
+}
+
+/// Everything `serve` runs on an opened store: HTTP, the delivery runner, MLLP; returns after a graceful
+/// shutdown.
+async fn run_hub(
+    store: Arc<anystore::AnyStore>,
+    cfg: config::Config,
+    store_description: String,
+    started: Instant,
+) -> Result<()> {
+    {
         let listener = tokio::net::TcpListener::bind(&cfg.http)
             .await
             .with_context(|| format!("binding the HTTP listener to {}", cfg.http))?;
         let local = listener.local_addr().context("reading the bound address")?;
-        let public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{local}"));
+        let public_url = cfg
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local}"));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut api_config = api::ApiConfig::new(public_url.clone());
         api_config.stopping = stop_rx.clone();
+        let audit_writer = configure_auth(&*store, &cfg, local, &public_url, &mut api_config)
+            .await?
+            .map(|rx| tokio::spawn(api::auth::write_audit(store.clone(), rx)));
         let metrics = api_config.metrics.clone();
         let app = api::router(store.clone(), api_config);
+        // MESH: the mailboxes' clients serve the mesh:// channel (installed before the runner starts) and the
+        // inbox pollers.
+        let mesh_clients = cfg
+            .mesh
+            .iter()
+            .map(|m| mesh::MeshClient::from_mailbox(m.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("MESH mailbox: {e}"))?;
+        if !mesh_clients.is_empty() {
+            mesh_out::install(mesh_clients.clone());
+            mesh_poll::spawn(
+                store.clone(),
+                &mesh_clients,
+                hl7_adapter::Options {
+                    park_timeout_ms: i64::try_from(cfg.hl7_park_timeout.as_millis())
+                        .unwrap_or(i64::MAX),
+                },
+                format!("{public_url}/fhir"),
+                cfg.mllp.is_none(),
+                store.is_shared(),
+                stop_rx.clone(),
+            );
+        }
         deliver::spawn(
             store.clone(),
             deliver::Config {
@@ -114,17 +212,53 @@ fn serve(args: config::ServeArgs) -> Result<()> {
                 max_in_flight: 256,
                 per_subscription: 64,
                 public_url: public_url.clone(),
+                shared: store.is_shared(),
             },
             metrics,
-            stop_rx,
+            stop_rx.clone(),
         );
+        let mllp_addr = match &cfg.mllp {
+            Some(m) => {
+                let listener = tokio::net::TcpListener::bind(&m.addr)
+                    .await
+                    .with_context(|| format!("binding the MLLP listener to {}", m.addr))?;
+                let addr = listener.local_addr().context("reading the MLLP address")?;
+                let ingest = Arc::new(hl7_adapter::Ingest::new(
+                    store.clone(),
+                    hl7_adapter::Options {
+                        park_timeout_ms: i64::try_from(m.park_timeout.as_millis())
+                            .unwrap_or(i64::MAX),
+                    },
+                ));
+                let tls = m.tls.as_ref().map(mllp::tls_acceptor).transpose()?;
+                tokio::spawn(mllp::serve(
+                    listener,
+                    ingest.clone(),
+                    m.clone(),
+                    tls,
+                    stop_rx.clone(),
+                ));
+                tokio::spawn(mllp::sweep_parked(ingest, stop_rx.clone()));
+                Some(addr)
+            }
+            None => None,
+        };
         // Install the signal handlers before announcing readiness, so a supervisor that stops the hub as soon as
         // it is ready still gets a graceful shutdown.
         let signal = shutdown_signal()?;
+        // The MLLP line first: scripts take the HTTP line as "ready".
+        if let Some(addr) = mllp_addr {
+            let tls = match cfg.mllp.as_ref().and_then(|m| m.tls.as_ref()) {
+                Some(t) if t.client_ca.is_some() => " (TLS, client certificates required)",
+                Some(_) => " (TLS)",
+                None => "",
+            };
+            println!("carebridge HL7 v2 MLLP listening on {addr}{tls}");
+        }
         println!(
             "carebridge {} listening on http://{local} (FHIR base {public_url}/fhir, store {}, ready in {} ms)",
             env!("CARGO_PKG_VERSION"),
-            cfg.data_dir.display(),
+            store_description,
             started.elapsed().as_millis()
         );
         tracing::info!(%local, "listening");
@@ -136,10 +270,64 @@ fn serve(args: config::ServeArgs) -> Result<()> {
             })
             .await
             .context("serving HTTP")?;
+        // The router (and with it every audit sender) is gone: let the writer flush what is queued.
+        if let Some(w) = audit_writer {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), w).await;
+        }
         tracing::info!("drained in-flight requests; stopping");
         drop(store);
         Ok(())
-    })
+    }
+}
+
+/// Authentication: with `--auth jwt` (the default) bootstrap the admin client on an empty store, load the hub's
+/// token key and install the guard; returns the audit receiver to run. With `--auth none`, refuse unless every
+/// listener is on loopback, and warn.
+async fn configure_auth<S: store::Store>(
+    store: &S,
+    cfg: &config::Config,
+    http: std::net::SocketAddr,
+    public_url: &str,
+    api_config: &mut api::ApiConfig,
+) -> Result<Option<api::auth::AuditReceiver>> {
+    if !cfg.auth {
+        let mllp_loopback = cfg.mllp.as_ref().is_none_or(|m| {
+            let host = m.addr.rsplit_once(':').map_or(m.addr.as_str(), |(h, _)| h);
+            host == "localhost"
+                || host
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if !http.ip().is_loopback() || !mllp_loopback {
+            anyhow::bail!(
+                "--auth none is allowed only when every listener is bound to loopback (HTTP is on {http})"
+            );
+        }
+        eprintln!(
+            "carebridge: WARNING: authentication is OFF (--auth none): every local process can read and change all data"
+        );
+        tracing::warn!("authentication is off (--auth none)");
+        return Ok(None);
+    }
+    if let Some(key_file) = clients_cmd::bootstrap(store, &cfg.data_dir).await? {
+        println!(
+            "carebridge: created the admin client; its private key is {} (mode 0600). Get a token with:\n  \
+             carebridge token --key {} --client admin --url {public_url}",
+            key_file.display(),
+            key_file.display()
+        );
+    }
+    let secret = api::auth::hub_secret(store)
+        .await
+        .context("loading the hub's token key")?;
+    let (tx, rx) = api::auth::audit_channel();
+    let mut guard = api::auth::Guard::new(&secret, public_url, Some(tx))
+        .map_err(|e| anyhow::anyhow!("the hub's token key: {e}"))?;
+    guard.token_lifetime_s = cfg.token_lifetime_s;
+    guard.default_rate = cfg.rate_limit;
+    api_config.auth = Some(Arc::new(guard));
+    Ok(Some(rx))
 }
 
 /// Registers SIGINT and SIGTERM handlers now and returns a future that resolves on either.

@@ -270,6 +270,14 @@ enum Attempt {
     Stale,
 }
 
+/// Headers sent with every request of this process (e.g. `Authorization: Bearer ...` from `--token`).
+static DEFAULT_HEADERS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Set the headers every [`Client`] request carries (once per process; later calls are ignored).
+pub fn set_default_headers(headers: Vec<(String, String)>) {
+    let _ = DEFAULT_HEADERS.set(headers);
+}
+
 /// An HTTP/1.1 client over one keep-alive connection (reopened when the server closes it).
 pub struct Client {
     addr: String,
@@ -309,6 +317,10 @@ impl Client {
             format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr).as_bytes(),
         );
         for (k, v) in headers {
+            self.out
+                .extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+        }
+        for (k, v) in DEFAULT_HEADERS.get().into_iter().flatten() {
             self.out
                 .extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
         }

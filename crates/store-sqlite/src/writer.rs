@@ -160,6 +160,14 @@ impl Tx for WriteTx<'_> {
     fn search(&mut self, query: &SearchQuery) -> Result<Vec<Stored>> {
         sql::search(self.conn, query, false).map(|r| r.resources)
     }
+    fn put_at(&mut self, put: Put, last_updated_ms: i64) -> Result<Stored> {
+        let r = sql::put(self.conn, last_updated_ms, put);
+        let (stored, record) = self.watch(r)?;
+        if self.record {
+            self.changes.push(Change::Put(record));
+        }
+        Ok(stored)
+    }
     fn put(&mut self, put: Put) -> Result<Stored> {
         let r = sql::put(self.conn, self.now_ms, put);
         let (stored, record) = self.watch(r)?;
@@ -263,6 +271,17 @@ impl Tx for WriteTx<'_> {
             });
         }
         Ok(())
+    }
+    fn delivery(&mut self, subscription: &str, seq: i64) -> Result<Option<store::Delivery>> {
+        let q = store::DeliveryQuery {
+            subscription: Some(subscription.to_string()),
+            state: None,
+            after_seq: seq - 1,
+            limit: 1,
+        };
+        Ok(sql::deliveries(self.conn, &q)?
+            .into_iter()
+            .find(|d| d.seq == seq))
     }
     fn requeue_dead(&mut self, subscription: &str) -> Result<u64> {
         let r = sql::requeue_dead(self.conn, self.now_ms, subscription);

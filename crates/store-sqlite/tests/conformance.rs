@@ -52,6 +52,7 @@ check!(
     delivery_no_head_of_line_blocking,
     events_watch,
     delivery_batch_isolation,
+    delivery_claim_and_put_at,
 );
 
 /// Every check, one after the other, on one store (as a deployment would see them).

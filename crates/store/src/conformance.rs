@@ -58,6 +58,7 @@ pub async fn run_all<S: Store>(store: Arc<S>) {
     idempotency(&store).await;
     kv(&store).await;
     delivery_lifecycle(&store).await;
+    delivery_claim_and_put_at(&store).await;
     delivery_listing(&store).await;
     due_per_subscription(&store).await;
     events_watch(&store).await;
@@ -3141,4 +3142,92 @@ pub async fn delivery_batch_isolation<S: Store>(store: &Arc<S>) {
         )
         .await;
     }
+}
+
+/// `Tx::delivery` sees a delivery as the transaction does (a claim pattern: check it is due, push its next
+/// attempt out, all in one write; a second claim of the same attempt fails), and `Tx::put_at` stores the given
+/// `lastUpdated` (imports keep history as it was).
+pub async fn delivery_claim_and_put_at<S: Store>(store: &Arc<S>) {
+    let sub = unique_id("claim");
+    let subject = format!("Appointment/{}", unique_id("claim-s"));
+    let ev = append_events(store, &[&subject]).await;
+    let (done, t0) = enqueue_all(store, &sub, &ev).await;
+    assert_eq!(done, vec![true]);
+    let seq = ev[0].seq;
+    let claim = |until: i64| {
+        let sub = sub.clone();
+        move |tx: &mut dyn crate::Tx| -> crate::Result<bool> {
+            let now = tx.now_ms();
+            match tx.delivery(&sub, seq)? {
+                Some(d)
+                    if d.state == DeliveryState::Pending
+                        && d.attempts == 0
+                        && d.next_attempt_ms <= now =>
+                {
+                    tx.update_delivery(
+                        &sub,
+                        seq,
+                        DeliveryUpdate::Retry {
+                            attempts: 0,
+                            next_attempt_ms: until,
+                            status: None,
+                            error: "claimed".into(),
+                        },
+                    )?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        }
+    };
+    let far = t0 + 3_600_000;
+    assert!(
+        store.write(claim(far)).await.unwrap(),
+        "a due delivery can be claimed"
+    );
+    assert!(
+        !store.write(claim(far)).await.unwrap(),
+        "a claimed delivery cannot be claimed again"
+    );
+    let missing = {
+        let sub = sub.clone();
+        store
+            .write(move |tx| tx.delivery(&sub, seq + 1_000_000))
+            .await
+            .unwrap()
+    };
+    assert_eq!(missing, None, "an unknown delivery is None");
+    let d = delivery_of(store, &sub, seq).await;
+    assert_eq!(
+        (d.state, d.attempts, d.next_attempt_ms),
+        (DeliveryState::Pending, 0, far)
+    );
+
+    let id = unique_id("put-at");
+    let (i1, i2) = (id.clone(), id.clone());
+    let old = 1_000_000_000_000i64;
+    let first = store
+        .write(move |tx| tx.put_at(patient(&i1, vec![]), old))
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.version, first.last_updated_ms),
+        (1, old),
+        "put_at keeps the given instant"
+    );
+    assert!(
+        first.json.contains(&fhir::format_instant_ms(old)),
+        "meta.lastUpdated is the given instant"
+    );
+    let second = store
+        .write(move |tx| tx.put_at(patient(&i2, vec![]), old + 1_000))
+        .await
+        .unwrap();
+    assert_eq!((second.version, second.last_updated_ms), (2, old + 1_000));
+    let read = store
+        .read(ResourceType::Patient, &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.last_updated_ms, old + 1_000);
 }

@@ -248,6 +248,12 @@ pub trait Tx {
     fn search(&mut self, query: &SearchQuery) -> Result<Vec<Stored>>;
     /// Store a new version (create when absent or deleted, update otherwise). Returns what was stored.
     fn put(&mut self, put: Put) -> Result<Stored>;
+    /// [`Tx::put`] with a given `meta.lastUpdated` instead of the transaction's time: for imports that keep a
+    /// resource's history as it was. Backends that cannot honour it store the transaction's time.
+    fn put_at(&mut self, put: Put, last_updated_ms: i64) -> Result<Stored> {
+        let _ = last_updated_ms;
+        self.put(put)
+    }
     /// Delete: writes a tombstone version. Returns `None` when there was nothing live to delete.
     fn delete(
         &mut self,
@@ -278,6 +284,9 @@ pub trait Tx {
     ) -> Result<()>;
     /// Requeue every dead delivery of a subscription; returns how many.
     fn requeue_dead(&mut self, subscription: &str) -> Result<u64>;
+    /// One delivery as this transaction sees it (`None` when it does not exist). Lets a runner claim a
+    /// delivery (check it is still pending, then push its next attempt out as a lease) atomically.
+    fn delivery(&mut self, subscription: &str, seq: i64) -> Result<Option<Delivery>>;
 }
 
 /// Result of a search outside a transaction.

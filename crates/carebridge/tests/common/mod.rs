@@ -88,6 +88,8 @@ impl Server {
             .env_remove("CAREBRIDGE_DATA_DIR")
             .env_remove("CAREBRIDGE_CONFIG")
             .env_remove("CAREBRIDGE_PUBLIC_URL")
+            // These tests are about storage and shutdown, not authentication (loopback only).
+            .env("CAREBRIDGE_AUTH", "none")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))

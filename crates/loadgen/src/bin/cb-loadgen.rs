@@ -38,6 +38,7 @@ usage: cb-loadgen --url http://HOST:PORT[/BASE] [options]
                             warm-ups, at least 1000; when used up, cancelled slots are booked again]
   --contention-slots N      slots the `contention` connections race for [default: 100]
   --json                    also print a JSON line per run
+  --token T                 send `Authorization: Bearer T` with every request (a hub with authentication on)
 
   book: each iteration books a distinct free slot (POST Appointment, 201) and cancels it (POST
         Appointment/{id}/$transition status=cancelled, 200); reports bookings/s (completed pairs) and the
@@ -122,6 +123,10 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--url" => url = Some(v.clone()),
+            "--token" => loadgen::http::set_default_headers(vec![(
+                "Authorization".into(),
+                format!("Bearer {}", v.trim()),
+            )]),
             "--scenario" => {
                 a.jobs = v
                     .split(',')

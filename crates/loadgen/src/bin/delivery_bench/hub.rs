@@ -51,6 +51,8 @@ impl Hub {
             .arg("--data-dir")
             .arg(&data)
             .args(extra)
+            // Loopback only: the benchmark measures delivery, not authentication.
+            .env("CAREBRIDGE_AUTH", "none")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);

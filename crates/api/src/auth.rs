@@ -1,0 +1,1166 @@
+//! Authentication and authorisation over HTTP: the `POST /oauth2/token` endpoint (client credentials with a
+//! signed JWT assertion), the layer that requires a Bearer token with the right SMART v2 system scope on every
+//! other endpoint (except `/health` and `/fhir/metadata`), per-client rate limits, and the audit trail
+//! (AuditEvent JSON kept in the store's key-value table and served read-only to admins at `/fhir/AuditEvent`).
+//!
+//! The pure decisions (JWS, JWKS, claims, scopes, which scope a request needs) live in the `auth` crate; this
+//! module does the IO. It never spawns tasks: the binary runs [`write_audit`] with the receiver of
+//! [`audit_channel`].
+
+use crate::search::{parse_pairs, push_json_str};
+use crate::{App, FHIR_JSON};
+use ::auth::client::{CLIENT_INDEX_NAMESPACE, CLIENT_NAMESPACE, INDEX_KEY};
+use ::auth::token::{HUB_KEY_NAME, HUB_KEY_NAMESPACE};
+use ::auth::{
+    AccessClaims, Client, HubKey, Interaction, Jwks, Jws, Need, OAuthError, OAuthErrorCode, Scopes,
+};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use fhir::IssueType;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::{Store, StoreError, Tx};
+use tokio::sync::mpsc;
+
+/// Key-value namespace of audit pages (key = 16-digit page number, value = one tab-separated line per record,
+/// served as AuditEvent JSON).
+pub const AUDIT_NAMESPACE: &str = "audit";
+/// Key-value namespace of the audit page counter (key `page`).
+pub const AUDIT_META_NAMESPACE: &str = "audit-meta";
+/// Key-value namespace of used assertion ids (key = `client|jti`, value = the assertion's `exp`).
+pub const JTI_NAMESPACE: &str = "auth-jti";
+/// Key-value namespace grouping used `jti`s by the minute they expire in, so expired ones are purged.
+pub const JTI_BUCKET_NAMESPACE: &str = "auth-jti-bucket";
+/// Audit records queued at most (a second of requests at well above the measured peak); a request finding the
+/// queue full waits for room rather than dropping its record.
+pub const AUDIT_QUEUE: usize = 200_000;
+/// How long the audit writer gathers records before writing them as one page.
+pub const AUDIT_INTERVAL: Duration = Duration::from_millis(1000);
+/// How long a client's revocation state and rate limit are cached by a process.
+pub const STATUS_TTL: Duration = Duration::from_secs(1);
+/// Identifier system of client ids in AuditEvent agents.
+pub const CLIENT_ID_SYSTEM: &str = "urn:carebridge:client-id";
+/// Identifier system of ODS organisation codes.
+pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+
+/// The authenticated caller, put in the request's extensions for handlers.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Client id.
+    pub client_id: Arc<str>,
+    /// ODS code of the client's organisation.
+    pub org: Arc<str>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Status {
+    active: bool,
+    /// Requests per second allowed (0 = no limit).
+    rate: f64,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Authentication state of one hub process: its token key, the token URL, caches, and the audit sender.
+pub struct Guard {
+    key: HubKey,
+    token_url: String,
+    /// Lifetime of issued access tokens, seconds.
+    pub token_lifetime_s: i64,
+    /// Requests per second per client when the client record sets none (0 = no limit).
+    pub default_rate: f64,
+    audit: Option<mpsc::Sender<AuditRecord>>,
+    status: Mutex<HashMap<String, (Instant, Status)>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    /// Tokens already verified (by their text), so a client reusing its token costs a lookup, not a parse and
+    /// a MAC. Bounded: cleared when it reaches [`TOKEN_CACHE_MAX`].
+    verified: Mutex<HashMap<String, Arc<Verified>>>,
+}
+
+/// Most verified tokens remembered by a process.
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// A verified access token: who, and the parsed scopes.
+#[derive(Debug)]
+struct Verified {
+    client_id: Arc<str>,
+    org: Arc<str>,
+    scopes: Scopes,
+    exp: i64,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("token_url", &self.token_url)
+            .field("token_lifetime_s", &self.token_lifetime_s)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Guard {
+    /// `secret` is the hub's stored token key ([`hub_secret`]); `public_url` the hub's base URL (the token
+    /// endpoint is `<public_url>/oauth2/token`, the assertions' `aud`); `audit` receives an AuditEvent per
+    /// request when set.
+    pub fn new(
+        secret: &str,
+        public_url: &str,
+        audit: Option<mpsc::Sender<AuditRecord>>,
+    ) -> Result<Guard, String> {
+        Ok(Guard {
+            key: HubKey::from_secret(secret, public_url)?,
+            token_url: format!("{public_url}/oauth2/token"),
+            token_lifetime_s: 300,
+            default_rate: 0.0,
+            audit,
+            status: Mutex::default(),
+            buckets: Mutex::default(),
+            verified: Mutex::default(),
+        })
+    }
+
+    /// The token endpoint's URL (the `aud` assertions must carry).
+    pub fn token_url(&self) -> &str {
+        &self.token_url
+    }
+
+    fn audit(&self, event: AuditRecord) {
+        if let Some(tx) = &self.audit
+            && let Err(mpsc::error::TrySendError::Full(event)) = tx.try_send(event)
+        {
+            // Never drop an audit record: wait for room (the writer is behind).
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(event).await;
+            });
+        }
+    }
+
+    /// Verify an access token (cached per process until it expires).
+    fn verify(&self, token: &str) -> Result<Arc<Verified>, String> {
+        let now = now_s();
+        if let Ok(map) = self.verified.lock()
+            && let Some(v) = map.get(token)
+        {
+            return if v.exp > now {
+                Ok(v.clone())
+            } else {
+                Err("the token has expired".into())
+            };
+        }
+        let c = self.key.verify(token, now)?;
+        let v = Arc::new(Verified {
+            scopes: Scopes::parse(&c.scope).unwrap_or_default(),
+            client_id: c.client_id.into(),
+            org: c.org.into(),
+            exp: c.exp,
+        });
+        if let Ok(mut map) = self.verified.lock() {
+            if map.len() >= TOKEN_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(token.to_string(), v.clone());
+        }
+        Ok(v)
+    }
+
+    async fn client_status<S: Store>(&self, store: &S, id: &str) -> Status {
+        if let Ok(map) = self.status.lock()
+            && let Some((at, s)) = map.get(id)
+            && at.elapsed() < STATUS_TTL
+        {
+            return *s;
+        }
+        let status = match store.kv_get(CLIENT_NAMESPACE, id).await {
+            Ok(Some(text)) => match Client::from_json(&text) {
+                Some(c) => Status {
+                    active: !c.revoked,
+                    rate: c.rate_limit.unwrap_or(self.default_rate),
+                },
+                None => Status {
+                    active: false,
+                    rate: 0.0,
+                },
+            },
+            Ok(None) => Status {
+                active: false,
+                rate: 0.0,
+            },
+            // The store is failing: keep the last known state rather than locking everyone out.
+            Err(_) => {
+                if let Ok(map) = self.status.lock()
+                    && let Some((_, s)) = map.get(id)
+                {
+                    return *s;
+                }
+                Status {
+                    active: false,
+                    rate: 0.0,
+                }
+            }
+        };
+        if let Ok(mut map) = self.status.lock() {
+            map.insert(id.to_string(), (Instant::now(), status));
+        }
+        status
+    }
+
+    /// Take one request from the client's bucket; `Some(seconds)` to wait when it is empty.
+    fn take(&self, id: &str, rate: f64) -> Option<u64> {
+        if rate <= 0.0 {
+            return None;
+        }
+        let mut map = self.buckets.lock().ok()?;
+        let now = Instant::now();
+        let b = map.entry(id.to_string()).or_insert(Bucket {
+            tokens: rate.max(1.0),
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(rate.max(1.0));
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            None
+        } else {
+            Some(((1.0 - b.tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The hub's token key: read from the store, or created (once, race-free) on first use.
+pub async fn hub_secret<S: Store>(store: &S) -> Result<String, StoreError> {
+    if let Some(s) = store.kv_get(HUB_KEY_NAMESPACE, HUB_KEY_NAME).await? {
+        return Ok(s);
+    }
+    let fresh = HubKey::generate_secret().map_err(StoreError::Backend)?;
+    store
+        .write(move |tx| {
+            if let Some(s) = tx.kv_get(HUB_KEY_NAMESPACE, HUB_KEY_NAME)? {
+                return Ok(s);
+            }
+            tx.kv_put(HUB_KEY_NAMESPACE, HUB_KEY_NAME, Some(&fresh))?;
+            Ok(fresh)
+        })
+        .await
+}
+
+/// The registered client ids, in registration order.
+pub fn client_ids(tx: &mut dyn Tx) -> Result<Vec<String>, StoreError> {
+    Ok(tx
+        .kv_get(CLIENT_INDEX_NAMESPACE, INDEX_KEY)?
+        .and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok())
+        .unwrap_or_default())
+}
+
+/// One client record.
+pub fn get_client(tx: &mut dyn Tx, id: &str) -> Result<Option<Client>, StoreError> {
+    Ok(tx
+        .kv_get(CLIENT_NAMESPACE, id)?
+        .and_then(|t| Client::from_json(&t)))
+}
+
+/// Store a client record (new or changed), keeping the index of ids.
+pub fn put_client(tx: &mut dyn Tx, client: &Client) -> Result<(), StoreError> {
+    let mut ids = client_ids(tx)?;
+    if !ids.contains(&client.id) {
+        ids.push(client.id.clone());
+        let text = serde_json::to_string(&ids).map_err(|e| StoreError::Backend(e.to_string()))?;
+        tx.kv_put(CLIENT_INDEX_NAMESPACE, INDEX_KEY, Some(&text))?;
+    }
+    tx.kv_put(CLIENT_NAMESPACE, &client.id, Some(&client.to_json()))
+}
+
+/// One request's audit facts, sent to [`write_audit`] (which formats the AuditEvent off the request path).
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    /// When, ms since the epoch.
+    pub ms: i64,
+    /// Client id (`-` when the caller could not be identified).
+    pub client: Arc<str>,
+    /// ODS code of the client's organisation ("" when unknown).
+    pub org: Arc<str>,
+    /// restful-interaction code (`read`, `search-type`, `create`, ...) or `token`.
+    pub subtype: &'static str,
+    /// C, R, U, D or E.
+    pub action: &'static str,
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// `Type/id` of the resource concerned.
+    pub what: Option<String>,
+    /// `X-Correlation-ID` (else `X-Request-ID`) sent by the caller.
+    pub correlation: Option<String>,
+    /// Why it was refused.
+    pub detail: Option<String>,
+}
+
+/// The receiving end of [`audit_channel`].
+pub type AuditReceiver = mpsc::Receiver<AuditRecord>;
+
+/// A bounded channel for audit records; give the sender to [`Guard::new`] and run [`write_audit`] on the
+/// receiver.
+pub fn audit_channel() -> (mpsc::Sender<AuditRecord>, AuditReceiver) {
+    mpsc::channel(AUDIT_QUEUE)
+}
+
+/// Append audit records to the store until every sender is gone. Records queued together are written as one
+/// page (one key-value row, one compact line per record; ids `<page>-<index>`), so auditing every read costs
+/// one row per batch and about 100 bytes per request. Pages are never updated or deleted.
+pub async fn write_audit<S: Store>(store: Arc<S>, mut rx: AuditReceiver) {
+    let mut open = true;
+    while open {
+        let mut batch = Vec::new();
+        if rx.recv_many(&mut batch, 4096).await == 0 {
+            break;
+        }
+        // Gather for an interval without listening (a listening receiver would be woken by every request),
+        // then drain: one wake-up, one commit and one fsync per interval keep auditing off the read path's
+        // budget. A crash loses at most this interval of audit records.
+        tokio::time::sleep(AUDIT_INTERVAL).await;
+        loop {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        let n = batch.len();
+        let result = store
+            .write(move |tx| {
+                let page: u64 = tx
+                    .kv_get(AUDIT_META_NAMESPACE, "page")?
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0)
+                    + 1;
+                let mut text = String::with_capacity(batch.len() * 96);
+                for r in &batch {
+                    r.push_line(&mut text);
+                }
+                tx.kv_put(AUDIT_NAMESPACE, &format!("{page:016}"), Some(&text))?;
+                tx.kv_put(AUDIT_META_NAMESPACE, "page", Some(&page.to_string()))
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, records = n, "could not append audit records");
+        }
+    }
+}
+
+impl AuditRecord {
+    /// The stored form: one line of tab-separated fields (tabs and line breaks inside a field become spaces).
+    fn push_line(&self, out: &mut String) {
+        let fields: [&str; 9] = [
+            &self.ms.to_string(),
+            &self.client,
+            &self.org,
+            self.subtype,
+            self.action,
+            &self.status.to_string(),
+            self.what.as_deref().unwrap_or(""),
+            self.correlation.as_deref().unwrap_or(""),
+            self.detail.as_deref().unwrap_or(""),
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push('\t');
+            }
+            out.extend(f.chars().map(|c| {
+                if matches!(c, '\t' | '\n' | '\r') {
+                    ' '
+                } else {
+                    c
+                }
+            }));
+        }
+        out.push('\n');
+    }
+
+    /// Parse one stored line.
+    fn from_line(line: &str) -> Option<AuditRecord> {
+        let f: Vec<&str> = line.split('\t').collect();
+        let [ms, client, org, subtype, action, status, what, corr, detail] = f.as_slice() else {
+            return None;
+        };
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Some(AuditRecord {
+            ms: ms.parse().ok()?,
+            client: (*client).into(),
+            org: (*org).into(),
+            subtype: match *subtype {
+                "read" => "read",
+                "search-type" => "search-type",
+                "create" => "create",
+                "update" => "update",
+                "patch" => "patch",
+                "delete" => "delete",
+                "transaction" => "transaction",
+                "token" => "token",
+                _ => "operation",
+            },
+            action: match *action {
+                "C" => "C",
+                "R" => "R",
+                "U" => "U",
+                "D" => "D",
+                _ => "E",
+            },
+            status: status.parse().ok()?,
+            what: opt(what),
+            correlation: opt(corr),
+            detail: opt(detail),
+        })
+    }
+
+    /// True when the record matches the search parameter `k=v`.
+    fn matches(&self, k: &str, v: &str) -> bool {
+        match k {
+            "agent" => &*self.client == v || &*self.org == v,
+            "entity" => self.what.as_deref() == Some(v),
+            "outcome" => outcome_code(self.status) == v,
+            "subtype" => self.subtype == v,
+            "action" => self.action == v,
+            _ => false,
+        }
+    }
+}
+
+fn outcome_code(status: u16) -> &'static str {
+    match status {
+        0..400 => "0",
+        400..500 => "4",
+        _ => "8",
+    }
+}
+
+/// Append the R4 AuditEvent of `r` (with `id`) to `out` as JSON.
+fn push_audit_event(out: &mut String, id: &str, r: &AuditRecord) {
+    let outcome = outcome_code(r.status);
+    out.push_str("{\"resourceType\":\"AuditEvent\",\"id\":");
+    push_json_str(out, id);
+    out.push_str(
+        ",\"type\":{\"system\":\"http://terminology.hl7.org/CodeSystem/audit-event-type\",\"code\":\"rest\",\
+         \"display\":\"RESTful Operation\"},\"subtype\":[{\"system\":\"",
+    );
+    out.push_str(if r.subtype == "token" {
+        "urn:carebridge:audit-subtype"
+    } else {
+        "http://hl7.org/fhir/restful-interaction"
+    });
+    out.push_str("\",\"code\":");
+    push_json_str(out, r.subtype);
+    out.push_str("}],\"action\":");
+    push_json_str(out, r.action);
+    out.push_str(",\"recorded\":");
+    push_json_str(out, &fhir::format_instant_ms(r.ms));
+    out.push_str(",\"outcome\":\"");
+    out.push_str(outcome);
+    out.push_str("\",\"outcomeDesc\":");
+    match &r.detail {
+        Some(d) => push_json_str(out, &format!("{} {d}", r.status)),
+        None => push_json_str(out, &r.status.to_string()),
+    }
+    out.push_str(",\"agent\":[{\"who\":{\"identifier\":{\"system\":\"");
+    out.push_str(CLIENT_ID_SYSTEM);
+    out.push_str("\",\"value\":");
+    push_json_str(out, &r.client);
+    out.push_str("}},\"requestor\":true}");
+    if !r.org.is_empty() {
+        out.push_str(",{\"who\":{\"identifier\":{\"system\":\"");
+        out.push_str(ODS_SYSTEM);
+        out.push_str("\",\"value\":");
+        push_json_str(out, &r.org);
+        out.push_str("}},\"requestor\":false}");
+    }
+    out.push_str("],\"source\":{\"observer\":{\"display\":\"carebridge\"}}");
+    if r.what.is_some() || r.correlation.is_some() {
+        out.push_str(",\"entity\":[");
+        if let Some(w) = &r.what {
+            out.push_str("{\"what\":{\"reference\":");
+            push_json_str(out, w);
+            out.push_str("}}");
+        }
+        if let Some(c) = &r.correlation {
+            if r.what.is_some() {
+                out.push(',');
+            }
+            out.push_str(
+                "{\"what\":{\"identifier\":{\"system\":\"urn:carebridge:correlation-id\",\"value\":",
+            );
+            push_json_str(out, c);
+            out.push_str("}}}");
+        }
+        out.push(']');
+    }
+    out.push('}');
+}
+
+fn correlation(headers: &HeaderMap) -> Option<String> {
+    ["x-correlation-id", "x-request-id"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .map(|s| s.chars().take(200).collect())
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn unauthorized(description: &str) -> Response {
+    let mut res = crate::ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        IssueType::Login,
+        format!("a valid Bearer access token is required: {description}"),
+    )
+    .into_response();
+    let challenge = format!(
+        "Bearer realm=\"carebridge\", error=\"invalid_token\", error_description=\"{}\"",
+        description.replace(['"', '\\'], "'")
+    );
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    res
+}
+
+fn forbidden(scope: &str) -> Response {
+    crate::ApiError::new(
+        StatusCode::FORBIDDEN,
+        IssueType::Forbidden,
+        format!("the access token lacks the scope {scope} needed for this interaction"),
+    )
+    .into_response()
+}
+
+/// (subtype, action) of a request for its audit record.
+fn interaction_of(need: &Need, method: &str) -> (&'static str, &'static str) {
+    match need {
+        Need::Bundle => ("transaction", "E"),
+        Need::Admin => ("operation", "E"),
+        Need::Scopes(list) => match list.first().map(|(_, i)| *i) {
+            Some(Interaction::Create) => ("create", "C"),
+            Some(Interaction::Read) => ("read", "R"),
+            Some(Interaction::Update) if method == "PATCH" => ("patch", "U"),
+            Some(Interaction::Update) => ("update", "U"),
+            Some(Interaction::Delete) => ("delete", "D"),
+            Some(Interaction::Search) => ("search-type", "R"),
+            None => ("operation", "E"),
+        },
+        Need::Open | Need::Authenticated => ("operation", "E"),
+    }
+}
+
+/// `Type/id` of the resource a request or its response names (path, else `Location`).
+fn subject_of(path: &str, res: &Response) -> Option<String> {
+    let mut segs = path.strip_prefix("/fhir/")?.split('/');
+    if let (Some(t), Some(id)) = (segs.next(), segs.next())
+        && !id.is_empty()
+        && !id.starts_with('_')
+        && !id.starts_with('$')
+    {
+        return Some(format!("{t}/{id}"));
+    }
+    let loc = res.headers().get(header::LOCATION)?.to_str().ok()?;
+    let after = loc.split("/fhir/").nth(1)?;
+    let mut parts = after.split('/');
+    Some(format!("{}/{}", parts.next()?, parts.next()?))
+}
+
+/// The layer in front of every route: open routes pass; every other request needs a valid Bearer token of this
+/// hub, of a client that is not revoked, within its rate limit, with the scope the interaction needs. Each
+/// request (allowed or refused) is audited.
+pub(crate) async fn layer<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(guard) = app.config.auth.clone() else {
+        return next.run(req).await;
+    };
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let mut need = ::auth::required(&method, &path, req.uri().query().unwrap_or(""));
+    if need == Need::Open {
+        return next.run(req).await;
+    }
+    let corr = correlation(req.headers());
+    let (subtype, action) = interaction_of(&need, &method);
+    let record = |client: &Arc<str>,
+                  org: &Arc<str>,
+                  status: u16,
+                  what: Option<String>,
+                  detail: Option<String>| {
+        AuditRecord {
+            ms: now_ms(),
+            client: client.clone(),
+            org: org.clone(),
+            subtype,
+            action,
+            status,
+            what,
+            correlation: corr.clone(),
+            detail,
+        }
+    };
+    let refuse = |client: &Arc<str>, org: &Arc<str>, status: u16, detail: String| {
+        tracing::info!(client = %client, method = %method, path = %path, status, reason = %detail, "request refused");
+        guard.audit(record(client, org, status, None, Some(detail)));
+    };
+    let verified = match bearer(req.headers()) {
+        None => Err("no Bearer token".to_string()),
+        Some(t) => guard.verify(t),
+    };
+    let caller = match verified {
+        Ok(c) => c,
+        Err(e) => {
+            refuse(&"-".into(), &"".into(), 401, e.clone());
+            return unauthorized(&e);
+        }
+    };
+    let status = guard.client_status(&*app.store, &caller.client_id).await;
+    if !status.active {
+        refuse(
+            &caller.client_id,
+            &caller.org,
+            401,
+            "client revoked or unknown".into(),
+        );
+        return unauthorized("the client has been revoked");
+    }
+    if let Some(wait) = guard.take(&caller.client_id, status.rate) {
+        refuse(&caller.client_id, &caller.org, 429, "rate limit".into());
+        let mut res = crate::ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            IssueType::TooCostly,
+            format!("rate limit of {} requests per second exceeded", status.rate),
+        )
+        .into_response();
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+        return res;
+    }
+    // Bundles are decided per entry, and POST _search may carry _include in its body: read the body first.
+    let needs_body = need == Need::Bundle || (method == "POST" && path.ends_with("/_search"));
+    let mut req = if needs_body {
+        let (parts, body) = req.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, crate::bundle::MAX_BODY_BYTES).await else {
+            return crate::ApiError::bad_request("request body too large or unreadable")
+                .into_response();
+        };
+        if need == Need::Bundle {
+            need = bundle_need(&bytes);
+        } else {
+            let q = format!(
+                "{}&{}",
+                parts.uri.query().unwrap_or(""),
+                String::from_utf8_lossy(&bytes)
+            );
+            need = ::auth::required(&method, &path, &q);
+        }
+        Request::from_parts(parts, Body::from(bytes))
+    } else {
+        req
+    };
+    if let Some(missing) = need.missing(&caller.scopes) {
+        refuse(
+            &caller.client_id,
+            &caller.org,
+            403,
+            format!("missing scope {missing}"),
+        );
+        return forbidden(&missing);
+    }
+    req.extensions_mut().insert(Caller {
+        client_id: caller.client_id.clone(),
+        org: caller.org.clone(),
+    });
+    let res = next.run(req).await;
+    let what = subject_of(&path, &res);
+    guard.audit(record(
+        &caller.client_id,
+        &caller.org,
+        res.status().as_u16(),
+        what,
+        None,
+    ));
+    res
+}
+
+/// Everything the entries of a Bundle need, together.
+fn bundle_need(body: &[u8]) -> Need {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        // Not JSON: the Bundle handler refuses it without touching data.
+        return Need::Authenticated;
+    };
+    let mut all = Vec::new();
+    for entry in v
+        .get("entry")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let r = entry.get("request");
+        let m = r
+            .and_then(|r| r.get("method"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let u = r
+            .and_then(|r| r.get("url"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        match ::auth::bundle_entry(m, u) {
+            Need::Scopes(list) => all.extend(list),
+            Need::Admin => return Need::Admin,
+            _ => {}
+        }
+    }
+    Need::Scopes(all)
+}
+
+fn oauth_error(e: &OAuthError) -> Response {
+    let body = json!({"error": e.code.as_str(), "error_description": e.description});
+    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `POST /oauth2/token`: client credentials with a `private_key_jwt` assertion (RFC 6749 4.4, RFC 7523).
+pub(crate) async fn token<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(guard) = app.config.auth.clone() else {
+        return oauth_error(&OAuthError::new(
+            OAuthErrorCode::InvalidRequest,
+            "authentication is off on this hub (--auth none)",
+        ));
+    };
+    let corr = correlation(&headers);
+    match issue(&app, &guard, &headers, &body).await {
+        Ok((client, body)) => {
+            guard.audit(AuditRecord {
+                ms: now_ms(),
+                client: client.id.as_str().into(),
+                org: client.ods.as_str().into(),
+                subtype: "token",
+                action: "E",
+                status: 200,
+                what: None,
+                correlation: corr,
+                detail: None,
+            });
+            (
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+                body.to_string(),
+            )
+                .into_response()
+        }
+        Err((client, e)) => {
+            tracing::info!(client = %client, error = %e, "token refused");
+            guard.audit(AuditRecord {
+                ms: now_ms(),
+                client: client.as_str().into(),
+                org: "".into(),
+                subtype: "token",
+                action: "E",
+                status: e.code.http_status(),
+                what: None,
+                correlation: corr,
+                detail: Some(e.to_string()),
+            });
+            oauth_error(&e)
+        }
+    }
+}
+
+async fn issue<S: Store>(
+    app: &App<S>,
+    guard: &Guard,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Client, Value), (String, OAuthError)> {
+    use OAuthErrorCode::*;
+    let anon = |code, d: String| ("-".to_string(), OAuthError::new(code, d));
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct
+        .to_ascii_lowercase()
+        .starts_with("application/x-www-form-urlencoded")
+    {
+        return Err(anon(
+            InvalidRequest,
+            "the body must be application/x-www-form-urlencoded".into(),
+        ));
+    }
+    let text = std::str::from_utf8(body)
+        .map_err(|_| anon(InvalidRequest, "the body is not UTF-8".into()))?;
+    let mut form: HashMap<String, String> = HashMap::new();
+    for (k, v) in parse_pairs(Some(text)) {
+        if form.insert(k.clone(), v).is_some() {
+            return Err(anon(InvalidRequest, format!("parameter {k} is repeated")));
+        }
+    }
+    let param = |k: &str| form.get(k).map(String::as_str);
+    match param("grant_type") {
+        Some("client_credentials") => {}
+        Some(g) => {
+            return Err(anon(
+                UnsupportedGrantType,
+                format!("grant_type {g} is not supported (client_credentials)"),
+            ));
+        }
+        None => return Err(anon(InvalidRequest, "grant_type is missing".into())),
+    }
+    if param("client_assertion_type") != Some(::auth::ASSERTION_TYPE) {
+        return Err(anon(
+            InvalidRequest,
+            format!("client_assertion_type must be {}", ::auth::ASSERTION_TYPE),
+        ));
+    }
+    let assertion = param("client_assertion")
+        .ok_or_else(|| anon(InvalidRequest, "client_assertion is missing".into()))?;
+    let jws = Jws::parse(assertion)
+        .map_err(|e| anon(InvalidRequest, format!("client_assertion: {e}")))?;
+    let alg = jws.alg().to_string();
+    if alg != "RS512" && alg != "ES384" {
+        return Err(anon(
+            InvalidClient,
+            format!("alg {alg:?} is not accepted (RS512 or ES384)"),
+        ));
+    }
+    let iss = jws
+        .claim_str("iss")
+        .ok_or_else(|| anon(InvalidClient, "the assertion has no 'iss'".into()))?
+        .to_string();
+    let named = |code, d: String| (iss.clone(), OAuthError::new(code, d));
+    let client = match app.store.kv_get(CLIENT_NAMESPACE, &iss).await {
+        Ok(Some(t)) => Client::from_json(&t),
+        Ok(None) => None,
+        Err(e) => {
+            return Err(named(
+                InvalidRequest,
+                format!("the client store is unavailable: {e}"),
+            ));
+        }
+    }
+    .ok_or_else(|| named(InvalidClient, format!("unknown client {iss}")))?;
+    if client.revoked {
+        return Err(named(
+            InvalidClient,
+            format!("client {iss} has been revoked"),
+        ));
+    }
+    let kid = jws
+        .kid()
+        .ok_or_else(|| named(InvalidClient, "the assertion header has no 'kid'".into()))?;
+    let jwks = Jwks::from_json(&client.jwks).map_err(|e| {
+        named(
+            InvalidClient,
+            format!("the client's registered JWKS is unusable: {e}"),
+        )
+    })?;
+    let key = jwks.find(kid).ok_or_else(|| {
+        named(
+            InvalidClient,
+            format!("kid {kid} is not a registered key of {iss}"),
+        )
+    })?;
+    if !key.verify(&alg, jws.signing_input.as_bytes(), &jws.signature) {
+        return Err(named(
+            InvalidClient,
+            format!(
+                "the assertion's {alg} signature does not verify with key {kid} (a {} key)",
+                key.alg()
+            ),
+        ));
+    }
+    let now = now_s();
+    let checked = ::auth::check_assertion_claims(&jws.claims, &guard.token_url, now)
+        .map_err(|e| (iss.clone(), e))?;
+    let granted = Scopes::parse(&client.scopes).unwrap_or_default();
+    let scope = match param("scope") {
+        None | Some("") => granted.to_string(),
+        Some(s) => {
+            let asked = Scopes::parse(s).map_err(|e| named(InvalidScope, e))?;
+            if !asked.is_within(&granted) {
+                return Err(named(
+                    InvalidScope,
+                    format!("scope '{s}' exceeds what {iss} was granted ({granted})"),
+                ));
+            }
+            asked.to_string()
+        }
+    };
+    // Single use: remember the jti until the assertion expires.
+    let jti_key = format!("{iss}|{}", checked.jti);
+    let exp = checked.exp;
+    let fresh = app
+        .store
+        .write(move |tx| remember_jti(tx, &jti_key, exp, now))
+        .await
+        .map_err(|e| {
+            named(
+                InvalidRequest,
+                format!("could not record the assertion: {e}"),
+            )
+        })?;
+    if !fresh {
+        return Err(named(
+            InvalidGrant,
+            format!("the assertion's jti {} was already used", checked.jti),
+        ));
+    }
+    let access = AccessClaims {
+        client_id: client.id.clone(),
+        org: client.ods.clone(),
+        scope: scope.clone(),
+        iat: now,
+        exp: now + guard.token_lifetime_s,
+        jti: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let body = json!({
+        "access_token": guard.key.mint(&access),
+        "expires_in": guard.token_lifetime_s,
+        "token_type": "Bearer",
+        "scope": scope,
+    });
+    Ok((client, body))
+}
+
+/// Record a used `jti` (false when it was already used) and purge the ones whose assertions have expired.
+fn remember_jti(tx: &mut dyn Tx, key: &str, exp: i64, now: i64) -> Result<bool, StoreError> {
+    if tx.kv_get(JTI_NAMESPACE, key)?.is_some() {
+        return Ok(false);
+    }
+    tx.kv_put(JTI_NAMESPACE, key, Some(&exp.to_string()))?;
+    let minute = (exp + ::auth::LEEWAY_S) / 60 + 1;
+    let bucket = minute.to_string();
+    let mut list = tx
+        .kv_get(JTI_BUCKET_NAMESPACE, &bucket)?
+        .unwrap_or_default();
+    if !list.is_empty() {
+        list.push('\n');
+    }
+    list.push_str(key);
+    tx.kv_put(JTI_BUCKET_NAMESPACE, &bucket, Some(&list))?;
+    // Buckets of minutes that have passed hold only expired assertions.
+    let current = now / 60;
+    let cursor: i64 = tx
+        .kv_get(JTI_BUCKET_NAMESPACE, "cursor")?
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(current - 10);
+    let from = cursor.max(current - 30);
+    for m in from..current {
+        let b = m.to_string();
+        if let Some(keys) = tx.kv_get(JTI_BUCKET_NAMESPACE, &b)? {
+            for k in keys.lines() {
+                tx.kv_put(JTI_NAMESPACE, k, None)?;
+            }
+            tx.kv_put(JTI_BUCKET_NAMESPACE, &b, None)?;
+        }
+    }
+    tx.kv_put(JTI_BUCKET_NAMESPACE, "cursor", Some(&current.to_string()))?;
+    Ok(true)
+}
+
+/// `GET /fhir/AuditEvent`: the newest records first, filtered by `agent` (client id or ODS code), `entity`
+/// (reference), `outcome`, `subtype`, `action`; `_count` (default 50, at most 1000). Scans at most the newest
+/// 200 pages (each one batch of the writer).
+pub(crate) async fn audit_search<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, crate::ApiError> {
+    let mut count = 50usize;
+    let mut filters: Vec<(String, String)> = Vec::new();
+    for (k, v) in parse_pairs(raw.as_deref()) {
+        match k.as_str() {
+            "_count" => {
+                count = v
+                    .parse::<usize>()
+                    .map_err(|_| crate::ApiError::bad_request("_count must be a number"))?
+                    .min(1000)
+            }
+            "agent" | "entity" | "outcome" | "subtype" | "action" => filters.push((k, v)),
+            _ => {
+                return Err(crate::ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    IssueType::NotSupported,
+                    format!(
+                        "AuditEvent search supports _count, agent, entity, outcome, subtype, action (not {k})"
+                    ),
+                ));
+            }
+        }
+    }
+    let last: u64 = app
+        .store
+        .kv_get(AUDIT_META_NAMESPACE, "page")
+        .await?
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut out = String::from("[");
+    let mut found = 0usize;
+    let mut page = last;
+    'pages: while page > 0 && found < count && last - page < 200 {
+        let text = app
+            .store
+            .kv_get(AUDIT_NAMESPACE, &format!("{page:016}"))
+            .await?
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate().rev() {
+            if found >= count {
+                break 'pages;
+            }
+            let Some(r) = AuditRecord::from_line(line) else {
+                continue;
+            };
+            if !filters.iter().all(|(k, v)| r.matches(k, v)) {
+                continue;
+            }
+            if found > 0 {
+                out.push(',');
+            }
+            let id = format!("{page}-{i}");
+            out.push_str("{\"fullUrl\":");
+            push_json_str(&mut out, &format!("{}/AuditEvent/{id}", app.fhir_base()));
+            out.push_str(",\"resource\":");
+            push_audit_event(&mut out, &id, &r);
+            out.push_str(",\"search\":{\"mode\":\"match\"}}");
+            found += 1;
+        }
+        page -= 1;
+    }
+    out.push(']');
+    let body = format!("{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"entry\":{out}}}");
+    Ok(([(header::CONTENT_TYPE, FHIR_JSON)], body).into_response())
+}
+
+/// `GET /fhir/AuditEvent/{id}` (`<page>-<index>`).
+pub(crate) async fn audit_read<S: Store>(
+    State(app): State<Arc<App<S>>>,
+    Path(id): Path<String>,
+) -> Result<Response, crate::ApiError> {
+    let missing = || crate::ApiError::not_found(format!("AuditEvent/{id} does not exist"));
+    let (page, index) = id.split_once('-').ok_or_else(missing)?;
+    let (page, index) = match (page.parse::<u64>(), index.parse::<usize>()) {
+        (Ok(p), Ok(i)) => (p, i),
+        _ => return Err(missing()),
+    };
+    let text = app
+        .store
+        .kv_get(AUDIT_NAMESPACE, &format!("{page:016}"))
+        .await?
+        .ok_or_else(missing)?;
+    let r = text
+        .lines()
+        .nth(index)
+        .and_then(AuditRecord::from_line)
+        .ok_or_else(missing)?;
+    let mut out = String::new();
+    push_audit_event(&mut out, &format!("{page}-{index}"), &r);
+    Ok(([(header::CONTENT_TYPE, FHIR_JSON)], out).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn record() -> AuditRecord {
+        AuditRecord {
+            ms: 1_764_000_000_123,
+            client: "pas\t1".into(),
+            org: "RXX01".into(),
+            subtype: "delete",
+            action: "D",
+            status: 403,
+            what: Some("Patient/abc".into()),
+            correlation: Some("corr\n42".into()),
+            detail: Some("missing scope system/Patient.d".into()),
+        }
+    }
+
+    #[test]
+    fn audit_lines_round_trip_and_render_as_audit_events() {
+        let mut line = String::new();
+        record().push_line(&mut line);
+        assert_eq!(
+            line.matches('\n').count(),
+            1,
+            "one line per record, whatever the fields hold"
+        );
+        let back = AuditRecord::from_line(line.trim_end_matches('\n')).unwrap();
+        assert_eq!(&*back.client, "pas 1");
+        assert_eq!(back.correlation.as_deref(), Some("corr 42"));
+        assert_eq!(
+            (back.subtype, back.action, back.status),
+            ("delete", "D", 403)
+        );
+        assert!(back.matches("agent", "RXX01") && back.matches("outcome", "4"));
+        assert!(back.matches("entity", "Patient/abc") && !back.matches("entity", "Patient/x"));
+        let mut json = String::new();
+        push_audit_event(&mut json, "7-3", &back);
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["resourceType"], "AuditEvent");
+        assert_eq!(v["id"], "7-3");
+        assert_eq!(v["outcome"], "4");
+        assert_eq!(v["recorded"], "2025-11-24T16:00:00.123Z");
+        assert_eq!(v["agent"][0]["who"]["identifier"]["value"], "pas 1");
+        assert_eq!(v["agent"][0]["requestor"], true);
+        assert_eq!(v["agent"][1]["who"]["identifier"]["system"], ODS_SYSTEM);
+        assert_eq!(v["entity"][0]["what"]["reference"], "Patient/abc");
+        assert_eq!(v["outcomeDesc"], "403 missing scope system/Patient.d");
+        assert!(AuditRecord::from_line("not\ta record").is_none());
+    }
+
+    #[test]
+    fn rate_buckets_refill() {
+        let g = Guard::new(&"A".repeat(43), "http://hub.test", None).unwrap();
+        assert_eq!(g.take("c", 0.0), None, "no limit");
+        assert_eq!(g.take("c", 2.0), None);
+        assert_eq!(g.take("c", 2.0), None);
+        assert_eq!(g.take("c", 2.0), Some(1), "burst of one second used up");
+        assert_eq!(g.take("other", 2.0), None, "per client");
+    }
+}

@@ -1,0 +1,490 @@
+//! Known answers (a JWKS and assertions signed by PyJWT with keys made for these tests), claim checks, scope
+//! grammar and the hub's own tokens.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::*;
+use serde_json::{Value, json};
+
+const KAT: &str = include_str!("../testdata/kat.txt");
+const AUD: &str = "http://hub.test/oauth2/token";
+const NOW: i64 = 1_700_000_010;
+
+fn kat() -> (Jwks, String, String, String) {
+    let mut lines = KAT.lines();
+    let jwks = Jwks::from_json(&serde_json::from_str(lines.next().unwrap()).unwrap()).unwrap();
+    let rs512 = lines.next().unwrap().to_string();
+    let es384 = lines.next().unwrap().to_string();
+    let rs256 = lines.next().unwrap().to_string();
+    (jwks, rs512, es384, rs256)
+}
+
+fn verify(jwks: &Jwks, token: &str) -> bool {
+    let jws = Jws::parse(token).unwrap();
+    let key = jwks.find(jws.kid().unwrap()).unwrap();
+    key.verify(jws.alg(), jws.signing_input.as_bytes(), &jws.signature)
+}
+
+fn tamper_last_char(token: &str) -> String {
+    // A character inside the signature (the last one may carry padding bits the strict decoder rejects).
+    let mut chars: Vec<char> = token.chars().collect();
+    let i = chars.len() - 3;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    chars.into_iter().collect()
+}
+
+#[test]
+fn known_rs512_and_es384_signatures_verify() {
+    let (jwks, rs512, es384, _) = kat();
+    assert_eq!(jwks.keys.len(), 2);
+    assert_eq!(jwks.keys[0].alg(), "RS512");
+    assert_eq!(jwks.keys[1].alg(), "ES384");
+    assert!(verify(&jwks, &rs512));
+    assert!(verify(&jwks, &es384));
+    let claims = check_assertion_claims(&Jws::parse(&rs512).unwrap().claims, AUD, NOW).unwrap();
+    assert_eq!(claims.client_id, "kat-client");
+    assert_eq!(claims.jti, "kat-1");
+    assert_eq!(claims.exp, 1_700_000_300);
+}
+
+#[test]
+fn tampered_signatures_and_payloads_fail() {
+    let (jwks, rs512, es384, _) = kat();
+    assert!(!verify(&jwks, &tamper_last_char(&rs512)));
+    assert!(!verify(&jwks, &tamper_last_char(&es384)));
+    // Same signature over a different payload.
+    let parts: Vec<&str> = rs512.split('.').collect();
+    let other = b64::encode(br#"{"iss":"x","sub":"x"}"#);
+    assert!(!verify(
+        &jwks,
+        &format!("{}.{other}.{}", parts[0], parts[2])
+    ));
+}
+
+#[test]
+fn the_key_decides_the_algorithm() {
+    let (jwks, rs512, es384, rs256) = kat();
+    // RS256 with the right RSA key: refused (RS512 only).
+    assert!(!verify(&jwks, &rs256));
+    let rsa = jwks.find("kat-rsa").unwrap();
+    let ec = jwks.find("kat-ec").unwrap();
+    let r = Jws::parse(&rs512).unwrap();
+    let e = Jws::parse(&es384).unwrap();
+    // A correct signature presented under another alg name, or to the other key type, fails.
+    for alg in ["none", "HS256", "HS512", "RS256", "PS512", "ES384", ""] {
+        assert!(
+            !rsa.verify(alg, r.signing_input.as_bytes(), &r.signature),
+            "{alg}"
+        );
+    }
+    assert!(!ec.verify("RS512", e.signing_input.as_bytes(), &e.signature));
+    assert!(!ec.verify("ES384", r.signing_input.as_bytes(), &r.signature));
+    // alg none with an empty signature.
+    let none = format!(
+        "{}.{}.",
+        b64::encode(br#"{"alg":"none","kid":"kat-rsa"}"#),
+        rs512.split('.').nth(1).unwrap()
+    );
+    let jws = Jws::parse(&none).unwrap();
+    assert!(jws.signature.is_empty());
+    assert!(!rsa.verify(jws.alg(), jws.signing_input.as_bytes(), &jws.signature));
+}
+
+#[test]
+fn malformed_compact_serialisations_are_refused() {
+    let h = b64::encode(br#"{"alg":"RS512"}"#);
+    let p = b64::encode(br#"{"iss":"a"}"#);
+    for bad in [
+        String::new(),
+        "a.b".into(),
+        "a.b.c.d".into(),
+        format!("{h}.{p}"),
+        format!("{h}.{p}.!!"),
+        format!("{}.{p}.AA", b64::encode(b"[1]")),
+        format!("{}.{p}.AA", b64::encode(b"not json")),
+        format!("{h}=.{p}.AA"),
+        format!(
+            "{}.{p}.AA",
+            b64::encode(br#"{"alg":"RS512","crit":["exp"]}"#)
+        ),
+        "x".repeat(MAX_JWT_BYTES + 1),
+    ] {
+        assert!(Jws::parse(&bad).is_err(), "{bad}");
+    }
+    assert!(Jws::parse(&format!("{h}.{p}.AA")).is_ok());
+}
+
+#[test]
+fn jwks_rules() {
+    let (jwks, ..) = kat();
+    let rsa = KAT.lines().next().unwrap();
+    let doc: Value = serde_json::from_str(rsa).unwrap();
+    let k0 = doc["keys"][0].clone();
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut k = k0.clone();
+        f(&mut k);
+        Jwk::from_json(&k)
+    };
+    assert!(with(&|_| {}).is_ok());
+    assert!(
+        with(&|k| {
+            k.as_object_mut().unwrap().remove("kid");
+        })
+        .is_err()
+    );
+    assert!(with(&|k| k["alg"] = json!("RS256")).is_err());
+    assert!(with(&|k| k["use"] = json!("enc")).is_err());
+    assert!(with(&|k| k["kty"] = json!("oct")).is_err());
+    assert!(with(&|k| k["n"] = json!("AQAB")).is_err(), "short modulus");
+    let mut ec = doc["keys"][1].clone();
+    ec["crv"] = json!("P-256");
+    assert!(Jwk::from_json(&ec).is_err());
+    assert!(
+        Jwks::from_json(&json!({"keys": [k0.clone(), k0]})).is_err(),
+        "duplicate kid"
+    );
+    assert!(Jwks::from_json(&json!([])).is_err());
+    assert!(jwks.find("nope").is_none());
+}
+
+fn claims(f: impl Fn(&mut serde_json::Map<String, Value>)) -> Result<AssertionClaims, OAuthError> {
+    let mut c =
+        json!({"iss": "c1", "sub": "c1", "aud": AUD, "jti": "j1", "exp": NOW + 120, "iat": NOW})
+            .as_object()
+            .unwrap()
+            .clone();
+    f(&mut c);
+    check_assertion_claims(&c, AUD, NOW)
+}
+
+#[test]
+fn assertion_claim_checks() {
+    assert!(claims(|_| {}).is_ok());
+    assert!(
+        claims(|c| {
+            c.insert("aud".into(), json!(["x", AUD]));
+        })
+        .is_ok()
+    );
+    assert!(
+        claims(|c| {
+            c.insert("exp".into(), json!(NOW + 300));
+        })
+        .is_ok()
+    );
+    type Edit = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
+    let refused: Vec<(&str, Edit)> = vec![
+        (
+            "iss != sub",
+            Box::new(|c| {
+                c.insert("sub".into(), json!("c2"));
+            }),
+        ),
+        (
+            "no iss",
+            Box::new(|c| {
+                c.remove("iss");
+            }),
+        ),
+        (
+            "wrong aud",
+            Box::new(|c| {
+                c.insert("aud".into(), json!("http://other/oauth2/token"));
+            }),
+        ),
+        (
+            "no aud",
+            Box::new(|c| {
+                c.remove("aud");
+            }),
+        ),
+        (
+            "expired",
+            Box::new(|c| {
+                c.insert("exp".into(), json!(NOW - 60));
+            }),
+        ),
+        (
+            "too far ahead",
+            Box::new(|c| {
+                c.insert("exp".into(), json!(NOW + 3600));
+            }),
+        ),
+        (
+            "exp string",
+            Box::new(|c| {
+                c.insert("exp".into(), json!("1700000100"));
+            }),
+        ),
+        (
+            "no exp",
+            Box::new(|c| {
+                c.remove("exp");
+            }),
+        ),
+        (
+            "future nbf",
+            Box::new(|c| {
+                c.insert("nbf".into(), json!(NOW + 120));
+            }),
+        ),
+        (
+            "future iat",
+            Box::new(|c| {
+                c.insert("iat".into(), json!(NOW + 120));
+            }),
+        ),
+        (
+            "no jti",
+            Box::new(|c| {
+                c.remove("jti");
+            }),
+        ),
+        (
+            "empty jti",
+            Box::new(|c| {
+                c.insert("jti".into(), json!(""));
+            }),
+        ),
+    ];
+    for (what, f) in refused {
+        let e = claims(f).expect_err(what);
+        assert_eq!(e.code, OAuthErrorCode::InvalidClient, "{what}");
+        assert!(!e.description.is_empty());
+    }
+}
+
+#[test]
+fn scope_grammar() {
+    let s = Scopes::parse("system/Appointment.cruds system/Patient.rs admin").unwrap();
+    assert!(s.allows("Appointment", Interaction::Delete));
+    assert!(s.allows("Patient", Interaction::Search));
+    assert!(!s.allows("Patient", Interaction::Create));
+    assert!(!s.allows("Slot", Interaction::Read));
+    assert!(s.is_admin());
+    assert_eq!(
+        s.to_string(),
+        "system/Appointment.cruds system/Patient.rs admin"
+    );
+    let v1 = Scopes::parse("system/*.read").unwrap();
+    assert!(v1.allows("Slot", Interaction::Read) && v1.allows("Slot", Interaction::Search));
+    assert!(!v1.allows("Slot", Interaction::Update) && !v1.is_admin());
+    assert_eq!(
+        Scopes::parse("system/*.write").unwrap().to_string(),
+        "system/*.cud"
+    );
+    assert_eq!(
+        Scopes::parse("system/*.*").unwrap().to_string(),
+        "system/*.cruds"
+    );
+    for bad in [
+        "patient/Patient.r",
+        "user/*.read",
+        "system/Patient",
+        "system/Patient.sr",
+        "system/Patient.rr",
+        "system/Patient.x",
+        "system/patient.r",
+        "system/Patient.",
+        "system/.r",
+        "admin2",
+    ] {
+        assert!(Scopes::parse(bad).is_err(), "{bad}");
+    }
+    assert_eq!(
+        Scopes::needed("Patient", Interaction::Update),
+        "system/Patient.u"
+    );
+}
+
+#[test]
+fn requested_scopes_must_be_granted() {
+    let granted = Scopes::parse("system/Appointment.crus system/Patient.rs").unwrap();
+    let ok = |s: &str| Scopes::parse(s).unwrap().is_within(&granted);
+    assert!(ok("system/Appointment.r"));
+    assert!(ok("system/Appointment.cr system/Patient.s"));
+    assert!(ok(""));
+    assert!(!ok("system/Appointment.d"));
+    assert!(!ok("system/*.r"));
+    assert!(!ok("admin"));
+    let all = Scopes::parse("system/*.cruds admin").unwrap();
+    assert!(
+        Scopes::parse("system/Slot.rs admin")
+            .unwrap()
+            .is_within(&all)
+    );
+}
+
+#[test]
+fn hub_tokens_round_trip_and_are_bound_to_their_hub() {
+    let secret = "A".repeat(43);
+    let key = token::HubKey::from_secret(&secret, "http://hub.test").unwrap();
+    let c = AccessClaims {
+        client_id: "c1".into(),
+        org: "RXX".into(),
+        scope: "system/Patient.r".into(),
+        iat: NOW,
+        exp: NOW + 300,
+        jti: "t1".into(),
+    };
+    let t = key.mint(&c);
+    // Deterministic: HS256 over a fixed header and claims.
+    assert_eq!(t, key.mint(&c));
+    assert_eq!(key.verify(&t, NOW).unwrap(), c);
+    assert!(key.verify(&t, NOW + 300).is_err(), "expired");
+    assert!(key.verify(&tamper_last_char(&t), NOW).is_err());
+    let other =
+        token::HubKey::from_secret(&format!("{}A", "B".repeat(42)), "http://hub.test").unwrap();
+    assert!(other.verify(&t, NOW).is_err(), "another hub's secret");
+    let elsewhere = token::HubKey::from_secret(&secret, "http://other.test").unwrap();
+    assert!(elsewhere.verify(&t, NOW).is_err(), "another issuer");
+    assert!(token::HubKey::from_secret("short", "x").is_err());
+    // A client assertion is not an access token.
+    let (_, rs512, ..) = kat();
+    assert!(key.verify(&rs512, NOW).is_err());
+    assert!(token::HubKey::generate_secret().unwrap() != token::HubKey::generate_secret().unwrap());
+}
+
+#[test]
+fn generated_keys_sign_what_their_jwk_verifies() {
+    for signer in [
+        keys::Signer::generate_rsa().unwrap(),
+        keys::Signer::generate_p384().unwrap(),
+    ] {
+        let jwk = Jwk::from_json(&signer.public_jwk("k1")).unwrap();
+        let t = signer
+            .sign_jwt(&json!({"typ": "JWT", "kid": "k1"}), &json!({"iss": "a"}))
+            .unwrap();
+        let jws = Jws::parse(&t).unwrap();
+        assert_eq!(jws.alg(), signer.alg());
+        assert!(jwk.verify(jws.alg(), jws.signing_input.as_bytes(), &jws.signature));
+        let pem = signer.to_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        let again = keys::Signer::from_pem(&pem).unwrap();
+        assert_eq!(again.public_jwk("k1"), signer.public_jwk("k1"));
+    }
+    assert!(
+        keys::Signer::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+            .is_err()
+    );
+    assert!(keys::pem_decode("nothing", "PRIVATE KEY").is_err());
+}
+
+#[test]
+fn scope_needed_per_interaction() {
+    use Interaction::*;
+    use access::{Need, bundle_entry, required};
+    let one = |t: &str, i| Need::Scopes(vec![(t.to_string(), i)]);
+    assert_eq!(required("GET", "/health", ""), Need::Open);
+    assert_eq!(required("GET", "/fhir/metadata", ""), Need::Open);
+    assert_eq!(required("POST", "/oauth2/token", ""), Need::Open);
+    assert_eq!(required("GET", "/metrics", ""), Need::Admin);
+    assert_eq!(required("GET", "/admin/deliveries", ""), Need::Admin);
+    assert_eq!(required("GET", "/events", ""), one("*", Read));
+    assert_eq!(
+        required("POST", "/fhir/Patient", ""),
+        one("Patient", Create)
+    );
+    assert_eq!(required("GET", "/fhir/Patient/1", ""), one("Patient", Read));
+    assert_eq!(
+        required("GET", "/fhir/Patient/1/_history/2", ""),
+        one("Patient", Read)
+    );
+    assert_eq!(
+        required("GET", "/fhir/Patient/_history", ""),
+        one("Patient", Read)
+    );
+    assert_eq!(
+        required("PUT", "/fhir/Patient/1", ""),
+        one("Patient", Update)
+    );
+    assert_eq!(
+        required("PATCH", "/fhir/Appointment/1", ""),
+        one("Appointment", Update)
+    );
+    assert_eq!(
+        required("POST", "/fhir/Appointment/1/$transition", ""),
+        one("Appointment", Update)
+    );
+    assert_eq!(
+        required("DELETE", "/fhir/Patient/1", ""),
+        one("Patient", Delete)
+    );
+    assert_eq!(
+        required("GET", "/fhir/Patient", "family=x"),
+        one("Patient", Search)
+    );
+    assert_eq!(
+        required("POST", "/fhir/Patient/_search", ""),
+        one("Patient", Search)
+    );
+    assert_eq!(
+        required("POST", "/fhir/Subscription/1/$replay", ""),
+        Need::Admin
+    );
+    assert_eq!(required("GET", "/fhir/AuditEvent", ""), Need::Admin);
+    assert_eq!(required("POST", "/fhir", ""), Need::Bundle);
+    assert_eq!(required("POST", "/fhir/", ""), Need::Bundle);
+    assert_eq!(required("GET", "/nowhere", ""), Need::Authenticated);
+    assert_eq!(
+        required("GET", "/fhir/Slot", "status=free&_include=Slot:schedule"),
+        Need::Scopes(vec![("Slot".into(), Search), ("*".into(), Read)])
+    );
+    assert_eq!(
+        required(
+            "GET",
+            "/fhir/Slot",
+            "_include=Slot%3Aschedule%3ASchedule&_revinclude=Appointment:slot"
+        ),
+        Need::Scopes(vec![
+            ("Slot".into(), Search),
+            ("Schedule".into(), Read),
+            ("Appointment".into(), Read)
+        ])
+    );
+    assert_eq!(bundle_entry("post", "Patient"), one("Patient", Create));
+    assert_eq!(
+        bundle_entry("GET", "Patient?identifier=a|b"),
+        one("Patient", Search)
+    );
+    assert!(matches!(bundle_entry("POST", ""), Need::Scopes(v) if v.len() == 5));
+    let reader = Scopes::parse("system/Patient.rs").unwrap();
+    assert_eq!(one("Patient", Read).missing(&reader), None);
+    assert_eq!(
+        one("Patient", Update).missing(&reader).as_deref(),
+        Some("system/Patient.u")
+    );
+    assert_eq!(Need::Admin.missing(&reader).as_deref(), Some("admin"));
+    assert_eq!(
+        one("*", Read).missing(&reader).as_deref(),
+        Some("system/*.r")
+    );
+}
+
+#[test]
+fn encoded_paths_and_parameters_are_judged_by_what_they_mean() {
+    use Interaction::*;
+    use access::{Need, percent_decode, required};
+    let one = |t: &str, i| Need::Scopes(vec![(t.to_string(), i)]);
+    assert_eq!(
+        required("GET", "/fhir/%50atient/1", ""),
+        one("Patient", Read)
+    );
+    assert_eq!(
+        required("DELETE", "/fhir/Patient/%31", ""),
+        one("Patient", Delete)
+    );
+    assert_eq!(
+        required("HEAD", "/fhir/Patient/1", ""),
+        one("Patient", Read)
+    );
+    assert_eq!(required("GET", "/%61dmin/deliveries", ""), Need::Admin);
+    assert_eq!(required("GET", "/fhir/%41uditEvent", ""), Need::Admin);
+    assert_eq!(
+        required("GET", "/fhir/Slot", "%5Finclude=Slot%3Aschedule"),
+        Need::Scopes(vec![("Slot".into(), Search), ("*".into(), Read)])
+    );
+    assert_eq!(percent_decode("a%2"), "a%2");
+    assert_eq!(percent_decode("%zz%41"), "%zzA");
+    assert_eq!(percent_decode("%ff"), "\u{fffd}");
+}

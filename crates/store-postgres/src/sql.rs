@@ -1,0 +1,1236 @@
+//! Every SQL statement of the backend, as async functions over a [`Conn`]: the writer thread runs them (with
+//! `block_on` on its own runtime) on the write connection inside its transaction, reads run them on a pooled
+//! connection. Statements are prepared once per connection.
+//!
+//! Statements cost more here than in SQLite (a message exchange with the server, and executor set-up for
+//! every table a statement touches), so the writer reads a resource's current version, its rid (a fresh one
+//! for a new resource) and its subject's sequence in one statement and remembers them for the job: a read,
+//! put and event of one resource cost one round trip. Their rows are held back and written for the whole
+//! batch by a few pipelined statements (`pending.rs`).
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+use store::{
+    Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
+    HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put, ResourceType, Result,
+    SearchQuery, SearchResult, SortField, StoreError, Stored,
+};
+use tokio_postgres::Row;
+use tokio_postgres::types::{FromSql, ToSql};
+
+use crate::conn::{Conn, db};
+use crate::pending::{self, EventRow, JobBuf, Seen};
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn usize_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T> {
+    row.try_get(idx).map_err(db)
+}
+
+fn rtype_of(row: &Row, idx: usize) -> Result<ResourceType> {
+    let s: &str = get(row, idx)?;
+    ResourceType::parse(s)
+        .ok_or_else(|| StoreError::Backend(format!("unknown resource type {s:?} in the database")))
+}
+
+/// PostgreSQL text cannot hold U+0000; refuse it up front (SQLite would have stored it).
+fn no_nul(what: &str, s: &str) -> Result<()> {
+    if s.contains('\0') {
+        Err(StoreError::Invalid(format!(
+            "{what} contains a NUL character"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// Columns: rtype, id, version, last_updated_ms, deleted, json.
+fn stored_from_row(row: &Row) -> Result<Stored> {
+    Ok(Stored {
+        rtype: rtype_of(row, 0)?,
+        id: get(row, 1)?,
+        version: to_u64(get(row, 2)?),
+        last_updated_ms: get(row, 3)?,
+        deleted: get(row, 4)?,
+        json: get(row, 5)?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Point reads
+
+pub(crate) async fn read_current(
+    c: &Conn,
+    rtype: ResourceType,
+    id: &str,
+) -> Result<Option<Stored>> {
+    no_nul("id", id)?;
+    let row = c
+        .query_opt(
+            "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
+             FROM resources r JOIN versions v ON v.rid = r.rid AND v.version = r.version
+             WHERE r.rtype = $1 AND r.id = $2",
+            &[&rtype.as_str(), &id],
+        )
+        .await?;
+    row.as_ref().map(stored_from_row).transpose()
+}
+
+pub(crate) async fn read_version(
+    c: &Conn,
+    rtype: ResourceType,
+    id: &str,
+    version: u64,
+) -> Result<Option<Stored>> {
+    no_nul("id", id)?;
+    let row = c
+        .query_opt(
+            "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
+             FROM resources r JOIN versions v ON v.rid = r.rid
+             WHERE r.rtype = $1 AND r.id = $2 AND v.version = $3",
+            &[&rtype.as_str(), &id, &to_i64(version)],
+        )
+        .await?;
+    row.as_ref().map(stored_from_row).transpose()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Writes (only ever called by the writer, inside its transaction). Resources, versions, index rows, subjects
+// and events go to the job's buffer (`pending.rs`); reads of them look at the buffers first.
+
+/// Inside the writer: the current version of a resource, its rid (a fresh one from the identity sequence
+/// when it was never stored: a gap in the sequence when it is not then created is harmless) and the
+/// `last_seq` of its subject (`Type/id`), in one round trip. Always one row.
+const READ_FOR_WRITE: &str = "
+SELECT COALESCE(r.rid, nextval(pg_get_serial_sequence('resources', 'rid'))), v.version,
+       v.last_updated_ms, v.deleted, v.json, COALESCE(s.last_seq, 0)
+FROM (SELECT 1) AS one
+LEFT JOIN resources r ON r.rtype = $1 AND r.id = $2
+LEFT JOIN versions v ON v.rid = r.rid AND v.version = r.version
+LEFT JOIN subjects s ON s.subject = $3";
+
+/// Read `rtype/id` from the database for the writer, remembering its state and subject seq in `seen`.
+async fn read_for_write(
+    c: &Conn,
+    seen: &mut Seen,
+    rtype: ResourceType,
+    id: &str,
+) -> Result<(i64, Option<Stored>)> {
+    no_nul("id", id)?;
+    let subject = format!("{rtype}/{id}");
+    let row = c
+        .query_one(READ_FOR_WRITE, &[&rtype.as_str(), &id, &subject])
+        .await?;
+    let rid: i64 = get(&row, 0)?;
+    let version: Option<i64> = get(&row, 1)?;
+    let last_seq: i64 = get(&row, 5)?;
+    seen.subjects.entry(subject).or_insert(last_seq);
+    let stored = match version {
+        None => None,
+        Some(version) => Some(Stored {
+            rtype,
+            id: id.to_string(),
+            version: to_u64(version),
+            last_updated_ms: get(&row, 2)?,
+            deleted: get(&row, 3)?,
+            json: get(&row, 4)?,
+        }),
+    };
+    seen.resources
+        .insert((rtype, id.to_string()), (rid, stored.clone()));
+    Ok((rid, stored))
+}
+
+/// The rid and current version of a resource in the database as of the batch's start: what the batch
+/// already read, else one read.
+async fn in_db(
+    c: &Conn,
+    seen: &mut Seen,
+    rtype: ResourceType,
+    id: &str,
+) -> Result<(i64, Option<Stored>)> {
+    match seen.resources.get(&(rtype, id.to_string())) {
+        Some(known) => Ok(known.clone()),
+        None => read_for_write(c, seen, rtype, id).await,
+    }
+}
+
+/// (rid, current version or 0, live) of a resource as the transaction sees it: buffers first, then the
+/// database.
+async fn state_in_tx(
+    c: &Conn,
+    own: &JobBuf,
+    kept: &[JobBuf],
+    seen: &mut Seen,
+    rtype: ResourceType,
+    id: &str,
+) -> Result<(i64, u64, bool)> {
+    if let Some(cur) = pending::lookup(own, kept, rtype, id) {
+        return Ok((cur.rid, cur.stored.version, !cur.stored.deleted));
+    }
+    let (rid, stored) = in_db(c, seen, rtype, id).await?;
+    Ok(match stored {
+        Some(s) => (rid, s.version, !s.deleted),
+        None => (rid, 0, false),
+    })
+}
+
+/// The current version of a resource as the transaction sees it (buffers first, then the database).
+pub(crate) async fn read_in_tx(
+    c: &Conn,
+    own: &JobBuf,
+    kept: &[JobBuf],
+    seen: &mut Seen,
+    rtype: ResourceType,
+    id: &str,
+) -> Result<Option<Stored>> {
+    match pending::lookup(own, kept, rtype, id) {
+        Some(cur) => Ok(Some(cur.stored.clone())),
+        None => Ok(in_db(c, seen, rtype, id).await?.1),
+    }
+}
+
+fn check_expected(
+    rtype: ResourceType,
+    id: &str,
+    expected: Option<u64>,
+    live_version: u64,
+) -> Result<()> {
+    match expected {
+        Some(expected) if expected != live_version => Err(StoreError::VersionConflict {
+            rtype,
+            id: id.to_string(),
+            expected,
+            actual: live_version,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Set `resourceType` (if absent), `id`, `meta.versionId` and `meta.lastUpdated`, keeping every other member
+/// and its order; `resourceType`, `id` and `meta` come first (the same stamping as the SQLite backend).
+fn stamp(
+    rtype: ResourceType,
+    id: &str,
+    version: u64,
+    last_updated: String,
+    resource: Value,
+) -> Result<String> {
+    let Value::Object(obj) = resource else {
+        return Err(StoreError::Invalid(format!(
+            "{rtype}/{id}: a resource must be a JSON object"
+        )));
+    };
+    let mut resource_type = None;
+    let mut meta = None;
+    let mut rest = Vec::with_capacity(obj.len());
+    for (k, v) in obj {
+        match k.as_str() {
+            "resourceType" => resource_type = Some(v),
+            "meta" => meta = Some(v),
+            "id" => {}
+            _ => rest.push((k, v)),
+        }
+    }
+    match &resource_type {
+        None => {}
+        Some(Value::String(s)) if s == rtype.as_str() => {}
+        Some(other) => {
+            return Err(StoreError::Invalid(format!(
+                "{rtype}/{id}: resourceType is {other}, expected \"{rtype}\""
+            )));
+        }
+    }
+    let mut meta = match meta {
+        None => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(StoreError::Invalid(format!(
+                "{rtype}/{id}: meta must be a JSON object"
+            )));
+        }
+    };
+    meta.insert("versionId".to_string(), Value::String(version.to_string()));
+    meta.insert("lastUpdated".to_string(), Value::String(last_updated));
+
+    let mut out = Map::with_capacity(rest.len() + 3);
+    out.insert(
+        "resourceType".to_string(),
+        resource_type.unwrap_or_else(|| Value::String(rtype.to_string())),
+    );
+    out.insert("id".to_string(), Value::String(id.to_string()));
+    out.insert("meta".to_string(), Value::Object(meta));
+    out.extend(rest);
+    serde_json::to_string(&Value::Object(out))
+        .map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))
+}
+
+pub(crate) async fn put(
+    c: &Conn,
+    own: &mut JobBuf,
+    kept: &[JobBuf],
+    seen: &mut Seen,
+    now_ms: i64,
+    put: Put,
+) -> Result<Stored> {
+    let Put {
+        rtype,
+        id,
+        resource,
+        index,
+        expected_version,
+    } = put;
+    if id.is_empty() {
+        return Err(StoreError::Invalid(format!("{rtype}: empty id")));
+    }
+    no_nul("id", &id)?;
+    for e in &index {
+        match &e.value {
+            IndexValue::Token { system, code } => {
+                no_nul(e.param, code)?;
+                no_nul(e.param, system.as_deref().unwrap_or(""))?;
+            }
+            IndexValue::String(s) | IndexValue::Reference(s) => no_nul(e.param, s)?,
+            IndexValue::Date { .. } => {}
+        }
+    }
+    let (rid, current, live) = state_in_tx(c, own, kept, seen, rtype, &id).await?;
+    check_expected(rtype, &id, expected_version, if live { current } else { 0 })?;
+    let version = current + 1;
+    let json = stamp(
+        rtype,
+        &id,
+        version,
+        fhir::format_instant_ms(now_ms),
+        resource,
+    )?;
+    let stored = Stored {
+        rtype,
+        id,
+        version,
+        last_updated_ms: now_ms,
+        deleted: false,
+        json,
+    };
+    own.put(rid, stored.clone(), index);
+    Ok(stored)
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the writer's transaction state is passed in parts so that the borrows stay apart"
+)]
+pub(crate) async fn delete(
+    c: &Conn,
+    own: &mut JobBuf,
+    kept: &[JobBuf],
+    seen: &mut Seen,
+    now_ms: i64,
+    rtype: ResourceType,
+    id: &str,
+    expected_version: Option<u64>,
+) -> Result<Option<Stored>> {
+    no_nul("id", id)?;
+    let current = match state_in_tx(c, own, kept, seen, rtype, id).await? {
+        (_, 0, _) => None,
+        (rid, version, live) => Some((rid, version, !live)),
+    };
+    let live_version = match current {
+        Some((_, v, false)) => v,
+        _ => 0,
+    };
+    check_expected(rtype, id, expected_version, live_version)?;
+    let Some((rid, current_version, false)) = current else {
+        return Ok(None);
+    };
+    let tombstone = Stored {
+        rtype,
+        id: id.to_string(),
+        version: current_version + 1,
+        last_updated_ms: now_ms,
+        deleted: true,
+        json: String::new(),
+    };
+    own.put(rid, tombstone.clone(), Vec::new());
+    Ok(Some(tombstone))
+}
+
+/// Append an event: the next gap-free `subject_seq` (buffers first, then `subjects`) and the next global
+/// `seq` (`next_seq`, which the writer read as max + 1 under the write lock, so seqs follow commit order).
+pub(crate) async fn append_event(
+    c: &Conn,
+    own: &mut JobBuf,
+    kept: &[JobBuf],
+    seen: &mut Seen,
+    next_seq: &mut i64,
+    now_ms: i64,
+    event: NewEvent,
+) -> Result<Event> {
+    let NewEvent {
+        subject,
+        kind,
+        rtype,
+        id,
+        version,
+        data,
+    } = event;
+    no_nul("event subject", &subject)?;
+    no_nul("event kind", &kind)?;
+    no_nul("event id", &id)?;
+    let data_text = serde_json::to_string(&data)
+        .map_err(|e| StoreError::Invalid(format!("event data: {e}")))?;
+    let last = match pending::subject_seq(own, kept, &subject)
+        .or_else(|| seen.subjects.get(&subject).copied())
+    {
+        Some(n) => n,
+        None => {
+            let n = c
+                .query_opt(
+                    "SELECT last_seq FROM subjects WHERE subject = $1",
+                    &[&subject],
+                )
+                .await?
+                .map(|r| get::<i64>(&r, 0))
+                .transpose()?
+                .unwrap_or(0);
+            seen.subjects.insert(subject.clone(), n);
+            n
+        }
+    };
+    let seq = *next_seq;
+    *next_seq += 1;
+    let event = Event {
+        seq,
+        subject,
+        subject_seq: last + 1,
+        kind,
+        rtype,
+        id,
+        version,
+        time_ms: now_ms,
+        data,
+    };
+    own.event(EventRow {
+        seq,
+        subject: event.subject.clone(),
+        subject_seq: event.subject_seq,
+        kind: event.kind.clone(),
+        rtype,
+        id: event.id.clone(),
+        version: to_i64(version),
+        time_ms: now_ms,
+        data: data_text,
+    });
+    Ok(event)
+}
+
+pub(crate) async fn idempotency_get(c: &Conn, key: &str) -> Result<Option<IdempotencyRecord>> {
+    no_nul("idempotency key", key)?;
+    let Some(row) = c
+        .query_opt(
+            "SELECT request_hash, status, headers_json, body, created_ms FROM idempotency WHERE key = $1",
+            &[&key],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let headers_json: &str = get(&row, 2)?;
+    let headers: Vec<(String, String)> = serde_json::from_str(headers_json)
+        .map_err(|e| StoreError::Backend(format!("idempotency record {key}: bad headers: {e}")))?;
+    Ok(Some(IdempotencyRecord {
+        key: key.to_string(),
+        request_hash: get(&row, 0)?,
+        status: u16::try_from(get::<i32>(&row, 1)?).unwrap_or(0),
+        headers,
+        body: get(&row, 3)?,
+        created_ms: get(&row, 4)?,
+    }))
+}
+
+pub(crate) async fn idempotency_put(c: &Conn, record: IdempotencyRecord) -> Result<()> {
+    no_nul("idempotency key", &record.key)?;
+    no_nul("idempotency response", &record.body)?;
+    let headers =
+        serde_json::to_string(&record.headers).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    no_nul("idempotency headers", &headers)?;
+    c.execute(
+        "INSERT INTO idempotency (key, request_hash, status, headers_json, body, created_ms)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (key) DO UPDATE SET request_hash = EXCLUDED.request_hash, status = EXCLUDED.status,
+             headers_json = EXCLUDED.headers_json, body = EXCLUDED.body, created_ms = EXCLUDED.created_ms",
+        &[
+            &record.key,
+            &record.request_hash,
+            &i32::from(record.status),
+            &headers,
+            &record.body,
+            &record.created_ms,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Named values
+
+pub(crate) async fn kv_get(c: &Conn, namespace: &str, key: &str) -> Result<Option<String>> {
+    no_nul("namespace", namespace)?;
+    no_nul("key", key)?;
+    let row = c
+        .query_opt(
+            "SELECT value FROM kv WHERE namespace = $1 AND key = $2",
+            &[&namespace, &key],
+        )
+        .await?;
+    row.as_ref().map(|r| get(r, 0)).transpose()
+}
+
+pub(crate) async fn kv_put(
+    c: &Conn,
+    namespace: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<()> {
+    no_nul("namespace", namespace)?;
+    no_nul("key", key)?;
+    match value {
+        Some(value) => {
+            no_nul("value", value)?;
+            c.execute(
+                "INSERT INTO kv (namespace, key, value) VALUES ($1, $2, $3)
+                 ON CONFLICT (namespace, key) DO UPDATE SET value = EXCLUDED.value",
+                &[&namespace, &key, &value],
+            )
+            .await?
+        }
+        None => {
+            c.execute(
+                "DELETE FROM kv WHERE namespace = $1 AND key = $2",
+                &[&namespace, &key],
+            )
+            .await?
+        }
+    };
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Deliveries
+//
+// Invariant kept by every write below: `delivery_heads` holds exactly one row per (subscription, subject)
+// with a pending delivery, naming the lowest pending seq of that subject and that delivery's
+// next_attempt_ms.
+
+const PENDING: i32 = 0;
+const DELIVERED: i32 = 1;
+const DEAD: i32 = 2;
+
+fn state_code(state: DeliveryState) -> i32 {
+    match state {
+        DeliveryState::Pending => PENDING,
+        DeliveryState::Delivered => DELIVERED,
+        DeliveryState::Dead => DEAD,
+    }
+}
+
+fn state_from_code(code: i32) -> Result<DeliveryState> {
+    match code {
+        PENDING => Ok(DeliveryState::Pending),
+        DELIVERED => Ok(DeliveryState::Delivered),
+        DEAD => Ok(DeliveryState::Dead),
+        other => Err(StoreError::Backend(format!(
+            "unknown delivery state {other} in the database"
+        ))),
+    }
+}
+
+fn u32_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Columns (of `deliveries d`).
+macro_rules! delivery_columns {
+    () => {
+        "d.subscription, d.seq, d.subject, d.state, d.attempts, d.next_attempt_ms, d.created_ms, \
+         d.updated_ms, d.last_status, d.last_error"
+    };
+}
+
+fn delivery_from_row(row: &Row) -> Result<Delivery> {
+    Ok(Delivery {
+        subscription: get(row, 0)?,
+        seq: get(row, 1)?,
+        subject: get(row, 2)?,
+        state: state_from_code(get(row, 3)?)?,
+        attempts: u32::try_from(get::<i32>(row, 4)?).unwrap_or(0),
+        next_attempt_ms: get(row, 5)?,
+        created_ms: get(row, 6)?,
+        updated_ms: get(row, 7)?,
+        last_status: get::<Option<i32>>(row, 8)?.map(|s| u16::try_from(s).unwrap_or(0)),
+        last_error: get(row, 9)?,
+    })
+}
+
+/// Make the head row of (subscription, subject) name its lowest pending delivery, or remove it: one
+/// statement (it runs after the statement that changed the delivery, so it sees that change).
+const REFRESH_HEAD: &str = "
+WITH low AS (
+    SELECT seq, next_attempt_ms FROM deliveries
+    WHERE subscription = $1::text AND subject = $2::text AND state = 0 ORDER BY seq LIMIT 1
+), gone AS (
+    DELETE FROM delivery_heads
+    WHERE subscription = $1::text AND subject = $2::text AND NOT EXISTS (SELECT 1 FROM low)
+)
+INSERT INTO delivery_heads (subscription, subject, seq, next_attempt_ms)
+SELECT $1::text, $2::text, low.seq, low.next_attempt_ms FROM low
+ON CONFLICT (subscription, subject)
+DO UPDATE SET seq = EXCLUDED.seq, next_attempt_ms = EXCLUDED.next_attempt_ms";
+
+async fn refresh_head(c: &Conn, subscription: &str, subject: &str) -> Result<()> {
+    c.execute(REFRESH_HEAD, &[&subscription, &subject]).await?;
+    Ok(())
+}
+
+/// The delivery row and (if it is the subject's new lowest pending seq) its head, in one statement.
+const ENQUEUE: &str = "
+WITH ins AS (
+    INSERT INTO deliveries (subscription, seq, subject, state, attempts, next_attempt_ms, created_ms,
+        updated_ms, last_status, last_error)
+    VALUES ($1::text, $2::bigint, $3::text, 0, 0, $4::bigint, $4::bigint, $4::bigint, NULL, NULL)
+    ON CONFLICT (subscription, seq) DO NOTHING
+    RETURNING seq
+), head AS (
+    INSERT INTO delivery_heads (subscription, subject, seq, next_attempt_ms)
+    SELECT $1::text, $3::text, ins.seq, $4::bigint FROM ins
+    ON CONFLICT (subscription, subject) DO UPDATE
+        SET seq = EXCLUDED.seq, next_attempt_ms = EXCLUDED.next_attempt_ms
+        WHERE EXCLUDED.seq < delivery_heads.seq
+)
+SELECT COUNT(*) FROM ins";
+
+/// Enqueue (pending, due at `now_ms`); false when the delivery already exists (then nothing changes).
+pub(crate) async fn enqueue_delivery(
+    c: &Conn,
+    now_ms: i64,
+    subscription: &str,
+    seq: i64,
+    subject: &str,
+) -> Result<bool> {
+    no_nul("subscription", subscription)?;
+    no_nul("subject", subject)?;
+    let row = c
+        .query_one(ENQUEUE, &[&subscription, &seq, &subject, &now_ms])
+        .await?;
+    Ok(get::<i64>(&row, 0)? > 0)
+}
+
+/// Apply an attempt's outcome or a requeue. `Invalid` (before any change) when the delivery is unknown.
+pub(crate) async fn update_delivery(
+    c: &Conn,
+    now_ms: i64,
+    subscription: &str,
+    seq: i64,
+    update: &DeliveryUpdate,
+) -> Result<()> {
+    no_nul("subscription", subscription)?;
+    let subject: Option<String> = c
+        .query_opt(
+            "SELECT subject FROM deliveries WHERE subscription = $1 AND seq = $2",
+            &[&subscription, &seq],
+        )
+        .await?
+        .map(|r| get(&r, 0))
+        .transpose()?;
+    let Some(subject) = subject else {
+        return Err(StoreError::Invalid(format!(
+            "no delivery of event {seq} to subscription {subscription}"
+        )));
+    };
+    match update {
+        DeliveryUpdate::Delivered { attempts, status } => {
+            c.execute(
+                "UPDATE deliveries SET state = 1, attempts = $3, updated_ms = $4, last_status = $5,
+                     last_error = NULL
+                 WHERE subscription = $1 AND seq = $2",
+                &[
+                    &subscription,
+                    &seq,
+                    &u32_i32(*attempts),
+                    &now_ms,
+                    &i32::from(*status),
+                ],
+            )
+            .await?
+        }
+        DeliveryUpdate::Retry {
+            attempts,
+            next_attempt_ms,
+            status,
+            error,
+        } => {
+            no_nul("error", error)?;
+            c.execute(
+                "UPDATE deliveries SET state = 0, attempts = $3, next_attempt_ms = $4, updated_ms = $5,
+                     last_status = $6, last_error = $7
+                 WHERE subscription = $1 AND seq = $2",
+                &[
+                    &subscription,
+                    &seq,
+                    &u32_i32(*attempts),
+                    next_attempt_ms,
+                    &now_ms,
+                    &status.map(i32::from),
+                    error,
+                ],
+            )
+            .await?
+        }
+        DeliveryUpdate::Dead {
+            attempts,
+            status,
+            error,
+        } => {
+            no_nul("error", error)?;
+            c.execute(
+                "UPDATE deliveries SET state = 2, attempts = $3, updated_ms = $4, last_status = $5,
+                     last_error = $6
+                 WHERE subscription = $1 AND seq = $2",
+                &[
+                    &subscription,
+                    &seq,
+                    &u32_i32(*attempts),
+                    &now_ms,
+                    &status.map(i32::from),
+                    error,
+                ],
+            )
+            .await?
+        }
+        DeliveryUpdate::Requeue => {
+            c.execute(
+                "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_ms = $3, updated_ms = $3
+                 WHERE subscription = $1 AND seq = $2",
+                &[&subscription, &seq, &now_ms],
+            )
+            .await?
+        }
+    };
+    refresh_head(c, subscription, &subject).await
+}
+
+/// Requeue every dead delivery of `subscription` (pending, no attempts, due at `now_ms`); how many.
+pub(crate) async fn requeue_dead(c: &Conn, now_ms: i64, subscription: &str) -> Result<u64> {
+    no_nul("subscription", subscription)?;
+    let rows = c
+        .query(
+            "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_ms = $2, updated_ms = $2
+             WHERE subscription = $1 AND state = 2
+             RETURNING subject",
+            &[&subscription, &now_ms],
+        )
+        .await?;
+    let n = rows.len();
+    let mut distinct = BTreeSet::new();
+    for r in &rows {
+        distinct.insert(get::<String>(r, 0)?);
+    }
+    for subject in &distinct {
+        refresh_head(c, subscription, subject).await?;
+    }
+    Ok(u64::try_from(n).unwrap_or(u64::MAX))
+}
+
+/// The heads due at `now_ms`, earliest first.
+pub(crate) async fn due_deliveries(c: &Conn, now_ms: i64, limit: usize) -> Result<Vec<Delivery>> {
+    let rows = c
+        .query(
+            concat!(
+                "SELECT ",
+                delivery_columns!(),
+                " FROM delivery_heads h JOIN deliveries d ON d.subscription = h.subscription AND d.seq = h.seq
+                 WHERE h.next_attempt_ms <= $1
+                 ORDER BY h.next_attempt_ms, h.seq LIMIT $2"
+            ),
+            &[&now_ms, &usize_i64(limit)],
+        )
+        .await?;
+    rows.iter().map(delivery_from_row).collect()
+}
+
+/// Due heads of one subscription.
+pub(crate) async fn due_deliveries_for(
+    c: &Conn,
+    subscription: &str,
+    now_ms: i64,
+    limit: usize,
+) -> Result<Vec<Delivery>> {
+    no_nul("subscription", subscription)?;
+    let rows = c
+        .query(
+            concat!(
+                "SELECT ",
+                delivery_columns!(),
+                " FROM delivery_heads h JOIN deliveries d ON d.subscription = h.subscription AND d.seq = h.seq
+                 WHERE h.subscription = $1 AND h.next_attempt_ms <= $2
+                 ORDER BY h.next_attempt_ms, h.seq LIMIT $3"
+            ),
+            &[&subscription, &now_ms, &usize_i64(limit)],
+        )
+        .await?;
+    rows.iter().map(delivery_from_row).collect()
+}
+
+/// The earliest next attempt of any head.
+pub(crate) async fn next_due_ms(c: &Conn) -> Result<Option<i64>> {
+    let row = c
+        .query_one("SELECT MIN(next_attempt_ms) FROM delivery_heads", &[])
+        .await?;
+    get(&row, 0)
+}
+
+pub(crate) async fn deliveries(c: &Conn, q: &DeliveryQuery) -> Result<Vec<Delivery>> {
+    let mut f = Frag::default();
+    f.push(concat!(
+        "SELECT ",
+        delivery_columns!(),
+        " FROM deliveries d WHERE "
+    ));
+    if let Some(subscription) = &q.subscription {
+        no_nul("subscription", subscription)?;
+        f.arg("d.subscription = ", subscription.clone());
+        f.push(" AND ");
+    }
+    if let Some(state) = q.state {
+        f.arg("d.state = ", state_code(state));
+        f.push(" AND ");
+    }
+    f.arg("d.seq > ", q.after_seq);
+    f.push(" ORDER BY d.seq, d.subscription");
+    f.arg(" LIMIT ", usize_i64(q.limit));
+    let rows = c.query(&f.sql, &f.params()).await?;
+    rows.iter().map(delivery_from_row).collect()
+}
+
+pub(crate) async fn delivery_counts(c: &Conn, subscription: &str) -> Result<DeliveryCounts> {
+    no_nul("subscription", subscription)?;
+    let rows = c
+        .query(
+            "SELECT state, COUNT(*) FROM deliveries WHERE subscription = $1 GROUP BY state",
+            &[&subscription],
+        )
+        .await?;
+    let mut counts = DeliveryCounts::default();
+    for r in &rows {
+        let n = to_u64(get(r, 1)?);
+        match state_from_code(get(r, 0)?)? {
+            DeliveryState::Pending => counts.pending = n,
+            DeliveryState::Delivered => counts.delivered = n,
+            DeliveryState::Dead => counts.dead = n,
+        }
+    }
+    Ok(counts)
+}
+
+/// The highest outbox seq (0 when empty).
+pub(crate) async fn last_event_seq(c: &Conn) -> Result<i64> {
+    let row = c
+        .query_one("SELECT COALESCE(MAX(seq), 0)::bigint FROM outbox", &[])
+        .await?;
+    get(&row, 0)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Search
+
+type Arg = Box<dyn ToSql + Sync + Send>;
+
+/// A SQL text with its numbered (`$n`) parameters, in order.
+#[derive(Default)]
+struct Frag {
+    sql: String,
+    args: Vec<Arg>,
+}
+
+impl Frag {
+    fn push(&mut self, sql: &str) {
+        self.sql.push_str(sql);
+    }
+    /// Append `sql` followed by the placeholder of a new parameter `v`.
+    fn arg(&mut self, sql: &str, v: impl ToSql + Sync + Send + 'static) {
+        self.args.push(Box::new(v));
+        self.sql.push_str(sql);
+        self.sql.push('$');
+        self.sql.push_str(&self.args.len().to_string());
+    }
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect()
+    }
+}
+
+/// `[low, high]` compared with the query range per FHIR's prefix rules; `low`/`high` are column names (the
+/// same column for an instant such as `last_updated_ms`).
+fn range_cmp(f: &mut Frag, low: &str, high: &str, cmp: Cmp, qlo: i64, qhi: i64) {
+    match cmp {
+        Cmp::Eq => {
+            f.arg(&format!("({low} >= "), qlo);
+            f.arg(&format!(" AND {high} <= "), qhi);
+            f.push(")");
+        }
+        Cmp::Ne => {
+            f.arg(&format!("NOT ({low} >= "), qlo);
+            f.arg(&format!(" AND {high} <= "), qhi);
+            f.push(")");
+        }
+        Cmp::Gt => f.arg(&format!("{high} > "), qhi),
+        Cmp::Lt => f.arg(&format!("{low} < "), qlo),
+        Cmp::Ge => f.arg(&format!("{high} >= "), qlo),
+        Cmp::Le => f.arg(&format!("{low} <= "), qhi),
+        Cmp::Sa => f.arg(&format!("{low} > "), qhi),
+        Cmp::Eb => f.arg(&format!("{high} < "), qlo),
+        Cmp::Ap => {
+            f.arg(&format!("({low} <= "), qhi);
+            f.arg(&format!(" AND {high} >= "), qlo);
+            f.push(")");
+        }
+    }
+}
+
+/// `SELECT rid FROM idx_* WHERE ...` for an index-table predicate, appended to `f`; false for `Id` /
+/// `LastUpdated`.
+fn index_subquery(f: &mut Frag, rtype: ResourceType, param: &str, p: &Predicate) -> bool {
+    let head = |f: &mut Frag, table: &str| {
+        f.arg(
+            &format!("SELECT rid FROM {table} WHERE rtype = "),
+            rtype.as_str(),
+        );
+        f.arg(" AND param = ", param.to_string());
+    };
+    match p {
+        Predicate::Id(_) | Predicate::LastUpdated { .. } => return false,
+        Predicate::Token { system, code } => {
+            head(f, "idx_token");
+            if let Some(code) = code {
+                f.arg(" AND code = ", code.clone());
+            }
+            if let Some(system) = system {
+                f.arg(" AND system = ", system.clone());
+            }
+        }
+        Predicate::String { value, exact } => {
+            head(f, "idx_string");
+            if *exact {
+                f.arg(" AND value = ", value.clone());
+            } else if !value.is_empty() {
+                f.arg(" AND value >= ", value.clone());
+                if let Some(upper) = fhir::string_prefix_upper_bound(value) {
+                    f.arg(" AND value < ", upper);
+                }
+            }
+        }
+        Predicate::Date {
+            cmp,
+            low_ms,
+            high_ms,
+        } => {
+            head(f, "idx_date");
+            f.push(" AND ");
+            range_cmp(f, "low_ms", "high_ms", *cmp, *low_ms, *high_ms);
+        }
+        Predicate::Reference(target) => {
+            head(f, "idx_reference");
+            f.arg(" AND target = ", target.clone());
+        }
+    }
+    true
+}
+
+fn predicate_has_nul(p: &Predicate) -> bool {
+    let nul = |s: &str| s.contains('\0');
+    match p {
+        Predicate::Id(s) | Predicate::Reference(s) => nul(s),
+        Predicate::String { value, .. } => nul(value),
+        Predicate::Token { system, code } => {
+            system.as_deref().is_some_and(nul) || code.as_deref().is_some_and(nul)
+        }
+        Predicate::LastUpdated { .. } | Predicate::Date { .. } => false,
+    }
+}
+
+/// One clause: its alternatives ORed. Index-table alternatives share one `r.rid IN (... UNION ALL ...)`.
+fn clause_sql(f: &mut Frag, rtype: ResourceType, clause: &Clause) {
+    let mut terms = 0;
+    f.push("(");
+    let mut subs: Vec<&Predicate> = Vec::new();
+    for p in &clause.any_of {
+        match p {
+            Predicate::Id(id) => {
+                if terms > 0 {
+                    f.push(" OR ");
+                }
+                f.arg("r.id = ", id.clone());
+                terms += 1;
+            }
+            Predicate::LastUpdated {
+                cmp,
+                low_ms,
+                high_ms,
+            } => {
+                if terms > 0 {
+                    f.push(" OR ");
+                }
+                range_cmp(
+                    f,
+                    "r.last_updated_ms",
+                    "r.last_updated_ms",
+                    *cmp,
+                    *low_ms,
+                    *high_ms,
+                );
+                terms += 1;
+            }
+            other => subs.push(other),
+        }
+    }
+    if !subs.is_empty() {
+        if terms > 0 {
+            f.push(" OR ");
+        }
+        f.push("r.rid IN (");
+        for (i, p) in subs.into_iter().enumerate() {
+            if i > 0 {
+                f.push(" UNION ALL ");
+            }
+            index_subquery(f, rtype, &clause.param, p);
+        }
+        f.push(")");
+        terms += 1;
+    }
+    if terms == 0 {
+        f.push("FALSE"); // no alternatives: nothing matches
+    }
+    f.push(")");
+}
+
+/// `FROM resources r WHERE ...` of a search (live resources of the type matching every clause).
+fn from_where(f: &mut Frag, q: &SearchQuery) {
+    f.arg(" FROM resources r WHERE r.rtype = ", q.rtype.as_str());
+    f.push(" AND NOT r.deleted");
+    for clause in &q.clauses {
+        f.push(" AND ");
+        clause_sql(f, q.rtype, clause);
+    }
+}
+
+/// `ORDER BY` of a search. A parameter sorts by its smallest indexed value; PostgreSQL's COALESCE cannot mix
+/// text and numbers, so each index table gives its own key (a parameter has values in one table only).
+fn order_by(f: &mut Frag, q: &SearchQuery) {
+    f.push(" ORDER BY ");
+    for s in &q.sort {
+        let dir = if s.descending { " DESC" } else { " ASC" };
+        match &s.field {
+            SortField::Id => {
+                f.push("r.id");
+                f.push(dir);
+            }
+            SortField::LastUpdated => {
+                f.push("r.last_updated_ms");
+                f.push(dir);
+            }
+            SortField::Param(name) => {
+                // The parameter's kind says which index table holds its values: one subquery, not four.
+                let kind = fhir::search_param(q.rtype, name).map(|p| p.kind);
+                let table = match kind {
+                    Some(fhir::ParamKind::String) => Some(0),
+                    Some(fhir::ParamKind::Date) => Some(1),
+                    Some(fhir::ParamKind::Token) => Some(2),
+                    Some(fhir::ParamKind::Reference) => Some(3),
+                    None => None,
+                };
+                let keys = [
+                    "(SELECT MIN(s.value) FROM idx_string s WHERE s.rid = r.rid AND s.param = ",
+                    "(SELECT MIN(d.low_ms) FROM idx_date d WHERE d.rid = r.rid AND d.param = ",
+                    "(SELECT MIN(t.code) FROM idx_token t WHERE t.rid = r.rid AND t.param = ",
+                    "(SELECT MIN(x.target) FROM idx_reference x WHERE x.rid = r.rid AND x.param = ",
+                ];
+                let mut first = true;
+                for (i, key) in keys.iter().enumerate() {
+                    if table.is_some_and(|t| t != i) {
+                        continue;
+                    }
+                    if !first {
+                        f.push(", ");
+                    }
+                    first = false;
+                    f.arg(key, name.clone());
+                    f.push(")");
+                    f.push(dir);
+                    f.push(" NULLS LAST");
+                }
+            }
+        }
+        f.push(", ");
+    }
+    f.push("r.id ASC");
+}
+
+/// Search on any connection. `want_total` is honoured only when `with_total` (outside transactions).
+pub(crate) async fn search(c: &Conn, q: &SearchQuery, with_total: bool) -> Result<SearchResult> {
+    if q.clauses
+        .iter()
+        .any(|cl| cl.param.contains('\0') || cl.any_of.iter().any(predicate_has_nul))
+    {
+        return Err(StoreError::Invalid(
+            "a search value contains a NUL character".into(),
+        ));
+    }
+    let total = if with_total && q.want_total {
+        let mut f = Frag::default();
+        f.push("SELECT COUNT(*)");
+        from_where(&mut f, q);
+        let row = c.query_one(&f.sql, &f.params()).await?;
+        Some(to_u64(get(&row, 0)?))
+    } else {
+        None
+    };
+    if q.count == 0 {
+        return Ok(SearchResult {
+            resources: Vec::new(),
+            total,
+        });
+    }
+    // The JSON is a subquery of the select list: PostgreSQL evaluates such costly columns after the sort and
+    // limit, so only the page's rows are fetched from `versions`.
+    let mut f = Frag::default();
+    f.push(
+        "SELECT r.id, r.version, r.last_updated_ms, \
+         (SELECT v.json FROM versions v WHERE v.rid = r.rid AND v.version = r.version)",
+    );
+    from_where(&mut f, q);
+    order_by(&mut f, q);
+    f.arg(" LIMIT ", usize_i64(q.count));
+    f.arg(" OFFSET ", usize_i64(q.offset));
+    let rows = c.query(&f.sql, &f.params()).await?;
+    let mut resources = Vec::with_capacity(rows.len());
+    for row in &rows {
+        resources.push(Stored {
+            rtype: q.rtype,
+            id: get(row, 0)?,
+            version: to_u64(get(row, 1)?),
+            last_updated_ms: get(row, 2)?,
+            deleted: false,
+            json: get::<Option<String>>(row, 3)?.unwrap_or_default(),
+        });
+    }
+    Ok(SearchResult { resources, total })
+}
+
+pub(crate) async fn history(c: &Conn, q: &HistoryQuery) -> Result<SearchResult> {
+    let since = q.since_ms.unwrap_or(i64::MIN);
+    let rtype = q.rtype.as_str();
+    let (count, page) = match &q.id {
+        Some(id) => {
+            no_nul("id", id)?;
+            let count = c
+                .query_one(
+                    "SELECT COUNT(*) FROM resources r JOIN versions v ON v.rid = r.rid
+                     WHERE r.rtype = $1 AND r.id = $2 AND v.last_updated_ms >= $3",
+                    &[&rtype, id, &since],
+                )
+                .await?;
+            let page = if q.count == 0 {
+                Vec::new()
+            } else {
+                c.query(
+                    "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
+                     FROM resources r JOIN versions v ON v.rid = r.rid
+                     WHERE r.rtype = $1 AND r.id = $2 AND v.last_updated_ms >= $3
+                     ORDER BY v.last_updated_ms DESC, v.version DESC LIMIT $4 OFFSET $5",
+                    &[
+                        &rtype,
+                        id,
+                        &since,
+                        &usize_i64(q.count),
+                        &usize_i64(q.offset),
+                    ],
+                )
+                .await?
+            };
+            (count, page)
+        }
+        None => {
+            let count = c
+                .query_one(
+                    "SELECT COUNT(*) FROM versions v WHERE v.rtype = $1 AND v.last_updated_ms >= $2",
+                    &[&rtype, &since],
+                )
+                .await?;
+            let page = if q.count == 0 {
+                Vec::new()
+            } else {
+                c.query(
+                    "SELECT r.rtype, r.id, v.version, v.last_updated_ms, v.deleted, v.json
+                     FROM versions v JOIN resources r ON r.rid = v.rid
+                     WHERE v.rtype = $1 AND v.last_updated_ms >= $2
+                     ORDER BY v.last_updated_ms DESC, v.vid DESC LIMIT $3 OFFSET $4",
+                    &[&rtype, &since, &usize_i64(q.count), &usize_i64(q.offset)],
+                )
+                .await?
+            };
+            (count, page)
+        }
+    };
+    let total: i64 = get(&count, 0)?;
+    let resources = page
+        .iter()
+        .map(stored_from_row)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SearchResult {
+        resources,
+        total: Some(to_u64(total)),
+    })
+}
+
+pub(crate) async fn events_after(c: &Conn, after: i64, limit: usize) -> Result<Vec<Event>> {
+    let rows = c
+        .query(
+            "SELECT seq, subject, subject_seq, kind, rtype, id, version, time_ms, data
+             FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&after, &usize_i64(limit)],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let seq: i64 = get(r, 0)?;
+            let data: &str = get(r, 8)?;
+            Ok(Event {
+                seq,
+                subject: get(r, 1)?,
+                subject_seq: get(r, 2)?,
+                kind: get(r, 3)?,
+                rtype: rtype_of(r, 4)?,
+                id: get(r, 5)?,
+                version: to_u64(get(r, 6)?),
+                time_ms: get(r, 7)?,
+                data: serde_json::from_str(data).map_err(|err| {
+                    StoreError::Backend(format!("outbox event {seq}: bad data: {err}"))
+                })?,
+            })
+        })
+        .collect()
+}

@@ -209,13 +209,46 @@ def test_unrecognised_payload_is_kept_and_flagged(hub, sandbox):  # noqa: F811
     assert kept == body
 
 
-def test_message_bundle_is_recorded_as_unsupported(hub, sandbox):  # noqa: F811
-    bundle = {"resourceType": "Bundle", "type": "message", "entry": [
-        {"resource": {"resourceType": "MessageHeader", "eventCoding": {"code": "x"}, "source": {"endpoint": "y"}}}]}
+def message_bundle(*entries):
+    header = {"resourceType": "MessageHeader", "eventCoding": {"system": "urn:test", "code": "booking"},
+              "source": {"endpoint": "urn:test:partner"}}
+    return {"resourceType": "Bundle", "type": "message",
+            "entry": [{"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": header}, *entries]}
+
+
+def test_message_bundle_resources_are_applied_as_one_unit(hub, sandbox):  # noqa: F811
+    family = unique_family()
+    pid = f"msg-{uuid.uuid4().hex[:16]}"
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    org = {"resourceType": "Organization", "name": f"Org {family}"}
+    bundle = message_bundle(
+        {"fullUrl": patient_url, "resource": local_patient(str(uuid.uuid4()), family)},
+        {"resource": {**local_patient(str(uuid.uuid4()), family), "id": pid}},
+        {"resource": org},
+    )
     mid = send(sandbox, json.dumps(bundle).encode())
+    wait_until(lambda: len(patients(hub, f"family={family}")) == 2, what="both Patients")
+    wait_until(lambda: inbox(sandbox, HUB_MAILBOX) == [], what="an empty inbox")
+    rec = done_record(hub, mid)
+    assert rec["kind"] == "fhir-message" and rec["outcome"] == "applied" and not rec["attention"], rec
+    assert rec["httpStatus"] == 200, rec
+    # An entry with an id is an update-as-create under that id.
+    assert fhir_get(hub, f"Patient/{pid}")["name"][0]["family"] == family
+
+
+def test_message_bundle_with_a_bad_entry_applies_nothing(hub, sandbox):  # noqa: F811
+    family = unique_family()
+    bundle = message_bundle(
+        {"resource": local_patient(str(uuid.uuid4()), family)},
+        {"resource": {"resourceType": "Patient", "gender": "not-a-gender", "name": [{"family": family}]}},
+    )
+    body = json.dumps(bundle).encode()
+    mid = send(sandbox, body)
     rec = done_record(hub, mid, all_=False)
-    assert rec["kind"] == "fhir-message" and rec["outcome"] == "unsupported" and rec["attention"], rec
-    assert json.loads(rec["body"]) == bundle
+    assert rec["kind"] == "fhir-message" and rec["outcome"] == "refused" and rec["attention"], rec
+    assert rec["body"].encode() == body
+    assert patients(hub, f"family={family}") == []
+    wait_until(lambda: inbox(sandbox, HUB_MAILBOX) == [], what="an empty inbox")
 
 
 def test_same_hl7_under_a_new_mesh_id_applies_nothing_twice(hub, sandbox):  # noqa: F811

@@ -5,8 +5,8 @@
 //!    applied before and only its MESH acknowledgement was lost: acknowledge it again, apply nothing;
 //! 2. otherwise download it (every chunk) and dispatch on the body: `MSH|` goes to the HL7 v2 pipeline
 //!    (`hl7_adapter::Ingest`, itself idempotent on MSH-3/4/10), a FHIR `transaction` or `batch` Bundle to
-//!    `api::bundle::process_bundle`, a FHIR `message` Bundle is kept as unsupported, anything else is kept as
-//!    unrecognised; a MESH `REPORT` (non-delivery report) is recorded and logged as a warning;
+//!    `api::bundle::process_bundle`, a FHIR `message` Bundle's resources (all but its MessageHeader) as one
+//!    transaction ([`message_as_transaction`]), anything else is kept as unrecognised; a MESH `REPORT` (non-delivery report) is recorded and logged as a warning;
 //! 3. the final record (outcome, ACK code or HTTP status, and the raw body when it needs an operator) is
 //!    committed, and only then is the message acknowledged on MESH.
 //!
@@ -17,7 +17,7 @@
 //! batch is applied one entry at a time with the done entries listed in the marker.
 //!
 //! Failure policy: a message that cannot be applied for a reason that will not change by itself (HL7 AE/AR,
-//! a Bundle refused with a 4xx, a `message` Bundle, an unrecognised body, a REPORT) is recorded with its raw
+//! a Bundle refused with a 4xx, an unrecognised body, a REPORT) is recorded with its raw
 //! body and error, listed for the operator (`carebridge mesh-inbound`) and then acknowledged, so MESH stops
 //! offering it and the sender is not told "undelivered" after five days for a file the hub did receive. A
 //! failure that may pass (store unavailable, a 5xx, a download error) is not acknowledged: the message stays in
@@ -628,35 +628,7 @@ impl<S: Store> Poller<S> {
                 bundle,
             } => {
                 rec.kind = "fhir-transaction".into();
-                if rec.state == "applying" {
-                    // Its effect committed before a restart; the response was lost with the process.
-                    rec.outcome = "applied".into();
-                    rec.detail = Some("applied before a restart; the response was not kept".into());
-                    return Ok(());
-                }
-                let marker = applying(rec, key);
-                let marked = Arc::new(Marked::new(self.store.clone(), move |tx| {
-                    tx.kv_put(NS, &marker.0, Some(&marker.1))
-                }));
-                let resp = api::bundle::process_bundle(&marked, &self.fhir_base, bundle).await;
-                failpoint("after-apply");
-                rec.http_status = Some(resp.status);
-                if resp.status >= 500 {
-                    return Err(format!(
-                        "the transaction failed with {}: {}",
-                        resp.status,
-                        summary(&resp.body)
-                    ));
-                }
-                if resp.status >= 400 {
-                    rec.outcome = "refused".into();
-                    rec.attention = true;
-                    rec.detail = Some(summary(&resp.body));
-                } else {
-                    rec.outcome = "applied".into();
-                }
-                rec.response = Some(resp.body);
-                Ok(())
+                self.apply_transaction(key, bundle, rec).await
             }
             Payload::Bundle {
                 batch: true,
@@ -666,15 +638,12 @@ impl<S: Store> Poller<S> {
                 self.apply_batch(key, bundle, rec).await
             }
             Payload::MessageBundle => {
+                // A message is one unit: its resources (every entry but the MessageHeader) are applied together,
+                // as a transaction (an entry with an id is an update-as-create, one without is a create).
                 rec.kind = "fhir-message".into();
-                rec.outcome = "unsupported".into();
-                rec.attention = true;
-                rec.detail = Some(
-                    "FHIR message Bundles are not applied: their meaning depends on MessageHeader.event; \
-                     send a transaction or batch Bundle"
-                        .into(),
-                );
-                Ok(())
+                let bundle: Value = serde_json::from_slice(&msg.body).unwrap_or(Value::Null);
+                self.apply_transaction(key, message_as_transaction(&bundle), rec)
+                    .await
             }
             Payload::Unrecognised(why) => {
                 rec.kind = "unrecognised".into();
@@ -684,6 +653,44 @@ impl<S: Store> Poller<S> {
                 Ok(())
             }
         }
+    }
+
+    /// A transaction Bundle, exactly once: a marker commits with its effect.
+    async fn apply_transaction(
+        &self,
+        key: &str,
+        bundle: Value,
+        rec: &mut Record,
+    ) -> Result<(), String> {
+        if rec.state == "applying" {
+            // Its effect committed before a restart; the response was lost with the process.
+            rec.outcome = "applied".into();
+            rec.detail = Some("applied before a restart; the response was not kept".into());
+            return Ok(());
+        }
+        let marker = applying(rec, key);
+        let marked = Arc::new(Marked::new(self.store.clone(), move |tx| {
+            tx.kv_put(NS, &marker.0, Some(&marker.1))
+        }));
+        let resp = api::bundle::process_bundle(&marked, &self.fhir_base, bundle).await;
+        failpoint("after-apply");
+        rec.http_status = Some(resp.status);
+        if resp.status >= 500 {
+            return Err(format!(
+                "the transaction failed with {}: {}",
+                resp.status,
+                summary(&resp.body)
+            ));
+        }
+        if resp.status >= 400 {
+            rec.outcome = "refused".into();
+            rec.attention = true;
+            rec.detail = Some(summary(&resp.body));
+        } else {
+            rec.outcome = "applied".into();
+        }
+        rec.response = Some(resp.body);
+        Ok(())
     }
 
     /// A batch, one entry at a time: each entry's effect commits with the entry's index added to the record, so
@@ -854,6 +861,40 @@ fn push_index(tx: &mut dyn Tx, list: &str, entry: &str) -> store::Result<()> {
     tx.kv_put(INDEX_NS, list, Some(&text))
 }
 
+/// A FHIR `message` Bundle as a `transaction`: every entry but the MessageHeader, each an update-as-create
+/// (`PUT Type/id`) when it has an id, else a create (`POST Type`, its `fullUrl` kept so references resolve).
+pub fn message_as_transaction(message: &Value) -> Value {
+    let entries: Vec<Value> = message
+        .get("entry")
+        .and_then(Value::as_array)
+        .map(|es| {
+            es.iter()
+                .filter(|e| {
+                    e["resource"]["resourceType"]
+                        .as_str()
+                        .is_some_and(|t| t != "MessageHeader")
+                })
+                .map(|e| {
+                    let r = &e["resource"];
+                    let rtype = r["resourceType"].as_str().unwrap_or_default();
+                    let request = match r["id"].as_str() {
+                        Some(id) => {
+                            serde_json::json!({"method": "PUT", "url": format!("{rtype}/{id}")})
+                        }
+                        None => serde_json::json!({"method": "POST", "url": rtype}),
+                    };
+                    let mut out = serde_json::json!({"resource": r, "request": request});
+                    if let Some(f) = e.get("fullUrl") {
+                        out["fullUrl"] = f.clone();
+                    }
+                    out
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
@@ -928,5 +969,32 @@ mod tests {
             "{text}"
         );
         assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), r);
+    }
+
+    #[test]
+    fn message_bundle_becomes_a_transaction_without_its_header() {
+        let msg = serde_json::json!({"resourceType": "Bundle", "type": "message", "entry": [
+            {"fullUrl": "urn:uuid:h", "resource": {"resourceType": "MessageHeader"}},
+            {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient"}},
+            {"resource": {"resourceType": "Organization", "id": "o1"}},
+            {"resource": "not an object"}
+        ]});
+        let tx = message_as_transaction(&msg);
+        assert_eq!(tx["type"], "transaction");
+        let entries = tx["entry"].as_array().unwrap();
+        assert_eq!(entries.len(), 2, "{tx}");
+        assert_eq!(entries[0]["fullUrl"], "urn:uuid:p");
+        assert_eq!(
+            entries[0]["request"],
+            serde_json::json!({"method": "POST", "url": "Patient"})
+        );
+        assert_eq!(
+            entries[1]["request"],
+            serde_json::json!({"method": "PUT", "url": "Organization/o1"})
+        );
+        assert_eq!(
+            message_as_transaction(&Value::Null)["entry"],
+            serde_json::json!([])
+        );
     }
 }

@@ -13,9 +13,11 @@
 //! resource's version order and `lastUpdated` order therefore agree even across processes whose clocks differ.
 //!
 //! Held-back rows: a job's resource rows, versions, index rows, subjects and events go to its buffer
-//! (`pending.rs`) and are written for the whole batch by a few pipelined statements before COMMIT (or
-//! before a search inside the batch); the job's reads see them through the buffers. Kv, idempotency and delivery changes
-//! are written directly.
+//! (`pending.rs`) and are written for the whole batch by a few pipelined statements sent together with the
+//! COMMIT (or with a search of their resource type inside the batch); the job's reads see them through the
+//! buffers. Kv, idempotency and delivery changes are written directly. What the batch read from the
+//! database (rid, version, subject seq) is remembered for the batch ([`Seen`]), so a read, put and event
+//! of one resource cost one round trip, and a resource read by several jobs is read once.
 //!
 //! Each job is all-or-nothing. A failed job whose changes were all held back loses its buffer and nothing
 //! else happens. If it had changed the database (a direct write, a flush of its rows, a failed statement),

@@ -2705,8 +2705,8 @@ pub async fn delivery_listing<S: Store>(store: &Arc<S>) {
     }
 }
 
-/// 20,000 deliveries queued behind one subject whose head waits for a retry far in the future do not slow
-/// down finding the due work of another subscription.
+/// 20,000 deliveries queued behind one subject whose head waits for a retry far in the future do not hide
+/// the due work of another subscription.
 pub async fn delivery_no_head_of_line_blocking<S: Store>(store: &Arc<S>) {
     const BACKLOG: usize = 20_000;
     const PER_WRITE: usize = 1_000;
@@ -2747,12 +2747,11 @@ pub async fn delivery_no_head_of_line_blocking<S: Store>(store: &Arc<S>) {
     let eb = append_events(store, &[&format!("Patient/{}", unique_id("hol-p"))]).await;
     let (_, t_b) = enqueue_all(store, &b, &eb).await;
 
+    // Correctness only: how fast this stays with the backlog is measured by the delivery benchmark (one dead
+    // subscriber of ten), never timed in a test.
     let now = t_b + 1_000;
-    let mut best = Duration::MAX;
-    for _ in 0..20 {
-        let started = std::time::Instant::now();
+    for _ in 0..3 {
         let due = store.due_deliveries(now, 100).await.unwrap();
-        best = best.min(started.elapsed());
         let mine: Vec<(String, i64)> = due
             .into_iter()
             .filter(|d| d.subscription == a || d.subscription == b)
@@ -2764,21 +2763,8 @@ pub async fn delivery_no_head_of_line_blocking<S: Store>(store: &Arc<S>) {
             "only b's delivery is due"
         );
     }
-    assert!(
-        best < Duration::from_millis(5),
-        "due_deliveries took {best:?} with {BACKLOG} deliveries queued behind a head"
-    );
-    let mut best = Duration::MAX;
-    for _ in 0..20 {
-        let started = std::time::Instant::now();
-        let next = store.next_due_ms().await.unwrap();
-        best = best.min(started.elapsed());
-        assert!(next.is_some_and(|n| n <= t_b), "next_due_ms {next:?}");
-    }
-    assert!(
-        best < Duration::from_millis(5),
-        "next_due_ms took {best:?} with {BACKLOG} deliveries queued behind a head"
-    );
+    let next = store.next_due_ms().await.unwrap();
+    assert!(next.is_some_and(|n| n <= t_b), "next_due_ms {next:?}");
     assert_eq!(
         due_of(store, far, &[&a]).await,
         vec![(a.clone(), first.seq)],

@@ -93,6 +93,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut only_hl7 = false;
     let mut only_pg = false;
     let mut only_mesh = false;
+    let mut only_auth = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -102,9 +103,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 Some("hl7") => only_hl7 = true,
                 Some("postgres") => only_pg = true,
                 Some("mesh") => only_mesh = true,
+                Some("auth") => only_auth = true,
                 other => {
                     return Err(format!(
-                        "bench: --only takes `booking`, `hl7`, `mesh` or `postgres` (the parts that run alone), got {}",
+                        "bench: --only takes `auth`, `booking`, `hl7`, `mesh` or `postgres` (the parts that run alone), got {}",
                         other.unwrap_or("nothing")
                     ));
                 }
@@ -116,9 +118,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY] [--only booking|hl7|mesh|postgres]   (or HFS_BIN=PATH)\n\
+                    "usage: cargo xtask bench [--quick] [--hfs PATH_TO_HFS_BINARY] [--only auth|booking|hl7|mesh|postgres]   (or HFS_BIN=PATH)\n\
                      \n  --quick          short runs (a smoke test, not for comparison)\
                      \n  --hfs PATH       the Helios FHIR Server binary of the peer (default: $HFS_BIN, then `hfs` on PATH)\
+                     \n  --only auth      reads and identifier searches with authentication on beside off, written to target/bench/results-auth.md\
                      \n  --only booking   only the booking runs (Carebridge alone), written to target/bench/results-booking.md\
                      \n  --only hl7       only the HL7 v2 parse and MLLP ingest runs, written to target/bench/results-hl7.md\
                      \n  --only postgres  creates and bookings on SQLite, PostgreSQL and two PostgreSQL processes, written to target/bench/results-postgres.md\
@@ -152,6 +155,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let bin = |name: &str| target.join("release").join(name);
     let tmp = TempDir::create()?;
     report.data_dir(&tmp.0);
+
+    if only_auth {
+        match auth_onoff(&bin, &tmp.0, &s) {
+            Ok(md) => report.out.push_str(&md),
+            Err(e) => report.problem(format!("authentication benchmark: {e}")),
+        }
+        report.finish();
+        return write_report(report, &out_dir.join("results-auth.md"));
+    }
 
     if only_mesh {
         match mesh_roundtrip(&root, &target, quick) {
@@ -489,6 +501,17 @@ fn start_carebridge(
     durability: &str,
     tmp: &Path,
 ) -> Result<Started, String> {
+    start_carebridge_auth(bin, data_dir, durability, tmp, false)
+}
+
+/// `start_carebridge` with authentication on (signed-JWT clients, the hub's default) or off.
+pub(crate) fn start_carebridge_auth(
+    bin: &Path,
+    data_dir: &Path,
+    durability: &str,
+    tmp: &Path,
+    auth: bool,
+) -> Result<Started, String> {
     let name = data_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -506,7 +529,7 @@ fn start_carebridge(
         ])
         .arg(data_dir)
         // The benchmarks measure the FHIR server on loopback; authentication has its own comparison.
-        .env("CAREBRIDGE_AUTH", "none")
+        .env("CAREBRIDGE_AUTH", if auth { "jwt" } else { "none" })
         .env_remove("CAREBRIDGE_CONFIG")
         .env_remove("CAREBRIDGE_PUBLIC_URL")
         .stdin(Stdio::null())
@@ -1653,4 +1676,155 @@ fn mesh_roundtrip(root: &Path, target: &Path, quick: bool) -> Result<String, Str
     Ok(format!(
         "## MESH round trip (`bench/mesh_roundtrip.py`)\n\n{text}\n"
     ))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Authentication on vs off
+
+/// Rounds of the read run per mode; the modes alternate (off, on, off, on, ...) so drift on a shared machine
+/// hits both alike, and the median round of each is reported.
+const AUTH_ROUNDS: usize = 3;
+/// Reads may be at most this much slower with authentication on.
+const AUTH_TARGET_LOSS: f64 = 0.10;
+
+/// A fresh access token for the bootstrap admin client of the hub in `data_dir`.
+fn admin_token(carebridge: &Path, data_dir: &Path, addr: &str) -> Result<String, String> {
+    let out = Command::new(carebridge)
+        .arg("token")
+        .arg("--key")
+        .arg(data_dir.join("admin-client-key.pem"))
+        .args(["--url", &format!("http://{addr}")])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running carebridge token: {e}"))?;
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || token.is_empty() {
+        return Err(format!(
+            "carebridge token failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(token)
+}
+
+/// `cargo xtask bench --only auth`: the same reads (and identifier searches) against a hub with signed-JWT
+/// authentication on (every request carries a bearer token: verified, scope-checked and audited) and one with
+/// it off, C=32.
+fn auth_onoff(bin: &dyn Fn(&str) -> PathBuf, tmp: &Path, s: &Settings) -> Result<String, String> {
+    let carebridge = bin("carebridge");
+    let loadgen = bin("cb-loadgen");
+    let mut hubs = Vec::new();
+    for (name, auth) in [("off", false), ("on", true)] {
+        let dir = tmp.join(format!("cb-auth-{name}"));
+        let st = start_carebridge_auth(&carebridge, &dir, "fsync", tmp, auth)
+            .map_err(|e| format!("carebridge with auth {name} does not start: {e}"))?;
+        let url = format!("http://{}/fhir", st.server.addr);
+        let seed_file = tmp.join(format!("auth-{name}.seed"));
+        let mut args = vec![
+            "--seed".to_string(),
+            s.seed.to_string(),
+            "--save-seed".into(),
+            seed_file.display().to_string(),
+            "--scenario".into(),
+            "seed".into(),
+        ];
+        if auth {
+            args.extend([
+                "--token".into(),
+                admin_token(&carebridge, &dir, &st.server.addr)?,
+            ]);
+        }
+        progress(&format!("seeding {} patients (auth {name})", s.seed));
+        run_loadgen(&loadgen, &url, &args)?;
+        hubs.push((name, auth, dir, st.server, url, seed_file));
+    }
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Authentication on vs off (reads, C=32)\n\n\
+         Two fresh hubs, each seeded with {} patients: one with `CAREBRIDGE_AUTH=none`, one with signed-JWT \
+         authentication (the default), where every request carries the bootstrap admin client's bearer token \
+         (RS512-signed by the hub, verified, scope-checked, rate-limit-checked and audited per request). \
+         {AUTH_ROUNDS} rounds per mode, alternating off/on; the median round is shown. Target: reads with \
+         authentication on at most {:.0}% lower.\n",
+        s.seed,
+        AUTH_TARGET_LOSS * 100.0
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | auth | rounds (responses/s) | median/s | p50 ms | p99 ms | errors + non-2xx |\n|---|---|---|---|---|---|---|"
+    );
+    let mut verdicts = Vec::new();
+    for scenario in ["read", "search-identifier"] {
+        let mut rounds: Vec<Vec<Run>> = vec![Vec::new(), Vec::new()];
+        for round in 0..AUTH_ROUNDS {
+            for (i, (name, auth, dir, server, url, seed_file)) in hubs.iter().enumerate() {
+                let mut args = vec![
+                    "--scenario".to_string(),
+                    scenario.into(),
+                    "--concurrency".into(),
+                    "32".into(),
+                    "--duration".into(),
+                    s.duration.into(),
+                    "--warmup".into(),
+                    s.warmup.into(),
+                    "--seed-file".into(),
+                    seed_file.display().to_string(),
+                ];
+                if *auth {
+                    args.extend([
+                        "--token".into(),
+                        admin_token(&carebridge, dir, &server.addr)?,
+                    ]);
+                }
+                progress(&format!("{scenario} round {} auth {name}", round + 1));
+                let r = run_loadgen(&loadgen, url, &args)?
+                    .into_iter()
+                    .next()
+                    .ok_or("no result")?;
+                rounds[i].push(r);
+            }
+        }
+        let mut medians = Vec::new();
+        for (i, (name, ..)) in hubs.iter().enumerate() {
+            let list = &rounds[i];
+            let mut order: Vec<usize> = (0..list.len()).collect();
+            order.sort_by(|a, b| list[*a].ok_per_s.total_cmp(&list[*b].ok_per_s));
+            let m = &list[order[order.len() / 2]];
+            let all: Vec<String> = list.iter().map(|r| format!("{:.0}", r.ok_per_s)).collect();
+            let bad: f64 = list.iter().map(|r| r.errors + r.non_2xx).sum();
+            let _ = writeln!(
+                md,
+                "| {scenario} | {name} | {} | {:.0} | {} | {} | {bad:.0}{} |",
+                all.join(", "),
+                m.ok_per_s,
+                ms(m.p50_us),
+                ms(m.p99_us),
+                list.iter()
+                    .find_map(|r| r.problem.clone())
+                    .map(|p| format!(" ({p})"))
+                    .unwrap_or_default()
+            );
+            medians.push(m.ok_per_s);
+        }
+        let ratio = medians[1] / medians[0];
+        verdicts.push(format!(
+            "{scenario}: auth on = {:.1}% of auth off ({})",
+            ratio * 100.0,
+            if ratio >= 1.0 - AUTH_TARGET_LOSS {
+                "target met"
+            } else {
+                "target missed"
+            }
+        ));
+    }
+    for (_, _, _, server, _, _) in &mut hubs {
+        server.stop();
+    }
+    let _ = writeln!(md);
+    for v in verdicts {
+        let _ = writeln!(md, "- {v}");
+    }
+    Ok(md)
 }

@@ -102,6 +102,18 @@ struct FileConfig {
     auth: Option<String>,
     token_lifetime: Option<u64>,
     rate_limit: Option<f64>,
+    outbound: Option<crate::outbound::OutboundFileConfig>,
+}
+
+/// The `[outbound]` section of a `--config` file (NHS API Platform profiles and keys), if it has one.
+pub fn outbound_section(
+    path: &std::path::Path,
+) -> Result<Option<crate::outbound::OutboundFileConfig>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = toml::from_str::<FileConfig>(&text)
+        .with_context(|| format!("parsing {}", path.display()))?;
+    Ok(file.outbound)
 }
 
 /// The `[mesh]` section of the `--config` file: `[[mesh.mailboxes]]` entries (see `mesh::MailboxConfig`).
@@ -173,6 +185,12 @@ pub fn resolve(args: ServeArgs) -> Result<Config> {
         }
         None => FileConfig::default(),
     };
+    // The outbound profiles are checked at start-up (a key of one environment named by another's profile, or
+    // a missing key file, stops the hub with a clear message rather than failing at the first call).
+    if let (Some(section), Some(path)) = (file.outbound, &args.config) {
+        crate::outbound::keyring(section, path.parent().unwrap_or(std::path::Path::new(".")))
+            .context("the [outbound] section")?;
+    }
     let durability = match args.durability.or(file.durability).as_deref() {
         None | Some("fsync") => Durability::Fsync,
         Some("os") => Durability::OsCrash,

@@ -14,6 +14,7 @@ mod mesh_cmd;
 mod mesh_out;
 mod mesh_poll;
 mod mllp;
+mod outbound;
 mod transfer_cmd;
 mod validate_cmd;
 
@@ -56,6 +57,8 @@ enum Command {
     Clients(clients_cmd::ClientsCommand),
     /// Get an access token from a hub with a client's private key (prints the token).
     Token(clients_cmd::TokenArgs),
+    /// NHS APIs as a client: signed-JWT access tokens per environment profile ([outbound] in --config).
+    Outbound(outbound::OutboundArgs),
     /// Export resources as FHIR bulk-data NDJSON (one file per type; --all-versions for the whole history).
     Export(transfer_cmd::ExportArgs),
     /// Import NDJSON written by `export` into this store (ids, versions and history kept on an empty store).
@@ -97,6 +100,7 @@ fn main() {
         Command::Export(args) => report(transfer_cmd::export(args)),
         Command::Import(args) => report(transfer_cmd::import(args)),
         Command::Mesh(args) => mesh_cmd::run(args),
+        Command::Outbound(args) => outbound::run(args),
         Command::MeshInbound(args) => report(admin_cmd::mesh_inbound(args)),
     };
     std::process::exit(code);

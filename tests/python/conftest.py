@@ -1,7 +1,7 @@
 """Session fixtures: one `carebridge serve` process for the whole suite, and a fhirpy client on it.
 
 The server binary is $CAREBRIDGE_BIN (default <repo>/target/debug/carebridge). It is started with
-`--http 127.0.0.1:0` and a temporary data dir; its address comes from the `listening on http://IP:PORT` line
+`--http 127.0.0.1:0` and a temporary data dir; its address comes from the `listening on http(s)://IP:PORT` line
 it prints on stdout. At the end of the session it gets SIGTERM and must exit 0 within a few seconds (graceful
 shutdown is part of what is tested).
 """
@@ -21,7 +21,7 @@ from fhirpy import SyncFHIRClient
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 30
 SHUTDOWN_TIMEOUT_S = 10
-LISTENING = re.compile(r"listening on (http://[0-9A-Za-z.\[\]:]+)")
+LISTENING = re.compile(r"listening on (https?://[0-9A-Za-z.\[\]:]+)")
 MLLP_LISTENING = re.compile(r"MLLP listening on ([0-9A-Za-z.\[\]:]+)")
 
 FHIR_JSON = "application/fhir+json"
@@ -35,6 +35,8 @@ class Server:
         self.base_url = base_url
         self.log_path = log_path
         self.data_dir = data_dir
+        # requests keyword arguments for a hub on TLS (verify=CA bundle, cert=(cert, key)); empty for http.
+        self.tls = {}
 
     def log(self) -> str:
         try:
@@ -92,7 +94,7 @@ def start_server(tmp_path_factory, name="carebridge", extra_args=None, data_dir=
     if srv.base_url is None:
         proc.kill()
         proc.wait()
-        pytest.exit(f"carebridge did not print 'listening on http://...' (exit {proc.returncode}); log:\n{srv.log()}", 2)
+        pytest.exit(f"carebridge did not print 'listening on http(s)://...' (exit {proc.returncode}); log:\n{srv.log()}", 2)
     return srv
 
 

@@ -80,7 +80,7 @@ def a28(control, nhs, family="Mllp"):
 
 
 def fhir_get(srv, path):
-    r = requests.get(f"{srv.base_url}/fhir/{path}", headers=FHIR_JSON, timeout=30)
+    r = requests.get(f"{srv.base_url}/fhir/{path}", headers=FHIR_JSON, timeout=30, **srv.tls)
     r.raise_for_status()
     return r.json()
 
@@ -334,6 +334,9 @@ def test_mllp_over_mutual_tls(tmp_path_factory, tls_files):
                     "--client-ca", str(d / "ca.pem")],
     )
     try:
+        # The TLS flags apply to the HTTP listener too: https, with the same client certificates.
+        assert srv.base_url.startswith("https://"), srv.base_url
+        srv.tls = {"verify": str(d / "ca.pem"), "cert": (str(d / "client.pem"), str(d / "client.key"))}
         _, port = srv.mllp
         nhs = new_nhs_number()
         ack = _tls_send(port, d, a28("TLS1", nhs), cert="client")

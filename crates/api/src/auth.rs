@@ -3,16 +3,24 @@
 //! other endpoint (except `/health` and `/fhir/metadata`), per-client rate limits, and the audit trail
 //! (AuditEvent JSON kept in the store's key-value table and served read-only to admins at `/fhir/AuditEvent`).
 //!
-//! The pure decisions (JWS, JWKS, claims, scopes, which scope a request needs) live in the `auth` crate; this
-//! module does the IO. It never spawns tasks: the binary runs [`write_audit`] with the receiver of
-//! [`audit_channel`].
+//! Certificate binding (RFC 8705): a client registered with a certificate thumbprint gets tokens only over
+//! mutual TLS with that certificate, and its tokens carry `cnf.x5t#S256`; a request with such a token must
+//! come over a connection that presented the same certificate. The listener reports the connection's client
+//! certificate as [`PeerInfo`] (axum connect info). Keys may also come from a client's JWKS URL, fetched and
+//! cached per process ([`fetch_jwks`]).
+//!
+//! The pure decisions (JWS, JWKS, claims, scopes, which scope a request needs, thumbprints, JWKS caching) live
+//! in the `auth` crate; this module does the IO (the store, and fetching JWKS URLs). It never spawns tasks: the
+//! binary runs [`write_audit`] with the receiver of [`audit_channel`].
 
 use crate::search::{parse_pairs, push_json_str};
 use crate::{App, FHIR_JSON};
 use ::auth::client::{CLIENT_INDEX_NAMESPACE, CLIENT_NAMESPACE, INDEX_KEY};
+use ::auth::jwks_cache::{Decision, JwksCache};
 use ::auth::token::{HUB_KEY_NAME, HUB_KEY_NAMESPACE};
 use ::auth::{
-    AccessClaims, Client, HubKey, Interaction, Jwks, Jws, Need, OAuthError, OAuthErrorCode, Scopes,
+    AccessClaims, Client, HubKey, Interaction, Jwk, Jwks, Jws, Need, OAuthError, OAuthErrorCode,
+    Scopes,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, Request, State};
@@ -47,6 +55,40 @@ pub const STATUS_TTL: Duration = Duration::from_secs(1);
 pub const CLIENT_ID_SYSTEM: &str = "urn:carebridge:client-id";
 /// Identifier system of ODS organisation codes.
 pub const ODS_SYSTEM: &str = "https://fhir.nhs.uk/Id/ods-organization-code";
+
+/// Largest JWKS document fetched from a client's URL, bytes.
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Time limit of fetching a client's JWKS URL.
+pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the listener knows of a connection: the remote address and, over mutual TLS, the `x5t#S256`
+/// thumbprint of the client certificate (the leaf the client presented, verified against the client CA). A
+/// listener whose address type is `PeerInfo` serves it as connect info
+/// (`into_make_service_with_connect_info::<PeerInfo>()`).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The remote (or, for the listener itself, local) address.
+    pub addr: std::net::SocketAddr,
+    /// Thumbprint of the client certificate, when one was presented.
+    pub cert_thumbprint: Option<Arc<str>>,
+}
+
+/// A listener whose connections are described by [`PeerInfo`] (the binary's TLS listener).
+pub trait PeerListener: axum::serve::Listener<Addr = PeerInfo> {}
+
+impl<L: PeerListener> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, L>>
+    for PeerInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, L>) -> PeerInfo {
+        stream.remote_addr().clone()
+    }
+}
+
+/// The client certificate thumbprint of the request's connection, if any.
+fn peer_thumbprint(ext: &axum::http::Extensions) -> Option<Arc<str>> {
+    ext.get::<axum::extract::ConnectInfo<PeerInfo>>()
+        .and_then(|c| c.0.cert_thumbprint.clone())
+}
 
 /// The authenticated caller, put in the request's extensions for handlers.
 #[derive(Debug, Clone)]
@@ -84,6 +126,8 @@ pub struct Guard {
     /// Tokens already verified (by their text), so a client reusing its token costs a lookup, not a parse and
     /// a MAC. Bounded: cleared when it reaches [`TOKEN_CACHE_MAX`].
     verified: Mutex<HashMap<String, Arc<Verified>>>,
+    /// Key sets fetched from clients' JWKS URLs.
+    jwks: Mutex<JwksCache>,
 }
 
 /// Most verified tokens remembered by a process.
@@ -96,6 +140,8 @@ struct Verified {
     org: Arc<str>,
     scopes: Scopes,
     exp: i64,
+    /// The certificate thumbprint the token is bound to (`cnf.x5t#S256`).
+    cnf: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -125,6 +171,7 @@ impl Guard {
             status: Mutex::default(),
             buckets: Mutex::default(),
             verified: Mutex::default(),
+            jwks: Mutex::default(),
         })
     }
 
@@ -163,6 +210,7 @@ impl Guard {
             client_id: c.client_id.into(),
             org: c.org.into(),
             exp: c.exp,
+            cnf: c.cnf_x5t.map(Into::into),
         });
         if let Ok(mut map) = self.verified.lock() {
             if map.len() >= TOKEN_CACHE_MAX {
@@ -214,6 +262,42 @@ impl Guard {
         status
     }
 
+    /// The key `kid` of the key set at `url`: cached, else fetched (again at most once per
+    /// [`auth::jwks_cache::MIN_REFETCH_MS`] when the `kid` is unknown). The error says why, for the client.
+    async fn remote_key(&self, url: &str, kid: &str) -> Result<Jwk, String> {
+        for _ in 0..2 {
+            let decision = match self.jwks.lock() {
+                Ok(c) => c.decide(url, kid, now_ms()),
+                Err(_) => return Err("the JWKS cache is unavailable".into()),
+            };
+            match decision {
+                Decision::Use(k) => return Ok(k),
+                Decision::Unknown => break,
+                Decision::Failed(e) => {
+                    return Err(format!(
+                        "the client's JWKS URL {url} could not be fetched: {e}"
+                    ));
+                }
+                Decision::Fetch => {
+                    let fetched = fetch_jwks(url).await;
+                    let Ok(mut cache) = self.jwks.lock() else {
+                        return Err("the JWKS cache is unavailable".into());
+                    };
+                    match fetched {
+                        Ok((doc, max_age)) => match Jwks::from_json(&doc) {
+                            Ok(j) => cache.fetched(url, j, max_age, now_ms()),
+                            Err(e) => cache.failed(url, format!("unusable key set: {e}"), now_ms()),
+                        },
+                        Err(e) => cache.failed(url, e, now_ms()),
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "kid {kid} is not a key of the client's JWKS URL {url}"
+        ))
+    }
+
     /// Take one request from the client's bucket; `Some(seconds)` to wait when it is empty.
     fn take(&self, id: &str, rate: f64) -> Option<u64> {
         if rate <= 0.0 {
@@ -248,6 +332,55 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Fetch a JWKS document from `url` (http or https): the JSON and the response's `Cache-Control` max-age.
+/// Errors say what failed (connection, status, size, not JSON).
+pub async fn fetch_jwks(url: &str) -> Result<(Value, Option<i64>), String> {
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(format!("{url} is not an http(s) URL"));
+    }
+    let http = reqwest::Client::builder()
+        .timeout(JWKS_FETCH_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("building the HTTP client: {e}"))?;
+    let chain = |e: &dyn std::error::Error| {
+        let mut s = e.to_string();
+        let mut src = e.source();
+        while let Some(c) = src {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            src = c.source();
+        }
+        s
+    };
+    let mut res = http
+        .get(url)
+        .header(header::ACCEPT, "application/json, application/jwk-set+json")
+        .send()
+        .await
+        .map_err(|e| chain(&e))?;
+    if !res.status().is_success() {
+        return Err(format!("GET {url} answered {}", res.status()));
+    }
+    let max_age = res
+        .headers()
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(::auth::jwks_cache::max_age);
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| chain(&e))? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(format!(
+                "the key set at {url} is larger than {MAX_JWKS_BYTES} bytes"
+            ));
+        }
+    }
+    let doc = serde_json::from_slice::<Value>(&body)
+        .map_err(|e| format!("the key set at {url} is not JSON: {e}"))?;
+    Ok((doc, max_age))
 }
 
 /// The hub's token key: read from the store, or created (once, race-free) on first use.
@@ -643,6 +776,13 @@ pub(crate) async fn layer<S: Store>(
             return unauthorized(&e);
         }
     };
+    if let Some(bound) = &caller.cnf
+        && !::auth::cert::matches(bound, peer_thumbprint(req.extensions()).as_deref())
+    {
+        let e = "the token is bound to a client certificate this connection did not present";
+        refuse(&caller.client_id, &caller.org, 401, e.into());
+        return unauthorized(e);
+    }
     let status = guard.client_status(&*app.store, &caller.client_id).await;
     if !status.active {
         refuse(
@@ -760,9 +900,11 @@ fn oauth_error(e: &OAuthError) -> Response {
 /// `POST /oauth2/token`: client credentials with a `private_key_jwt` assertion (RFC 6749 4.4, RFC 7523).
 pub(crate) async fn token<S: Store>(
     State(app): State<Arc<App<S>>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<PeerInfo>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let presented = peer.and_then(|p| p.0.0.cert_thumbprint.clone());
     let Some(guard) = app.config.auth.clone() else {
         return oauth_error(&OAuthError::new(
             OAuthErrorCode::InvalidRequest,
@@ -770,7 +912,7 @@ pub(crate) async fn token<S: Store>(
         ));
     };
     let corr = correlation(&headers);
-    match issue(&app, &guard, &headers, &body).await {
+    match issue(&app, &guard, &headers, &body, presented.as_deref()).await {
         Ok((client, body)) => {
             guard.audit(AuditRecord {
                 ms: now_ms(),
@@ -816,6 +958,7 @@ async fn issue<S: Store>(
     guard: &Guard,
     headers: &HeaderMap,
     body: &[u8],
+    presented: Option<&str>,
 ) -> Result<(Client, Value), (String, OAuthError)> {
     use OAuthErrorCode::*;
     let anon = |code, d: String| ("-".to_string(), OAuthError::new(code, d));
@@ -899,12 +1042,19 @@ async fn issue<S: Store>(
             format!("the client's registered JWKS is unusable: {e}"),
         )
     })?;
-    let key = jwks.find(kid).ok_or_else(|| {
-        named(
-            InvalidClient,
-            format!("kid {kid} is not a registered key of {iss}"),
-        )
-    })?;
+    let key = match (jwks.find(kid), &client.jwks_url) {
+        (Some(k), _) => k.clone(),
+        (None, Some(url)) => guard
+            .remote_key(url, kid)
+            .await
+            .map_err(|e| named(InvalidClient, e))?,
+        (None, None) => {
+            return Err(named(
+                InvalidClient,
+                format!("kid {kid} is not a registered key of {iss}"),
+            ));
+        }
+    };
     if !key.verify(&alg, jws.signing_input.as_bytes(), &jws.signature) {
         return Err(named(
             InvalidClient,
@@ -917,6 +1067,22 @@ async fn issue<S: Store>(
     let now = now_s();
     let checked = ::auth::check_assertion_claims(&jws.claims, &guard.token_url, now)
         .map_err(|e| (iss.clone(), e))?;
+    // RFC 8705: a client bound to a certificate authenticates over mutual TLS with it, too.
+    if let Some(bound) = &client.cert_thumbprint
+        && !::auth::cert::matches(bound, presented)
+    {
+        return Err(named(
+            InvalidClient,
+            match presented {
+                None => format!(
+                    "client {iss} is bound to a certificate: request tokens over mutual TLS with it"
+                ),
+                Some(_) => format!(
+                    "the client certificate of this connection is not the one {iss} is bound to"
+                ),
+            },
+        ));
+    }
     let granted = Scopes::parse(&client.scopes).unwrap_or_default();
     let scope = match param("scope") {
         None | Some("") => granted.to_string(),
@@ -957,6 +1123,7 @@ async fn issue<S: Store>(
         iat: now,
         exp: now + guard.token_lifetime_s,
         jti: uuid::Uuid::new_v4().simple().to_string(),
+        cnf_x5t: client.cert_thumbprint.clone(),
     };
     let body = json!({
         "access_token": guard.key.mint(&access),

@@ -24,9 +24,13 @@ pub struct Client {
     /// Registered public keys (a JWKS document).
     #[serde(default)]
     pub jwks: serde_json::Value,
-    /// A JWKS URL, used when no inline key has the assertion's `kid`.
+    /// A JWKS URL, used when no inline key has the assertion's `kid` (fetched by the hub and cached).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
+    /// RFC 8705 binding: the `x5t#S256` thumbprint of the client certificate the client must present (over
+    /// mutual TLS) to get a token; its tokens are bound to that certificate (`cnf`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_thumbprint: Option<String>,
     /// Requests per second this client may make (token bucket with a one-second burst); `None` = the hub's
     /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]

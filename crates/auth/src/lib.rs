@@ -4,7 +4,8 @@
 //! a `private_key_jwt` client assertion, RFC 7523) and SMART on FHIR v2 system scopes. This crate holds what can
 //! be decided without IO: compact JWS parsing and verification against a registered JWKS (RS512 and ES384 only),
 //! the claim checks of a client assertion, the scope grammar and its per-interaction decisions, minting and
-//! verifying the hub's own access tokens, and the RSA key material of the bootstrap admin client. The HTTP
+//! verifying the hub's own access tokens (optionally bound to a client certificate, RFC 8705), the caching rules
+//! of JWKS URLs, and the RSA key material of the bootstrap admin client. The HTTP
 //! layer (`api::auth`) and the CLI (`carebridge clients`, `carebridge token`) do the IO.
 //!
 //! Invariants: no IO, no clock of its own (time is passed in as epoch seconds), never panics on outside bytes;
@@ -13,8 +14,10 @@
 
 pub mod access;
 mod b64;
+pub mod cert;
 pub mod client;
 pub mod jose;
+pub mod jwks_cache;
 pub mod keys;
 pub mod outbound;
 pub mod scope;
@@ -23,6 +26,7 @@ pub mod token;
 pub use access::{Need, bundle_entry, required};
 pub use client::{Client, OAuthError, OAuthErrorCode};
 pub use jose::{AssertionClaims, Jwk, Jwks, Jws, check_assertion_claims};
+pub use jwks_cache::JwksCache;
 pub use scope::{Interaction, Scopes};
 pub use token::{AccessClaims, HubKey};
 

@@ -326,6 +326,7 @@ fn hub_tokens_round_trip_and_are_bound_to_their_hub() {
         iat: NOW,
         exp: NOW + 300,
         jti: "t1".into(),
+        cnf_x5t: None,
     };
     let t = key.mint(&c);
     // Deterministic: HS256 over a fixed header and claims.
@@ -487,4 +488,149 @@ fn encoded_paths_and_parameters_are_judged_by_what_they_mean() {
     assert_eq!(percent_decode("a%2"), "a%2");
     assert_eq!(percent_decode("%zz%41"), "%zzA");
     assert_eq!(percent_decode("%ff"), "\u{fffd}");
+}
+
+#[test]
+fn certificate_bound_tokens_carry_cnf() {
+    let key = token::HubKey::from_secret(&"A".repeat(43), "http://hub.test").unwrap();
+    let thumb = cert::thumbprint(b"not really a certificate");
+    let c = AccessClaims {
+        client_id: "c1".into(),
+        org: "RXX".into(),
+        scope: "system/Patient.r".into(),
+        iat: NOW,
+        exp: NOW + 300,
+        jti: "t1".into(),
+        cnf_x5t: Some(thumb.clone()),
+    };
+    let t = key.mint(&c);
+    let jws = Jws::parse(&t).unwrap();
+    assert_eq!(jws.claims["cnf"], json!({ "x5t#S256": thumb }));
+    assert_eq!(key.verify(&t, NOW).unwrap(), c);
+}
+
+#[test]
+fn certificate_thumbprints() {
+    // SHA-256("abc") = ba7816bf 8f01cfea 414140de 5dae2223 b00361a3 96177a9c b410ff61 f20015ad.
+    assert_eq!(
+        cert::thumbprint(b"abc"),
+        "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0"
+    );
+    let der = [0x30u8, 0x03, 0x02, 0x01, 0x05];
+    let pem = keys::pem_encode("CERTIFICATE", &der);
+    let chain = format!("{pem}{}", keys::pem_encode("CERTIFICATE", &[0x30, 0x00]));
+    assert_eq!(
+        cert::thumbprint_pem(&chain).unwrap(),
+        cert::thumbprint(&der),
+        "the leaf, first in a chain"
+    );
+    assert!(cert::thumbprint_pem("no pem here").is_err());
+    assert!(
+        cert::thumbprint_pem(&keys::pem_encode("CERTIFICATE", b"xyz")).is_err(),
+        "not DER"
+    );
+    let t = cert::thumbprint(&der);
+    assert_eq!(t.len(), 43);
+    assert_eq!(cert::parse_thumbprint(&format!(" {t}\n")).unwrap(), t);
+    assert!(cert::parse_thumbprint(&format!("{t}=")).is_err(), "padding");
+    assert!(
+        cert::parse_thumbprint("ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0").is_err(),
+        "standard alphabet"
+    );
+    assert!(
+        cert::parse_thumbprint(&cert::thumbprint(b"x")[..40]).is_err(),
+        "too short"
+    );
+    assert!(
+        cert::parse_thumbprint(&hex_of(b"abc")).is_err(),
+        "hex is not base64url of 32 bytes"
+    );
+    assert!(cert::matches(&t, Some(&t)));
+    assert!(!cert::matches(&t, None));
+    assert!(!cert::matches(&t, Some(&cert::thumbprint(b"other"))));
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn jwks_url_cache_decisions() {
+    use jwks_cache::{Decision, JwksCache, MIN_REFETCH_MS, max_age};
+    let (jwks, ..) = kat();
+    let kid = jwks.keys[0].kid.clone();
+    let url = "https://client.test/jwks.json";
+    let t0 = 1_700_000_000_000i64;
+    let mut cache = JwksCache::default();
+    assert_eq!(
+        cache.decide(url, &kid, t0),
+        Decision::Fetch,
+        "nothing cached"
+    );
+    cache.fetched(url, jwks.clone(), None, t0);
+    assert_eq!(
+        cache.decide(url, &kid, t0 + 1),
+        Decision::Use(jwks.keys[0].clone())
+    );
+    assert_eq!(
+        cache.decide("https://other.test/", &kid, t0 + 1),
+        Decision::Fetch,
+        "per URL"
+    );
+    // An unknown kid refetches, but at most once per MIN_REFETCH_MS.
+    assert_eq!(cache.decide(url, "new", t0 + 1), Decision::Unknown);
+    assert_eq!(
+        cache.decide(url, "new", t0 + MIN_REFETCH_MS),
+        Decision::Fetch
+    );
+    // Five minutes by default, then fetched again.
+    assert_eq!(
+        cache.decide(url, &kid, t0 + 299_999),
+        Decision::Use(jwks.keys[0].clone())
+    );
+    assert_eq!(cache.decide(url, &kid, t0 + 300_000), Decision::Fetch);
+    // max-age is honoured, within bounds.
+    cache.fetched(url, jwks.clone(), Some(60), t0);
+    assert_eq!(cache.decide(url, &kid, t0 + 60_000), Decision::Fetch);
+    cache.fetched(url, jwks.clone(), Some(0), t0);
+    assert!(
+        matches!(
+            cache.decide(url, &kid, t0 + MIN_REFETCH_MS - 1),
+            Decision::Use(_)
+        ),
+        "at least the refetch interval"
+    );
+    cache.fetched(url, jwks.clone(), Some(i64::MAX), t0);
+    assert_eq!(
+        cache.decide(url, &kid, t0 + 86_400_000),
+        Decision::Fetch,
+        "at most a day"
+    );
+    // A failed refetch keeps the current keys until they expire; a failure with nothing current is reported
+    // (without fetching again) until the interval has passed.
+    cache.fetched(url, jwks.clone(), None, t0);
+    cache.failed(url, "connection refused".into(), t0 + MIN_REFETCH_MS);
+    assert!(matches!(
+        cache.decide(url, &kid, t0 + MIN_REFETCH_MS + 1),
+        Decision::Use(_)
+    ));
+    assert_eq!(
+        cache.decide(url, "new", t0 + MIN_REFETCH_MS + 1),
+        Decision::Unknown
+    );
+    let down = "https://down.test/jwks";
+    cache.failed(down, "HTTP 503".into(), t0);
+    assert_eq!(
+        cache.decide(down, &kid, t0 + 1),
+        Decision::Failed("HTTP 503".into())
+    );
+    assert_eq!(
+        cache.decide(down, &kid, t0 + MIN_REFETCH_MS),
+        Decision::Fetch
+    );
+    assert_eq!(max_age("public, max-age=600"), Some(600));
+    assert_eq!(max_age("max-age=\"30\", must-revalidate"), Some(30));
+    assert_eq!(max_age("no-store"), Some(0));
+    assert_eq!(max_age("public"), None);
+    assert_eq!(max_age("max-age=-5"), Some(0));
 }

@@ -26,6 +26,9 @@ pub struct AccessClaims {
     pub exp: i64,
     /// Unique id of the token.
     pub jti: String,
+    /// `cnf.x5t#S256` (RFC 8705): the thumbprint of the client certificate the token is bound to; every request
+    /// with the token must come over mutual TLS with that certificate.
+    pub cnf_x5t: Option<String>,
 }
 
 /// The per-hub token key.
@@ -65,10 +68,13 @@ impl HubKey {
     /// Mint an access token.
     pub fn mint(&self, c: &AccessClaims) -> String {
         let header = b64::encode(br#"{"alg":"HS256","typ":"at+jwt"}"#);
-        let claims = json!({
+        let mut claims = json!({
             "iss": self.issuer, "sub": c.client_id, "client_id": c.client_id, "org": c.org,
             "scope": c.scope, "iat": c.iat, "exp": c.exp, "jti": c.jti,
         });
+        if let (Some(t), Some(m)) = (&c.cnf_x5t, claims.as_object_mut()) {
+            m.insert("cnf".into(), json!({ "x5t#S256": t }));
+        }
         let payload = b64::encode(claims.to_string().as_bytes());
         let input = format!("{header}.{payload}");
         let tag = hmac::sign(&self.key, input.as_bytes());
@@ -93,7 +99,17 @@ impl HubKey {
             return Err("the token has expired".into());
         }
         let s = |n: &str| jws.claim_str(n).unwrap_or_default().to_string();
+        let cnf_x5t = match jws.claims.get("cnf") {
+            None => None,
+            Some(c) => Some(
+                c.get("x5t#S256")
+                    .and_then(Value::as_str)
+                    .ok_or("the token's 'cnf' has no x5t#S256")?
+                    .to_string(),
+            ),
+        };
         Ok(AccessClaims {
+            cnf_x5t,
             client_id: s("client_id"),
             org: s("org"),
             scope: s("scope"),

@@ -30,7 +30,8 @@ pub struct StoreArgs {
 /// `carebridge clients ...`
 #[derive(Subcommand, Debug)]
 pub enum ClientsCommand {
-    /// Register a client: its organisation, scopes and public keys (JWKS file).
+    /// Register a client: its organisation, scopes and public keys (JWKS file or URL), optionally bound to its
+    /// TLS client certificate.
     Add {
         #[command(flatten)]
         store: StoreArgs,
@@ -43,9 +44,12 @@ pub enum ClientsCommand {
         /// Granted scopes, space separated, e.g. "system/Appointment.cruds system/Patient.rs".
         #[arg(long)]
         scopes: String,
-        /// JWKS file with the client's public keys (RS512 RSA or ES384 P-384, each with a kid).
+        /// The client's public keys (RS512 RSA or ES384 P-384, each with a kid): a JWKS file, or an https (or
+        /// http) URL the hub fetches and caches (checked now: it must answer with a usable key set).
         #[arg(long)]
         jwks: String,
+        #[command(flatten)]
+        cert: CertArgs,
         /// Human-readable name.
         #[arg(long, default_value = "")]
         name: String,
@@ -73,6 +77,11 @@ pub enum ClientsCommand {
         /// Remove the key with this kid.
         #[arg(long)]
         remove_kid: Option<String>,
+        #[command(flatten)]
+        cert: CertArgs,
+        /// Remove the client's certificate binding.
+        #[arg(long, conflicts_with_all = ["cert", "cert_thumbprint"])]
+        unbind_cert: bool,
     },
     /// Revoke a client: no new tokens, and its existing tokens are refused (within a second).
     Revoke {
@@ -81,6 +90,35 @@ pub enum ClientsCommand {
         #[arg(long)]
         id: String,
     },
+}
+
+/// RFC 8705 certificate binding of a client.
+#[derive(Args, Debug, Default)]
+pub struct CertArgs {
+    /// Bind the client to this TLS client certificate (PEM; the first certificate is the client's): it must
+    /// request tokens over mutual TLS with it, and its tokens work only on connections presenting it.
+    #[arg(long, conflicts_with = "cert_thumbprint")]
+    pub cert: Option<PathBuf>,
+    /// The same binding by the certificate's x5t#S256 thumbprint (base64url SHA-256 of its DER).
+    #[arg(long)]
+    pub cert_thumbprint: Option<String>,
+}
+
+impl CertArgs {
+    /// The thumbprint given (checked), if any.
+    fn thumbprint(&self) -> Result<Option<String>> {
+        if let Some(path) = &self.cert {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            return auth::cert::thumbprint_pem(&pem)
+                .map(Some)
+                .map_err(|e| anyhow!("{}: {e}", path.display()));
+        }
+        self.cert_thumbprint
+            .as_deref()
+            .map(|t| auth::cert::parse_thumbprint(t).map_err(|e| anyhow!("--cert-thumbprint: {e}")))
+            .transpose()
+    }
 }
 
 /// `carebridge token`: get an access token with a client's private key.
@@ -104,6 +142,15 @@ pub struct TokenArgs {
     /// Print the whole token response (JSON) instead of the access token alone.
     #[arg(long)]
     pub json: bool,
+    /// PEM CA bundle the hub's https certificate is verified against (instead of the system's roots).
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (a client bound to its certificate needs it).
+    #[arg(long, requires = "cert_key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, requires = "cert")]
+    pub cert_key: Option<PathBuf>,
 }
 
 fn open(args: &StoreArgs) -> Result<crate::anystore::AnyStore> {
@@ -128,10 +175,31 @@ fn now_s() -> i64 {
         .unwrap_or(0)
 }
 
-fn read_jwks(source: &str) -> Result<Value> {
-    if source.starts_with("http://") || source.starts_with("https://") {
-        bail!("JWKS URLs are not supported yet: download the JWKS and give the file");
+/// Where a client's keys come from: an inline JWKS (from a file) or a URL.
+enum KeySource {
+    Inline(Value),
+    Url(String),
+}
+
+fn is_url(source: &str) -> bool {
+    source.starts_with("http://") || source.starts_with("https://")
+}
+
+fn key_source(rt: &tokio::runtime::Runtime, source: &str) -> Result<KeySource> {
+    if !is_url(source) {
+        return read_jwks(source).map(KeySource::Inline);
     }
+    let (doc, _) = rt
+        .block_on(api::auth::fetch_jwks(source))
+        .map_err(|e| anyhow!("the JWKS URL cannot be used: {e}"))?;
+    let jwks = auth::Jwks::from_json(&doc).map_err(|e| anyhow!("{source}: {e}"))?;
+    if jwks.keys.is_empty() {
+        bail!("{source}: the key set has no keys");
+    }
+    Ok(KeySource::Url(source.to_string()))
+}
+
+fn read_jwks(source: &str) -> Result<Value> {
     let text = std::fs::read_to_string(source).with_context(|| format!("reading {source}"))?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {source}"))?;
     auth::Jwks::from_json(&v).map_err(|e| anyhow!("{source}: {e}"))?;
@@ -155,6 +223,7 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
             ods,
             scopes,
             jwks,
+            cert,
             name,
             rate_limit,
         } => {
@@ -163,13 +232,19 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
             }
             check_ods(&ods)?;
             let parsed = auth::Scopes::parse(&scopes).map_err(|e| anyhow!("--scopes: {e}"))?;
+            let cert_thumbprint = cert.thumbprint()?;
+            let (jwks, jwks_url) = match key_source(&rt, &jwks)? {
+                KeySource::Inline(v) => (v, None),
+                KeySource::Url(u) => (json!({ "keys": [] }), Some(u)),
+            };
             let client = Client {
                 id: id.clone(),
                 name,
                 ods: ods.to_ascii_uppercase(),
                 scopes: parsed.to_string(),
-                jwks: read_jwks(&jwks)?,
-                jwks_url: None,
+                jwks,
+                jwks_url,
+                cert_thumbprint,
                 rate_limit,
                 revoked: false,
                 created: now_s(),
@@ -210,12 +285,22 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
                         .flatten()
                         .filter_map(|k| k.get("kid").and_then(Value::as_str))
                         .collect();
+                    let mut keys = kids.join(",");
+                    if let Some(u) = &c.jwks_url {
+                        if !keys.is_empty() {
+                            keys.push(',');
+                        }
+                        keys.push_str(u);
+                    }
+                    if let Some(t) = &c.cert_thumbprint {
+                        keys.push_str(&format!("\tcert={t}"));
+                    }
                     println!(
                         "{}\t{}\t{}\tkeys={}\t{}{}",
                         c.id,
                         c.ods,
                         c.scopes,
-                        kids.join(","),
+                        keys,
                         if c.revoked { "REVOKED" } else { "active" },
                         if c.name.is_empty() {
                             String::new()
@@ -231,11 +316,21 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
             id,
             jwks,
             remove_kid,
+            cert,
+            unbind_cert,
         } => {
-            if jwks.is_none() && remove_kid.is_none() {
-                bail!("give --jwks FILE (keys to add) and/or --remove-kid KID");
+            let bind = cert.thumbprint()?;
+            if jwks.is_none() && remove_kid.is_none() && bind.is_none() && !unbind_cert {
+                bail!(
+                    "give --jwks FILE|URL (keys to add), --remove-kid KID, --cert FILE / --cert-thumbprint T \
+                     or --unbind-cert"
+                );
             }
-            let add = jwks.as_deref().map(read_jwks).transpose()?;
+            let (add, url) = match jwks.as_deref().map(|j| key_source(&rt, j)).transpose()? {
+                Some(KeySource::Inline(v)) => (Some(v), None),
+                Some(KeySource::Url(u)) => (None, Some(u)),
+                None => (None, None),
+            };
             let st = open(&store)?;
             let who = id.clone();
             let result = rt.block_on(st.write(move |tx| {
@@ -268,15 +363,23 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
                         return Ok(Err(format!("client {who} has no key {r}")));
                     }
                 }
-                if keys.is_empty() {
+                if let Some(u) = url {
+                    c.jwks_url = Some(u);
+                }
+                if keys.is_empty() && c.jwks_url.is_none() {
                     return Ok(Err("that would leave the client without keys".into()));
+                }
+                if unbind_cert {
+                    c.cert_thumbprint = None;
+                } else if bind.is_some() {
+                    c.cert_thumbprint = bind;
                 }
                 c.jwks = json!({ "keys": keys });
                 api::auth::put_client(tx, &c)?;
                 Ok(Ok(keys.len()))
             }))?;
             let n = result.map_err(|e| anyhow!(e))?;
-            println!("client {id} now has {n} key(s)");
+            println!("client {id} now has {n} inline key(s)");
         }
         ClientsCommand::Revoke { store, id } => {
             let st = open(&store)?;
@@ -323,6 +426,7 @@ pub async fn bootstrap<S: Store>(store: &S, data_dir: &Path) -> Result<Option<Pa
         scopes: "system/*.cruds admin".into(),
         jwks: json!({ "keys": [signer.public_jwk(ADMIN_KID)] }),
         jwks_url: None,
+        cert_thumbprint: None,
         rate_limit: None,
         revoked: false,
         created: now_s(),
@@ -359,6 +463,31 @@ fn write_private(path: &Path, pem: &str) -> Result<()> {
     Ok(())
 }
 
+/// The HTTP client of `carebridge token`: the CA bundle and client certificate given, if any.
+fn http_client(args: &TokenArgs) -> Result<reqwest::Client> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut builder = reqwest::Client::builder();
+    if let Some(ca) = &args.cacert {
+        let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?)
+            .with_context(|| format!("parsing {}", ca.display()))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    if let (Some(cert), Some(key)) = (&args.cert, &args.cert_key) {
+        let mut pem = read(cert)?;
+        pem.push(b'\n');
+        pem.extend_from_slice(&read(key)?);
+        let identity = reqwest::Identity::from_pem(&pem).with_context(|| {
+            format!(
+                "client certificate {} / key {}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        builder = builder.identity(identity);
+    }
+    builder.build().context("building the HTTP client")
+}
+
 /// `carebridge token`: prints the access token (or the whole response with --json); exit 0 on success.
 pub fn token(args: TokenArgs) -> Result<()> {
     let pem = std::fs::read_to_string(&args.key)
@@ -391,7 +520,7 @@ pub fn token(args: TokenArgs) -> Result<()> {
         .join("&");
     let rt = runtime()?;
     let (status, text) = rt.block_on(async {
-        let res = reqwest::Client::new()
+        let res = http_client(&args)?
             .post(&token_url)
             .header("Content-Type", "application/x-www-form-urlencoded")
             .body(body)

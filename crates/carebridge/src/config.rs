@@ -55,13 +55,14 @@ pub struct ServeArgs {
     /// Seconds an HL7 message for a not-yet-known appointment is held before it becomes a dead letter [default: 600].
     #[arg(long, env = "CAREBRIDGE_HL7_PARK_TIMEOUT")]
     pub hl7_park_timeout: Option<u64>,
-    /// PEM certificate chain for TLS on the MLLP listener.
+    /// PEM certificate chain: TLS (https) on the HTTP listener and on the MLLP listener.
     #[arg(long, env = "CAREBRIDGE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
     #[arg(long, env = "CAREBRIDGE_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// PEM CA bundle: when set, TLS clients must present a certificate signed by it (mutual TLS).
+    /// PEM CA bundle: when set, HTTP and MLLP clients must present a certificate signed by it (mutual TLS;
+    /// others are refused at the handshake).
     #[arg(long, env = "CAREBRIDGE_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
     /// `jwt` (Bearer tokens from /oauth2/token required) or `none` (only when every listener is on loopback)
@@ -145,6 +146,8 @@ pub struct Config {
     pub delivery_policy: delivery::RetryPolicy,
     pub delivery_timeout: std::time::Duration,
     pub mllp: Option<MllpConfig>,
+    /// TLS of the HTTP listener (the same files as the MLLP listener's).
+    pub tls: Option<TlsFiles>,
     /// MESH mailboxes `serve` polls and sends from (`[[mesh.mailboxes]]`), secrets resolved; empty = MESH off.
     pub mesh: Vec<mesh::Mailbox>,
     /// How long an HL7 message for an unknown appointment is held (MLLP and MESH alike).
@@ -266,6 +269,7 @@ pub fn resolve(args: ServeArgs) -> Result<Config> {
         ),
         mesh,
         mllp,
+        tls,
         http: args
             .http
             .or(file.http)

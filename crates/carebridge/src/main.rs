@@ -9,6 +9,7 @@ mod clients_cmd;
 mod config;
 mod deliver;
 mod hl7_cmd;
+mod https;
 mod lease;
 mod mesh_cmd;
 mod mesh_out;
@@ -173,10 +174,21 @@ async fn run_hub(
             .await
             .with_context(|| format!("binding the HTTP listener to {}", cfg.http))?;
         let local = listener.local_addr().context("reading the bound address")?;
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
         let public_url = cfg
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{local}"));
+            .unwrap_or_else(|| format!("{scheme}://{local}"));
+        // Read the TLS files before anything starts, so a bad file stops the hub at once.
+        let http_tls = cfg
+            .tls
+            .as_ref()
+            .map(|files| {
+                let mut c = mllp::tls_server_config(files)?;
+                c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                anyhow::Ok(tokio_rustls::TlsAcceptor::from(Arc::new(c)))
+            })
+            .transpose()?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut api_config = api::ApiConfig::new(public_url.clone());
         api_config.stopping = stop_rx.clone();
@@ -259,21 +271,40 @@ async fn run_hub(
             };
             println!("carebridge HL7 v2 MLLP listening on {addr}{tls}");
         }
+        let tls_note = match &cfg.tls {
+            Some(t) if t.client_ca.is_some() => ", TLS, client certificates required",
+            Some(_) => ", TLS",
+            None => "",
+        };
         println!(
-            "carebridge {} listening on http://{local} (FHIR base {public_url}/fhir, store {}, ready in {} ms)",
+            "carebridge {} listening on {scheme}://{local} (FHIR base {public_url}/fhir, store {}{tls_note}, ready in {} ms)",
             env!("CARGO_PKG_VERSION"),
             store_description,
             started.elapsed().as_millis()
         );
-        tracing::info!(%local, "listening");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                signal.await;
-                // Stop the delivery runner and end long polls, then let axum drain the rest.
-                let _ = stop_tx.send(true);
-            })
-            .await
-            .context("serving HTTP")?;
+        tracing::info!(%local, scheme, "listening");
+        let shutdown = async move {
+            signal.await;
+            // Stop the delivery runner and end long polls, then let axum drain the rest.
+            let _ = stop_tx.send(true);
+        };
+        match http_tls {
+            Some(acceptor) => {
+                let listener = https::TlsListener::new(listener, acceptor, stop_rx.clone())
+                    .context("starting the HTTPS listener")?;
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<api::auth::PeerInfo>(),
+                )
+                .with_graceful_shutdown(shutdown)
+                .await
+                .context("serving HTTPS")?;
+            }
+            None => axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .context("serving HTTP")?,
+        }
         // The router (and with it every audit sender) is gone: let the writer flush what is queued.
         if let Some(w) = audit_writer {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), w).await;

@@ -20,6 +20,13 @@ use crate::config::{MllpConfig, TlsFiles};
 
 /// A TLS acceptor from PEM files; with a client CA, clients must present a certificate it signed.
 pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor> {
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(
+        tls_server_config(files)?,
+    )))
+}
+
+/// The rustls server configuration of a listener (shared by MLLP and HTTP, which adds ALPN).
+pub fn tls_server_config(files: &TlsFiles) -> Result<tokio_rustls::rustls::ServerConfig> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use tokio_rustls::rustls;
@@ -53,10 +60,9 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor> {
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder
+    builder
         .with_single_cert(certs, key)
-        .context("the TLS certificate and key do not match")?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        .context("the TLS certificate and key do not match")
 }
 
 /// Accept connections until `stop` turns true.

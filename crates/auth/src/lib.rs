@@ -16,6 +16,7 @@ mod b64;
 pub mod client;
 pub mod jose;
 pub mod keys;
+pub mod org;
 pub mod scope;
 pub mod token;
 

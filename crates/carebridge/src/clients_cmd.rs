@@ -37,10 +37,12 @@ pub enum ClientsCommand {
         /// Client id (the `iss` and `sub` of its assertions).
         #[arg(long)]
         id: String,
-        /// ODS code of the organisation it acts for.
+        /// ODS code of the organisation it acts for: without the `cross-org` scope the client sees and changes
+        /// only that organisation's Schedules, Slots and Appointments and the Patients linked to them.
         #[arg(long)]
         ods: String,
-        /// Granted scopes, space separated, e.g. "system/Appointment.cruds system/Patient.rs".
+        /// Granted scopes, space separated, e.g. "system/Appointment.cruds system/Patient.rs"; `admin` for the
+        /// admin endpoints, `cross-org` for every organisation's data, the event feed and Subscriptions.
         #[arg(long)]
         scopes: String,
         /// JWKS file with the client's public keys (RS512 RSA or ES384 P-384, each with a kid).
@@ -298,7 +300,7 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
     Ok(())
 }
 
-/// First start: when no client is registered, create `admin` (scopes `system/*.cruds admin`) with a fresh RSA
+/// First start: when no client is registered, create `admin` (scopes `system/*.cruds admin cross-org`) with a fresh RSA
 /// key whose private half is written to `<data_dir>/admin-client-key.pem` (mode 0600). Returns the key file
 /// when it was created now.
 pub async fn bootstrap<S: Store>(store: &S, data_dir: &Path) -> Result<Option<PathBuf>> {
@@ -320,7 +322,7 @@ pub async fn bootstrap<S: Store>(store: &S, data_dir: &Path) -> Result<Option<Pa
         id: ADMIN_CLIENT.into(),
         name: "bootstrap administrator".into(),
         ods: "ADMIN".into(),
-        scopes: "system/*.cruds admin".into(),
+        scopes: "system/*.cruds admin cross-org".into(),
         jwks: json!({ "keys": [signer.public_jwk(ADMIN_KID)] }),
         jwks_url: None,
         rate_limit: None,

@@ -475,3 +475,17 @@ def test_idempotency_keys_are_per_client(world):
                                                     "2030-03-08T09:15:00Z"), headers=key)
     assert r3.headers.get("idempotent-replayed") == "true" and r3.json()["id"] == r1.json()["id"]
 
+
+def test_set_scopes_grants_cross_org_to_new_tokens(world):
+    w = world
+    h = w.hub
+    h.add_client("org-c", "system/*.rs", ods=ORG_A)
+    old = h.token("org-c")
+    assert_404(w, h.call("GET", f"/fhir/Appointment/{w.appt_b['id']}", old))
+    h.cli("clients", "set-scopes", "--id", "org-c", "--scopes", "system/*.rs cross-org")
+    new = h.token("org-c")
+    assert h.call("GET", f"/fhir/Appointment/{w.appt_b['id']}", new).status_code == 200
+    # A token issued before keeps what it had.
+    assert_404(w, h.call("GET", f"/fhir/Appointment/{w.appt_b['id']}", old))
+    out = h.cli("clients", "set-scopes", "--id", "org-c", "--scopes", "everything", check=False)
+    assert out.returncode != 0 and "scope" in out.stderr

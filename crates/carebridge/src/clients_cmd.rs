@@ -76,6 +76,17 @@ pub enum ClientsCommand {
         #[arg(long)]
         remove_kid: Option<String>,
     },
+    /// Replace a client's scopes (e.g. give the admin client of an older hub `cross-org`); tokens issued
+    /// before keep their scopes until they expire.
+    SetScopes {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        id: String,
+        /// The new scopes, space separated.
+        #[arg(long)]
+        scopes: String,
+    },
     /// Revoke a client: no new tokens, and its existing tokens are refused (within a second).
     Revoke {
         #[command(flatten)]
@@ -279,6 +290,25 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
             }))?;
             let n = result.map_err(|e| anyhow!(e))?;
             println!("client {id} now has {n} key(s)");
+        }
+        ClientsCommand::SetScopes { store, id, scopes } => {
+            let parsed = auth::Scopes::parse(&scopes).map_err(|e| anyhow!("--scopes: {e}"))?;
+            let text = parsed.to_string();
+            let st = open(&store)?;
+            let who = id.clone();
+            let stored = text.clone();
+            let found = rt.block_on(st.write(move |tx| {
+                let Some(mut c) = api::auth::get_client(tx, &who)? else {
+                    return Ok(false);
+                };
+                c.scopes = stored;
+                api::auth::put_client(tx, &c)?;
+                Ok(true)
+            }))?;
+            if !found {
+                bail!("no client {id}");
+            }
+            println!("client {id} now has scopes {text}");
         }
         ClientsCommand::Revoke { store, id } => {
             let st = open(&store)?;

@@ -136,7 +136,10 @@ def patient(hub, admin):
     r = hub.call("POST", "/fhir/Patient", admin, {
         "resourceType": "Patient",
         "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS}],
-        "name": [{"family": SECRET_NAME, "given": ["Ada"]}], "gender": "female", "birthDate": "1970-01-02"})
+        "name": [{"family": SECRET_NAME, "given": ["Ada"]}], "gender": "female", "birthDate": "1970-01-02",
+        # Managed by RB2: clients of RB2 see it (organisation separation, see test_org_separation.py).
+        "managingOrganization": {"identifier": {"system": "https://fhir.nhs.uk/Id/ods-organization-code",
+                                                "value": "RB2"}}})
     assert r.status_code == 201, describe(r)
     return r.json()
 
@@ -518,18 +521,20 @@ def test_missing_scope_in_a_bundle_entry(clients, admin, patient):
     unchanged(clients, admin, patient)
 
 
-def test_full_client_can_do_fhir_but_events_need_wildcard_read(clients, admin):
+def test_full_client_can_do_fhir_but_events_need_cross_org(clients, admin):
     t = clients.token("full")
     r = clients.call("POST", "/fhir/Organization", t, {"resourceType": "Organization", "name": "Full Org"})
     assert r.status_code == 201, describe(r)
-    assert clients.call("GET", "/events?after=0", t).status_code == 200
+    # The feed carries every organisation's changes: system/*.r is not enough without cross-org.
+    assert_403(clients.call("GET", "/events?after=0", t), "cross-org")
+    assert clients.call("GET", "/events?after=0", admin).status_code == 200
 
 
 # --- revocation, key rotation, rate limits, auth none ----------------------------------------------------------
 
 
 def test_revoked_client(clients, admin, patient):
-    clients.add_client("leaver", "system/Patient.rs system/Patient.cud")
+    clients.add_client("leaver", "system/Patient.rs system/Patient.cud", ods="RB2")
     t = clients.token("leaver")
     assert clients.call("GET", f"/fhir/Patient/{patient['id']}", t).status_code == 200
     clients.cli("clients", "revoke", "--id", "leaver")
@@ -562,7 +567,7 @@ def test_key_rotation_overlaps_then_removes(clients, tmp_path, patient):
 
 
 def test_rate_limit(clients, patient):
-    clients.add_client("chatty", "system/Patient.r", extra=("--rate-limit", "5"))
+    clients.add_client("chatty", "system/Patient.r", ods="RB2", extra=("--rate-limit", "5"))
     t = clients.token("chatty")
     codes = [clients.call("GET", f"/fhir/Patient/{patient['id']}", t) for _ in range(20)]
     limited = [r for r in codes if r.status_code == 429]

@@ -97,6 +97,8 @@ pub struct Caller {
     pub client_id: Arc<str>,
     /// ODS code of the client's organisation.
     pub org: Arc<str>,
+    /// The `cross-org` scope: not confined to its organisation's data.
+    pub cross_org: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -696,7 +698,7 @@ fn interaction_of(need: &Need, method: &str) -> (&'static str, &'static str) {
     match need {
         Need::Bundle => ("transaction", "E"),
         Need::Admin => ("operation", "E"),
-        Need::Scopes(list) => match list.first().map(|(_, i)| *i) {
+        Need::Scopes(list) | Need::CrossOrg(list) => match list.first().map(|(_, i)| *i) {
             Some(Interaction::Create) => ("create", "C"),
             Some(Interaction::Read) => ("read", "R"),
             Some(Interaction::Update) if method == "PATCH" => ("patch", "U"),
@@ -839,6 +841,7 @@ pub(crate) async fn layer<S: Store>(
     req.extensions_mut().insert(Caller {
         client_id: caller.client_id.clone(),
         org: caller.org.clone(),
+        cross_org: caller.scopes.is_cross_org(),
     });
     let res = next.run(req).await;
     let what = subject_of(&path, &res);
@@ -859,6 +862,7 @@ fn bundle_need(body: &[u8]) -> Need {
         return Need::Authenticated;
     };
     let mut all = Vec::new();
+    let mut cross_org = false;
     for entry in v
         .get("entry")
         .and_then(Value::as_array)
@@ -876,11 +880,19 @@ fn bundle_need(body: &[u8]) -> Need {
             .unwrap_or("");
         match ::auth::bundle_entry(m, u) {
             Need::Scopes(list) => all.extend(list),
+            Need::CrossOrg(list) => {
+                cross_org = true;
+                all.extend(list)
+            }
             Need::Admin => return Need::Admin,
             _ => {}
         }
     }
-    Need::Scopes(all)
+    if cross_org {
+        Need::CrossOrg(all)
+    } else {
+        Need::Scopes(all)
+    }
 }
 
 fn oauth_error(e: &OAuthError) -> Response {

@@ -26,11 +26,13 @@
 //! after the last entry (a retry that arrives while the first request is still running is not held back).
 
 use crate::App;
+use crate::auth::Caller;
 use crate::error::{ApiError, FHIR_JSON};
 use crate::handlers::{
-    Return, etag, idempotency_key, parse_type, prefer_return, refused, request_hash, valid_id,
-    write_error,
+    IdemKey, MaybeCaller, Return, etag, idempotency_key, parse_type, prefer_return, refused,
+    request_hash, valid_id, write_error,
 };
+use crate::org::{self, MAX_SCAN, OrgFilter};
 use crate::search::{link_url, parse_pairs, parse_search};
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -71,7 +73,7 @@ pub async fn process_bundle<S: Store>(
     bundle: Value,
 ) -> BundleResponse {
     let base = fhir_base(base_url);
-    let answer = run(store, &base, bundle, Return::Representation, None).await;
+    let answer = run(store, &base, bundle, Return::Representation, None, None).await;
     BundleResponse {
         status: answer.status,
         body: answer.body,
@@ -83,6 +85,7 @@ pub async fn process_bundle<S: Store>(
 pub(crate) async fn post<S: Store>(
     State(app): State<Arc<App<S>>>,
     RawQuery(query): RawQuery,
+    caller: MaybeCaller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -99,7 +102,7 @@ pub(crate) async fn post<S: Store>(
             format!("The body is not valid JSON: {e}"),
         )
     })?;
-    let idem = idempotency_key(&headers)?.map(|key| Idem {
+    let idem = idempotency_key(&headers, &caller)?.map(|key| Idem {
         key,
         hash: request_hash("POST", "", query.as_deref(), &body),
     });
@@ -109,6 +112,7 @@ pub(crate) async fn post<S: Store>(
         bundle,
         prefer_return(&headers),
         idem,
+        caller.map(|axum::Extension(c)| c),
     )
     .await;
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -139,7 +143,7 @@ fn fhir_base(base_url: &str) -> String {
 
 /// `Idempotency-Key` and the hash of the request it was first used with.
 struct Idem {
-    key: String,
+    key: IdemKey,
     hash: String,
 }
 
@@ -172,14 +176,18 @@ async fn run<S: Store>(
     bundle: Value,
     ret: Return,
     idem: Option<Idem>,
+    caller: Option<Caller>,
 ) -> Answer {
     let (mode, entries) = match bundle_entries(bundle) {
         Ok(x) => x,
         Err(e) => return Answer::error(e),
     };
     match mode {
-        Mode::Transaction => transaction(store.as_ref(), base, entries, ret, idem).await,
-        Mode::Batch => batch(store, base, entries, ret, idem).await,
+        Mode::Transaction => {
+            let filter = org::filter_of(&caller.map(axum::Extension));
+            transaction(store.as_ref(), base, entries, ret, idem, filter).await
+        }
+        Mode::Batch => batch(store, base, entries, ret, idem, caller).await,
     }
 }
 
@@ -946,9 +954,14 @@ fn exec_create(
     id: String,
     resource: Value,
     if_none_exist: Option<&SearchQuery>,
+    mut filter: Option<&mut OrgFilter>,
 ) -> Step {
     if let Some(q) = if_none_exist {
-        match tx.search(q)?.as_slice() {
+        let mut found = tx.search(q)?;
+        if let Some(f) = filter.as_deref_mut() {
+            found = f.tx_visible(tx, found)?;
+        }
+        match found.as_slice() {
             [] => {}
             [existing] => return Ok(Ok(Done::Existing(existing.clone()))),
             _ => {
@@ -961,6 +974,11 @@ fn exec_create(
             }
         }
     }
+    if let Some(f) = filter
+        && let Err(e) = f.tx_check_write(tx, rtype, &id, &resource)?
+    {
+        return Ok(Err(e));
+    }
     Ok(booking::write_resource(tx, rtype, id, resource, Some(0))?
         .map(|o| Done::Created(o.into_stored()))
         .map_err(refused))
@@ -972,12 +990,16 @@ fn update_id(
     index: usize,
     target: &Target,
     resource: &Value,
+    filter: Option<&mut OrgFilter>,
 ) -> store::Result<Result<String, ApiError>> {
     let q = match target {
         Target::Id(id) => return Ok(Ok(id.clone())),
         Target::Conditional(q) => q,
     };
-    let found = tx.search(q)?;
+    let mut found = tx.search(q)?;
+    if let Some(f) = filter {
+        found = f.tx_visible(tx, found)?;
+    }
     let body_id = resource.get("id").and_then(Value::as_str);
     Ok(match (found.as_slice(), body_id) {
         ([], Some(id)) => Ok(id.to_string()),
@@ -1003,9 +1025,18 @@ fn exec_update(
     id: String,
     mut resource: Value,
     if_match: Option<u64>,
+    filter: Option<&mut OrgFilter>,
 ) -> Step {
     if let Some(obj) = resource.as_object_mut() {
         obj.insert("id".into(), Value::String(id.clone()));
+    }
+    if let Some(f) = filter {
+        if let Err(e) = f.tx_check_current(tx, rtype, &id)? {
+            return Ok(Err(e));
+        }
+        if let Err(e) = f.tx_check_write(tx, rtype, &id, &resource)? {
+            return Ok(Err(e));
+        }
     }
     Ok(booking::write_resource(tx, rtype, id, resource, if_match)?
         .map(|o| match o {
@@ -1015,13 +1046,51 @@ fn exec_update(
         .map_err(refused))
 }
 
-fn exec_delete(tx: &mut dyn Tx, rtype: ResourceType, id: &str, if_match: Option<u64>) -> Step {
+fn exec_delete(
+    tx: &mut dyn Tx,
+    rtype: ResourceType,
+    id: &str,
+    if_match: Option<u64>,
+    filter: Option<&mut OrgFilter>,
+) -> Step {
+    if let Some(f) = filter
+        && let Err(e) = confined_instance(f, tx, rtype, id)?
+    {
+        return Ok(Err(e));
+    }
     Ok(booking::delete_resource(tx, rtype, id, if_match)?
         .map(Done::Deleted)
         .map_err(refused))
 }
 
-fn exec_read(tx: &mut dyn Tx, rtype: ResourceType, id: &str) -> Step {
+/// For a confined client, inside a transaction: 404 for a resource of another organisation, and (so the two
+/// cannot be told apart) for a missing or deleted one of a separated type.
+fn confined_instance(
+    f: &mut OrgFilter,
+    tx: &mut dyn Tx,
+    rtype: ResourceType,
+    id: &str,
+) -> store::Result<Result<(), ApiError>> {
+    if ::auth::org::kind(rtype.as_str()) == ::auth::org::Kind::Shared {
+        return Ok(Ok(()));
+    }
+    match tx.read(rtype, id)? {
+        Some(s) if !s.deleted => f.tx_check_current(tx, rtype, id),
+        _ => Ok(Err(org::not_known(rtype, id))),
+    }
+}
+
+fn exec_read(
+    tx: &mut dyn Tx,
+    rtype: ResourceType,
+    id: &str,
+    filter: Option<&mut OrgFilter>,
+) -> Step {
+    if let Some(f) = filter
+        && let Err(e) = confined_instance(f, tx, rtype, id)?
+    {
+        return Ok(Err(e));
+    }
     Ok(match tx.read(rtype, id)? {
         None => Err(ApiError::not_found(format!("{rtype}/{id} is not known"))),
         Some(s) if s.deleted => Err(ApiError::new(
@@ -1039,14 +1108,33 @@ fn exec_search(
     rtype: ResourceType,
     query: &SearchQuery,
     link_params: &[(String, String)],
+    filter: Option<&mut OrgFilter>,
 ) -> Step {
     let count = query.count;
     let offset = query.offset;
     let mut q = query.clone();
     q.count = count + 1;
-    let mut found = tx.search(&q)?;
-    let more = found.len() > count;
-    found.truncate(count);
+    let filter = filter.filter(|_| ::auth::org::kind(rtype.as_str()) != ::auth::org::Kind::Shared);
+    let (found, more) = match filter {
+        None => {
+            let mut found = tx.search(&q)?;
+            let more = found.len() > count;
+            found.truncate(count);
+            (found, more)
+        }
+        Some(f) => {
+            // Filtered before paging, as on the REST search.
+            q.count = MAX_SCAN + 1;
+            q.offset = 0;
+            let scanned = tx.search(&q)?;
+            if scanned.len() > MAX_SCAN {
+                return Ok(Err(org::too_costly(rtype)));
+            }
+            let visible = f.tx_visible(tx, scanned)?;
+            let more = visible.len() > offset + count;
+            (visible.into_iter().skip(offset).take(count).collect(), more)
+        }
+    };
     let mut entries = Vec::with_capacity(found.len());
     for s in &found {
         entries.push(json!({
@@ -1083,31 +1171,39 @@ fn stored_json(s: &Stored) -> store::Result<Value> {
 }
 
 /// Run one batch entry's write (its own transaction).
-fn exec_batch_write(tx: &mut dyn Tx, index: usize, op: Op) -> Step {
+fn exec_batch_write(tx: &mut dyn Tx, index: usize, op: Op, mut filter: Option<OrgFilter>) -> Step {
     match op {
         Op::Create {
             rtype,
             id,
             resource,
             if_none_exist,
-        } => exec_create(tx, index, rtype, id, resource, if_none_exist.as_ref()),
+        } => exec_create(
+            tx,
+            index,
+            rtype,
+            id,
+            resource,
+            if_none_exist.as_ref(),
+            filter.as_mut(),
+        ),
         Op::Update {
             rtype,
             target,
             resource,
             if_match,
         } => {
-            let id = match update_id(tx, index, &target, &resource)? {
+            let id = match update_id(tx, index, &target, &resource, filter.as_mut())? {
                 Ok(id) => id,
                 Err(e) => return Ok(Err(e)),
             };
-            exec_update(tx, rtype, id, resource, if_match)
+            exec_update(tx, rtype, id, resource, if_match, filter.as_mut())
         }
         Op::Delete {
             rtype,
             id,
             if_match,
-        } => exec_delete(tx, rtype, &id, if_match),
+        } => exec_delete(tx, rtype, &id, if_match, filter.as_mut()),
         Op::Read { .. } | Op::Search { .. } | Op::Get { .. } => Ok(Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             IssueType::Exception,
@@ -1161,6 +1257,7 @@ async fn transaction<S: Store>(
     raw_entries: Vec<Value>,
     ret: Return,
     idem: Option<Idem>,
+    filter: Option<OrgFilter>,
 ) -> Answer {
     let mut entries = Vec::with_capacity(raw_entries.len());
     for (i, raw) in raw_entries.into_iter().enumerate() {
@@ -1241,7 +1338,7 @@ async fn transaction<S: Store>(
     let failure_in = failure.clone();
     let written = store
         .write(move |tx| {
-            match run_transaction(tx, &base_owned, entries, &order, ret, idem, touched) {
+            match run_transaction(tx, &base_owned, entries, &order, ret, idem, touched, filter) {
                 Ok(out) => Ok(out),
                 Err(abort) => {
                     let (store_error, api_error) = match abort {
@@ -1290,6 +1387,7 @@ async fn transaction<S: Store>(
 }
 
 /// The closure of a transaction. Any `Err` makes the caller roll everything back.
+#[allow(clippy::too_many_arguments)]
 fn run_transaction(
     tx: &mut dyn Tx,
     base: &str,
@@ -1298,9 +1396,10 @@ fn run_transaction(
     ret: Return,
     idem: Option<Idem>,
     mut touched: HashMap<String, usize>,
+    mut filter: Option<OrgFilter>,
 ) -> Result<TxOut, Abort> {
     if let Some(idem) = &idem {
-        let rec = tx.idempotency_get(&idem.key).map_err(|e| {
+        let rec = tx.idempotency_get(&idem.key.stored).map_err(|e| {
             let api = write_error(e.clone());
             Abort::Store(e, api)
         })?;
@@ -1311,7 +1410,7 @@ fn run_transaction(
                     IssueType::BusinessRule,
                     format!(
                         "Idempotency-Key '{}' was already used for a different request; use a new key",
-                        idem.key
+                        idem.key.shown
                     ),
                 )));
             }
@@ -1345,7 +1444,7 @@ fn run_transaction(
             if_match,
         } = &e.op
         {
-            let r = exec_delete(tx, *rtype, id, *if_match);
+            let r = exec_delete(tx, *rtype, id, *if_match, filter.as_mut());
             results[e.index] = Some(step(e, Some(*rtype), r)?);
         }
     }
@@ -1361,7 +1460,10 @@ fn run_transaction(
             ..
         } = &e.op
         {
-            let found = match tx.search(q) {
+            let found = match tx.search(q).and_then(|found| match filter.as_mut() {
+                Some(f) => f.tx_visible(tx, found),
+                None => Ok(found),
+            }) {
                 Ok(found) => found,
                 Err(se) => {
                     let api = locate(write_error(se.clone()), e.index, &e.label, Some(*rtype));
@@ -1423,7 +1525,15 @@ fn run_transaction(
                 resource,
                 if_none_exist,
             } => {
-                let r = exec_create(tx, index, rtype, id, resource, if_none_exist.as_ref());
+                let r = exec_create(
+                    tx,
+                    index,
+                    rtype,
+                    id,
+                    resource,
+                    if_none_exist.as_ref(),
+                    filter.as_mut(),
+                );
                 match step(e, Some(rtype), r)? {
                     Done::Existing(s) => {
                         return Err(Abort::Refused(locate(
@@ -1450,7 +1560,7 @@ fn run_transaction(
                 resource,
                 if_match,
             } => {
-                let id = match update_id(tx, index, &target, &resource) {
+                let id = match update_id(tx, index, &target, &resource, filter.as_mut()) {
                     Ok(Ok(id)) => id,
                     Ok(Err(err)) => {
                         return Err(Abort::Refused(locate(err, index, &e.label, Some(rtype))));
@@ -1482,7 +1592,7 @@ fn run_transaction(
                     resource: Value::Null,
                     if_match,
                 };
-                let r = exec_update(tx, rtype, id, resource, if_match);
+                let r = exec_update(tx, rtype, id, resource, if_match, filter.as_mut());
                 step(e, Some(rtype), r)?
             }
             other => {
@@ -1496,12 +1606,12 @@ fn run_transaction(
     // 4. GET
     for e in entries.iter() {
         let r = match &e.op {
-            Op::Read { rtype, id } => exec_read(tx, *rtype, id),
+            Op::Read { rtype, id } => exec_read(tx, *rtype, id, filter.as_mut()),
             Op::Search {
                 rtype,
                 query,
                 link_params,
-            } => exec_search(tx, base, *rtype, query, link_params),
+            } => exec_search(tx, base, *rtype, query, link_params, filter.as_mut()),
             _ => continue,
         };
         results[e.index] = Some(step(e, None, r)?);
@@ -1512,7 +1622,7 @@ fn run_transaction(
         Some(idem) => {
             let body = response_bundle(base, Mode::Transaction, results, ret);
             let record = IdempotencyRecord {
-                key: idem.key,
+                key: idem.key.stored,
                 request_hash: idem.hash,
                 status: 200,
                 headers: vec![("content-type".into(), FHIR_JSON.into())],
@@ -1537,9 +1647,11 @@ async fn batch<S: Store>(
     raw_entries: Vec<Value>,
     ret: Return,
     idem: Option<Idem>,
+    caller: Option<Caller>,
 ) -> Answer {
+    let filter = org::filter_of(&caller.clone().map(axum::Extension));
     if let Some(idem) = &idem {
-        let key = idem.key.clone();
+        let key = idem.key.stored.clone();
         match store.write(move |tx| tx.idempotency_get(&key)).await {
             Err(e) => return Answer::error(write_error(e)),
             Ok(Some(rec)) if rec.request_hash != idem.hash => {
@@ -1548,7 +1660,7 @@ async fn batch<S: Store>(
                     IssueType::BusinessRule,
                     format!(
                         "Idempotency-Key '{}' was already used for a different request; use a new key",
-                        idem.key
+                        idem.key.shown
                     ),
                 ));
             }
@@ -1590,11 +1702,15 @@ async fn batch<S: Store>(
                     let public = base.strip_suffix("/fhir").unwrap_or(base);
                     crate::router(store.clone(), crate::ApiConfig::new(public))
                 });
-                sub_get(router, &path).await
+                sub_get(router, &path, caller.as_ref()).await
             }
             op => {
                 let if_match = has_if_match(&op);
-                match store.write(move |tx| exec_batch_write(tx, i, op)).await {
+                let filter = filter.clone();
+                match store
+                    .write(move |tx| exec_batch_write(tx, i, op, filter))
+                    .await
+                {
                     Ok(Ok(done)) => done,
                     Ok(Err(e)) => Done::failed(e),
                     Err(e) => Done::failed(entry_store_error(e, i, if_match)),
@@ -1610,7 +1726,7 @@ async fn batch<S: Store>(
             .write(move |tx| {
                 let created_ms = tx.now_ms();
                 tx.idempotency_put(IdempotencyRecord {
-                    key: idem.key,
+                    key: idem.key.stored,
                     request_hash: idem.hash,
                     status: 200,
                     headers: vec![("content-type".into(), FHIR_JSON.into())],
@@ -1631,14 +1747,20 @@ async fn batch<S: Store>(
 }
 
 /// A GET entry of a batch, answered by the router as a REST request would be.
-async fn sub_get(router: &axum::Router, path: &str) -> Done {
+async fn sub_get(router: &axum::Router, path: &str, caller: Option<&Caller>) -> Done {
     let request = Request::builder()
         .method("GET")
         .uri(format!("/fhir/{path}"))
         .header(header::ACCEPT, "application/fhir+json")
         .body(Body::empty());
     let request = match request {
-        Ok(r) => r,
+        Ok(mut r) => {
+            // The entry is answered as this client: the same organisation filter applies.
+            if let Some(c) = caller {
+                r.extensions_mut().insert(c.clone());
+            }
+            r
+        }
         Err(e) => {
             return Done::failed(ApiError::bad_request(format!(
                 "request.url '{path}' is not a valid URL: {e}"

@@ -1,9 +1,12 @@
 //! FHIR interactions: create, read, vread, update, delete, history, search, $validate.
 
 use crate::App;
+use crate::auth::Caller;
 use crate::error::{ApiError, FHIR_JSON};
 use crate::http_date::http_date;
+use crate::org::{self, MAX_SCAN, OrgFilter, StoreLookup};
 use crate::search::{self, link_url, parse_pairs, parse_search, push_entry, push_json_str};
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -15,6 +18,8 @@ use std::sync::Arc;
 use store::{HistoryQuery, IdempotencyRecord, SearchQuery, Store, StoreError, Stored, Tx};
 
 type AppState<S> = State<Arc<App<S>>>;
+/// The authenticated client, when authentication is on.
+pub(crate) type MaybeCaller = Option<Extension<Caller>>;
 
 /// A complete response computed inside a write transaction (so it can be stored for idempotent replay).
 #[derive(Debug, Clone)]
@@ -205,7 +210,18 @@ pub(crate) fn validated_body(rtype: ResourceType, body: &[u8]) -> Result<Value, 
     }
 }
 
-pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+/// An `Idempotency-Key`: as stored (tied to the client that sent it, so another client's same key never
+/// replays this client's response) and as the client wrote it.
+#[derive(Debug, Clone)]
+pub(crate) struct IdemKey {
+    pub(crate) stored: String,
+    pub(crate) shown: String,
+}
+
+pub(crate) fn idempotency_key(
+    headers: &HeaderMap,
+    caller: &MaybeCaller,
+) -> Result<Option<IdemKey>, ApiError> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => {
@@ -215,7 +231,14 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
                     "Idempotency-Key must be 1-255 visible characters",
                 ))
             } else {
-                Ok(Some(k.to_string()))
+                let stored = match caller {
+                    Some(Extension(c)) => format!("{}:{}:{k}", c.client_id.len(), c.client_id),
+                    None => k.to_string(),
+                };
+                Ok(Some(IdemKey {
+                    stored,
+                    shown: k.to_string(),
+                }))
             }
         }
     }
@@ -237,7 +260,7 @@ pub(crate) fn request_hash(method: &str, path: &str, query: Option<&str>, body: 
 /// replays the stored reply; the same key with a different request is refused.
 pub(crate) async fn idempotent_write<S, F>(
     store: &S,
-    key: Option<String>,
+    key: Option<IdemKey>,
     hash: String,
     f: F,
 ) -> Result<Reply, ApiError>
@@ -248,12 +271,12 @@ where
     store
         .write(move |tx| {
             if let Some(key) = &key
-                && let Some(rec) = tx.idempotency_get(key)? {
+                && let Some(rec) = tx.idempotency_get(&key.stored)? {
                     if rec.request_hash != hash {
                         return Ok(Err(ApiError::new(
                             StatusCode::UNPROCESSABLE_ENTITY,
                             IssueType::BusinessRule,
-                            format!("Idempotency-Key '{key}' was already used for a different request; use a new key"),
+                            format!("Idempotency-Key '{}' was already used for a different request; use a new key", key.shown),
                         )));
                     }
                     let mut headers = rec.headers;
@@ -266,7 +289,7 @@ where
             };
             if let Some(key) = key {
                 tx.idempotency_put(IdempotencyRecord {
-                    key,
+                    key: key.stored,
                     request_hash: hash,
                     status: reply.status,
                     headers: reply.headers.clone(),
@@ -305,12 +328,14 @@ pub async fn create<S: Store>(
     State(app): AppState<S>,
     Path(rtype): Path<String>,
     RawQuery(query): RawQuery,
+    caller: MaybeCaller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Reply, ApiError> {
     let rtype = parse_type(&rtype)?;
     let mut resource = validated_body(rtype, &body)?;
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers, &caller)?;
+    let mut filter = org::filter_of(&caller);
     let hash = request_hash("POST", rtype.as_str(), query.as_deref(), &body);
     let ret = prefer_return(&headers);
     let condition = match headers.get("if-none-exist").and_then(|v| v.to_str().ok()) {
@@ -324,7 +349,11 @@ pub async fn create<S: Store>(
     let base = app.fhir_base();
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
         if let Some(q) = &condition {
-            let found = tx.search(q)?;
+            let mut found = tx.search(q)?;
+            if let Some(f) = &mut filter {
+                // Another organisation's match is not a match: it cannot be seen.
+                found = f.tx_visible(tx, found)?;
+            }
             match found.as_slice() {
                 [] => {}
                 [existing] => return Ok(Ok(stored_reply(&base, existing, 200, ret, true))),
@@ -337,6 +366,11 @@ pub async fn create<S: Store>(
                 }
             }
         }
+        if let Some(f) = &mut filter
+            && let Err(e) = f.tx_check_write(tx, rtype, &id, &resource)?
+        {
+            return Ok(Err(e));
+        }
         Ok(booking::write_resource(tx, rtype, id, resource, Some(0))?
             .map(|o| stored_reply(&base, o.stored(), 201, ret, true))
             .map_err(refused))
@@ -345,6 +379,7 @@ pub async fn create<S: Store>(
 }
 
 /// The shared body of update, conditional update and patch: store `resource` as `id`, creating when absent.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn put_resource(
     tx: &mut dyn Tx,
     base: &str,
@@ -353,7 +388,16 @@ pub(crate) fn put_resource(
     resource: Value,
     expected: Option<u64>,
     ret: Return,
+    filter: Option<&mut OrgFilter>,
 ) -> store::Result<Result<Reply, ApiError>> {
+    if let Some(f) = filter {
+        if let Err(e) = f.tx_check_current(tx, rtype, &id)? {
+            return Ok(Err(e));
+        }
+        if let Err(e) = f.tx_check_write(tx, rtype, &id, &resource)? {
+            return Ok(Err(e));
+        }
+    }
     Ok(booking::write_resource(tx, rtype, id, resource, expected)?
         .map(|o| {
             let created = o.is_created();
@@ -372,11 +416,16 @@ pub(crate) fn put_resource(
 pub async fn update<S: Store>(
     State(app): AppState<S>,
     Path((rtype, id)): Path<(String, String)>,
+    caller: MaybeCaller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Reply, ApiError> {
     let rtype = parse_type(&rtype)?;
     check_id(&id)?;
+    let mut filter = org::filter_of(&caller);
+    if let Some(f) = &mut filter {
+        f.check_instance(app.store.as_ref(), rtype, &id).await?;
+    }
     let resource = validated_body(rtype, &body)?;
     match resource.get("id").and_then(Value::as_str) {
         None => {
@@ -394,12 +443,21 @@ pub async fn update<S: Store>(
         _ => {}
     }
     let expected = if_match(&headers)?;
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers, &caller)?;
     let hash = request_hash("PUT", &format!("{rtype}/{id}"), None, &body);
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
-        put_resource(tx, &base, rtype, id, resource, expected, ret)
+        put_resource(
+            tx,
+            &base,
+            rtype,
+            id,
+            resource,
+            expected,
+            ret,
+            filter.as_mut(),
+        )
     })
     .await
 }
@@ -409,6 +467,7 @@ pub async fn conditional_update<S: Store>(
     State(app): AppState<S>,
     Path(rtype): Path<String>,
     RawQuery(query): RawQuery,
+    caller: MaybeCaller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Reply, ApiError> {
@@ -416,12 +475,16 @@ pub async fn conditional_update<S: Store>(
     let resource = validated_body(rtype, &body)?;
     let condition = conditional_query(rtype, query.as_deref().unwrap_or(""))?;
     let expected = if_match(&headers)?;
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers, &caller)?;
+    let mut filter = org::filter_of(&caller);
     let hash = request_hash("PUT", rtype.as_str(), query.as_deref(), &body);
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
-        let found = tx.search(&condition)?;
+        let mut found = tx.search(&condition)?;
+        if let Some(f) = &mut filter {
+            found = f.tx_visible(tx, found)?;
+        }
         let body_id = resource
             .get("id")
             .and_then(Value::as_str)
@@ -457,7 +520,16 @@ pub async fn conditional_update<S: Store>(
         if let Some(obj) = resource.as_object_mut() {
             obj.insert("id".into(), Value::String(id.clone()));
         }
-        put_resource(tx, &base, rtype, id, resource, expected, ret)
+        put_resource(
+            tx,
+            &base,
+            rtype,
+            id,
+            resource,
+            expected,
+            ret,
+            filter.as_mut(),
+        )
     })
     .await
 }
@@ -466,14 +538,36 @@ pub async fn conditional_update<S: Store>(
 pub async fn delete<S: Store>(
     State(app): AppState<S>,
     Path((rtype, id)): Path<(String, String)>,
+    caller: MaybeCaller,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&rtype)?;
     check_id(&id)?;
     let expected = if_match(&headers)?;
+    let mut filter = org::filter_of(&caller);
+    if let Some(f) = &mut filter {
+        f.check_instance(app.store.as_ref(), rtype, &id).await?;
+        // A confined client cannot tell another organisation's resource from a missing one: both are 404.
+        if ::auth::org::kind(rtype.as_str()) != ::auth::org::Kind::Shared
+            && app.store.read(rtype, &id).await?.is_none()
+        {
+            return Err(org::not_known(rtype, &id));
+        }
+    }
     let deleted = app
         .store
-        .write(move |tx| booking::delete_resource(tx, rtype, &id, expected))
+        .write(move |tx| {
+            if let Some(f) = &mut filter
+                && let Err(e) = f.tx_check_current(tx, rtype, &id)?
+            {
+                tracing::debug!(reason = ?e.issues, "delete refused: another organisation's");
+                return Ok(Err(booking::BookingError::NotFound {
+                    rtype,
+                    id: id.clone(),
+                }));
+            }
+            booking::delete_resource(tx, rtype, &id, expected)
+        })
         .await
         .map_err(write_error)?
         .map_err(refused)?;
@@ -505,11 +599,18 @@ fn read_response(base: &str, s: &Stored, headers: &HeaderMap) -> Response {
 pub async fn read<S: Store>(
     State(app): AppState<S>,
     Path((rtype, id)): Path<(String, String)>,
+    caller: MaybeCaller,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&rtype)?;
     check_id(&id)?;
-    match app.store.read(rtype, &id).await? {
+    let current = app.store.read(rtype, &id).await?;
+    if let (Some(f), Some(s)) = (&mut org::filter_of(&caller), &current)
+        && !f.visible(app.store.as_ref(), s).await?
+    {
+        return Err(org::not_known(rtype, &id));
+    }
+    match current {
         None => Err(ApiError::not_found(format!("{rtype}/{id} is not known"))),
         Some(s) if s.deleted => Err(ApiError::new(
             StatusCode::GONE,
@@ -524,10 +625,14 @@ pub async fn read<S: Store>(
 pub async fn vread<S: Store>(
     State(app): AppState<S>,
     Path((rtype, id, vid)): Path<(String, String, String)>,
+    caller: MaybeCaller,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&rtype)?;
     check_id(&id)?;
+    if let Some(f) = &mut org::filter_of(&caller) {
+        f.check_instance(app.store.as_ref(), rtype, &id).await?;
+    }
     let version: u64 = vid
         .parse()
         .map_err(|_| ApiError::bad_request(format!("version '{vid}' is not a number")))?;
@@ -637,8 +742,15 @@ async fn history<S: Store>(
     rtype: ResourceType,
     id: Option<String>,
     raw: Option<&str>,
+    mut filter: Option<OrgFilter>,
 ) -> Result<Response, ApiError> {
     let (count, offset, since_ms) = history_params(raw)?;
+    if let (Some(f), Some(id)) = (&mut filter, &id) {
+        f.check_instance(app.store.as_ref(), rtype, id).await?;
+    }
+    // A confined client's type history: every version of the resources it may see, filtered before paging.
+    let filter = filter
+        .filter(|_| id.is_none() && ::auth::org::kind(rtype.as_str()) != ::auth::org::Kind::Shared);
     let base = app.fhir_base();
     let path = match &id {
         Some(id) => format!("{base}/{rtype}/{id}/_history"),
@@ -648,10 +760,39 @@ async fn history<S: Store>(
         rtype,
         id: id.clone(),
         since_ms,
-        count: count + 1,
-        offset,
+        count: if filter.is_some() {
+            MAX_SCAN + 1
+        } else {
+            count + 1
+        },
+        offset: if filter.is_some() { 0 } else { offset },
     };
     let mut result = app.store.history(&q).await?;
+    if let Some(mut f) = filter {
+        if result.resources.len() > MAX_SCAN {
+            return Err(org::too_costly(rtype));
+        }
+        let mut seen: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+        let mut kept = Vec::with_capacity(result.resources.len());
+        for s in std::mem::take(&mut result.resources) {
+            let ok = match seen.get(&s.id) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = match app.store.read(rtype, &s.id).await? {
+                        Some(current) => f.visible(app.store.as_ref(), &current).await?,
+                        None => false,
+                    };
+                    seen.insert(s.id.clone(), ok);
+                    ok
+                }
+            };
+            if ok {
+                kept.push(s);
+            }
+        }
+        result.total = Some(kept.len() as u64);
+        result.resources = kept.into_iter().skip(offset).take(count + 1).collect();
+    }
     if let Some(id) = &id
         && result.resources.is_empty()
         && offset == 0
@@ -682,10 +823,18 @@ pub async fn instance_history<S: Store>(
     State(app): AppState<S>,
     Path((rtype, id)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
+    caller: MaybeCaller,
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&rtype)?;
     check_id(&id)?;
-    history(&app, rtype, Some(id), raw.as_deref()).await
+    history(
+        &app,
+        rtype,
+        Some(id),
+        raw.as_deref(),
+        org::filter_of(&caller),
+    )
+    .await
 }
 
 /// GET /fhir/{type}/_history
@@ -693,15 +842,17 @@ pub async fn type_history<S: Store>(
     State(app): AppState<S>,
     Path(rtype): Path<String>,
     RawQuery(raw): RawQuery,
+    caller: MaybeCaller,
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&rtype)?;
-    history(&app, rtype, None, raw.as_deref()).await
+    history(&app, rtype, None, raw.as_deref(), org::filter_of(&caller)).await
 }
 
 async fn run_search<S: Store>(
     app: &App<S>,
     rtype: ResourceType,
     pairs: Vec<(String, String)>,
+    mut filter: Option<OrgFilter>,
 ) -> Result<Response, ApiError> {
     let parsed = parse_search(rtype, &pairs)?;
     let base = app.fhir_base();
@@ -716,9 +867,44 @@ async fn run_search<S: Store>(
     } else {
         q.count = count + 1;
     }
-    let mut result = app.store.search(&q).await?;
-    let more = result.resources.len() > count;
-    result.resources.truncate(count);
+    // A confined client's search is filtered before paging and counting, so pages and totals hold only what
+    // it may see (shared types need no filter).
+    let filtered =
+        filter.is_some() && ::auth::org::kind(rtype.as_str()) != ::auth::org::Kind::Shared;
+    let (result, more) = if let (true, Some(f)) = (filtered, &mut filter) {
+        q.count = MAX_SCAN + 1;
+        q.offset = 0;
+        q.want_total = false;
+        let scanned = app.store.search(&q).await?.resources;
+        if scanned.len() > MAX_SCAN {
+            return Err(org::too_costly(rtype));
+        }
+        let mut visible = Vec::new();
+        let mut lookup = StoreLookup(app.store.as_ref());
+        for s in scanned {
+            if f.owns_stored(&mut lookup, &s).await? {
+                visible.push(s);
+            }
+        }
+        let total = visible.len();
+        let resources: Vec<Stored> = if parsed.summary_count {
+            Vec::new()
+        } else {
+            visible.into_iter().skip(offset).take(count).collect()
+        };
+        (
+            store::SearchResult {
+                resources,
+                total: Some(total as u64),
+            },
+            total > offset + count,
+        )
+    } else {
+        let mut result = app.store.search(&q).await?;
+        let more = result.resources.len() > count;
+        result.resources.truncate(count);
+        (result, more)
+    };
     let total = result.total.or_else(|| {
         (!more && !parsed.summary_count).then(|| (offset + result.resources.len()) as u64)
     });
@@ -753,6 +939,13 @@ async fn run_search<S: Store>(
                 if let Some(found) = app.store.read(t, id).await?
                     && !found.deleted
                 {
+                    if let Some(f) = &mut filter
+                        && !f
+                            .owns_stored(&mut StoreLookup(app.store.as_ref()), &found)
+                            .await?
+                    {
+                        continue;
+                    }
                     included.push(found);
                 }
             }
@@ -871,9 +1064,16 @@ pub async fn search<S: Store>(
     State(app): AppState<S>,
     Path(rtype): Path<String>,
     RawQuery(raw): RawQuery,
+    caller: MaybeCaller,
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&rtype)?;
-    run_search(&app, rtype, parse_pairs(raw.as_deref())).await
+    run_search(
+        &app,
+        rtype,
+        parse_pairs(raw.as_deref()),
+        org::filter_of(&caller),
+    )
+    .await
 }
 
 /// POST /fhir/{type}/_search with form parameters (and/or URL parameters).
@@ -881,6 +1081,7 @@ pub async fn search_post<S: Store>(
     State(app): AppState<S>,
     Path(rtype): Path<String>,
     RawQuery(raw): RawQuery,
+    caller: MaybeCaller,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&rtype)?;
@@ -888,7 +1089,7 @@ pub async fn search_post<S: Store>(
     let form = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_request("_search body must be UTF-8 form data"))?;
     pairs.extend(parse_pairs(Some(form)));
-    run_search(&app, rtype, pairs).await
+    run_search(&app, rtype, pairs, org::filter_of(&caller)).await
 }
 
 /// POST /fhir/{type}/$validate: the body is the resource, or a Parameters with a `resource` parameter.

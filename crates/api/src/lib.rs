@@ -16,6 +16,7 @@ mod handlers;
 mod http_date;
 pub mod metrics;
 mod ops;
+mod org;
 mod search;
 
 use axum::Router;

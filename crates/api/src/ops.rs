@@ -4,9 +4,10 @@
 use crate::App;
 use crate::error::{ApiError, FHIR_JSON};
 use crate::handlers::{
-    Reply, check_id, idempotency_key, idempotent_write, if_match, parse_type, prefer_return,
-    put_resource, refused, request_hash, stored_reply,
+    MaybeCaller, Reply, check_id, idempotency_key, idempotent_write, if_match, parse_type,
+    prefer_return, put_resource, refused, request_hash, stored_reply,
 };
+use crate::org;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -210,11 +211,16 @@ pub fn apply_patch(doc: &mut Value, patch: &Value) -> Result<(), ApiError> {
 pub async fn patch<S: Store>(
     State(app): AppState<S>,
     Path((rtype, id)): Path<(String, String)>,
+    caller: MaybeCaller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Reply, ApiError> {
     let rtype = parse_type(&rtype)?;
     check_id(&id)?;
+    let mut filter = org::filter_of(&caller);
+    if let Some(f) = &mut filter {
+        f.check_instance(app.store.as_ref(), rtype, &id).await?;
+    }
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -229,11 +235,16 @@ pub async fn patch<S: Store>(
     let ops: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the JSON Patch body is not JSON: {e}")))?;
     let expected = if_match(&headers)?;
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers, &caller)?;
     let hash = request_hash("PATCH", &format!("{rtype}/{id}"), None, &body);
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+        if let Some(f) = &mut filter
+            && let Err(e) = f.tx_check_current(tx, rtype, &id)?
+        {
+            return Ok(Err(e));
+        }
         let current = match tx.read(rtype, &id)? {
             None => {
                 return Ok(Err(ApiError::not_found(format!(
@@ -273,7 +284,7 @@ pub async fn patch<S: Store>(
             return Ok(Err(ApiError::invalid_resource(issues)));
         }
         let expected = Some(expected.unwrap_or(current.version));
-        put_resource(tx, &base, rtype, id, doc, expected, ret)
+        put_resource(tx, &base, rtype, id, doc, expected, ret, filter.as_mut())
     })
     .await
 }
@@ -337,6 +348,7 @@ fn resource_reply(status: u16, body: Value) -> Reply {
 pub async fn transition<S: Store>(
     State(app): AppState<S>,
     Path((rtype, id)): Path<(String, String)>,
+    caller: MaybeCaller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Reply, ApiError> {
@@ -346,6 +358,11 @@ pub async fn transition<S: Store>(
         )));
     }
     check_id(&id)?;
+    let mut filter = org::filter_of(&caller);
+    if let Some(f) = &mut filter {
+        f.check_instance(app.store.as_ref(), ResourceType::Appointment, &id)
+            .await?;
+    }
     let ps = parameters(&body)?;
     let (_, to) = param_str(&ps, &["status"], &["valueCode", "valueString"])
         .ok_or_else(|| missing("status"))?;
@@ -363,7 +380,7 @@ pub async fn transition<S: Store>(
             system: c.get("system").and_then(Value::as_str).map(str::to_string),
             code: c.get("code").and_then(Value::as_str).map(str::to_string),
         });
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers, &caller)?;
     let hash = request_hash(
         "POST",
         &format!("Appointment/{id}/$transition"),
@@ -373,6 +390,11 @@ pub async fn transition<S: Store>(
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+        if let Some(f) = &mut filter
+            && let Err(e) = f.tx_check_current(tx, ResourceType::Appointment, &id)?
+        {
+            return Ok(Err(e));
+        }
         Ok(booking::transition(tx, &id, &to, reason)?
             .map(|s| stored_reply(&base, &s, 200, ret, false))
             .map_err(refused))
@@ -410,6 +432,7 @@ fn patient_ref(ps: &[Value], names: &[&str]) -> Result<String, ApiError> {
 pub async fn merge<S: Store>(
     State(app): AppState<S>,
     Path(rtype): Path<String>,
+    caller: MaybeCaller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Reply, ApiError> {
@@ -421,9 +444,23 @@ pub async fn merge<S: Store>(
     let ps = parameters(&body)?;
     let source = patient_ref(&ps, &["source-patient", "source"])?;
     let target = patient_ref(&ps, &["target-patient", "target"])?;
-    let key = idempotency_key(&headers)?;
+    let mut filter = org::filter_of(&caller);
+    if let Some(f) = &mut filter {
+        for p in [&source, &target] {
+            f.check_instance(app.store.as_ref(), ResourceType::Patient, p)
+                .await?;
+        }
+    }
+    let key = idempotency_key(&headers, &caller)?;
     let hash = request_hash("POST", "Patient/$merge", None, &body);
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+        if let Some(f) = &mut filter {
+            for p in [&source, &target] {
+                if let Err(e) = f.tx_check_current(tx, ResourceType::Patient, p)? {
+                    return Ok(Err(e));
+                }
+            }
+        }
         Ok(booking::merge_patients(tx, &source, &target)?
             .map(|m| {
                 let target_json: Value =
@@ -510,6 +547,7 @@ fn slot_template(schedule_id: &str, ps: &[Value]) -> Result<SlotTemplate, ApiErr
 pub async fn generate_slots<S: Store>(
     State(app): AppState<S>,
     Path((rtype, id)): Path<(String, String)>,
+    caller: MaybeCaller,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Reply, ApiError> {
@@ -519,8 +557,13 @@ pub async fn generate_slots<S: Store>(
         )));
     }
     check_id(&id)?;
+    let mut filter = org::filter_of(&caller);
+    if let Some(f) = &mut filter {
+        f.check_instance(app.store.as_ref(), ResourceType::Schedule, &id)
+            .await?;
+    }
     let template = slot_template(&id, &parameters(&body)?)?;
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers, &caller)?;
     let hash = request_hash(
         "POST",
         &format!("Schedule/{id}/$generate-slots"),
@@ -528,6 +571,11 @@ pub async fn generate_slots<S: Store>(
         &body,
     );
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+        if let Some(f) = &mut filter
+            && let Err(e) = f.tx_check_current(tx, ResourceType::Schedule, &id)?
+        {
+            return Ok(Err(e));
+        }
         Ok(booking::generate_slots(tx, &id, &template)?
             .map(|g| {
                 resource_reply(

@@ -14,6 +14,9 @@ pub enum Need {
     Admin,
     /// Each of these (resource type or `*`, interaction).
     Scopes(Vec<(String, Interaction)>),
+    /// Each of these and the `cross-org` scope: `/events` and Subscriptions (they carry every organisation's
+    /// changes).
+    CrossOrg(Vec<(String, Interaction)>),
     /// A Bundle (`POST /fhir`): decided per entry from the body ([`bundle_entry`]).
     Bundle,
 }
@@ -29,6 +32,19 @@ impl Need {
                 .iter()
                 .find(|(t, i)| !granted.allows(t, *i))
                 .map(|(t, i)| Scopes::needed(t, *i)),
+            Need::CrossOrg(list) => list
+                .iter()
+                .find(|(t, i)| !granted.allows(t, *i))
+                .map(|(t, i)| Scopes::needed(t, *i))
+                .or_else(|| (!granted.is_cross_org()).then(|| crate::scope::CROSS_ORG.to_string())),
+        }
+    }
+
+    /// The (type, interaction) pairs this need names, if any.
+    pub fn scopes(&self) -> &[(String, Interaction)] {
+        match self {
+            Need::Scopes(list) | Need::CrossOrg(list) => list,
+            _ => &[],
         }
     }
 }
@@ -81,7 +97,7 @@ pub fn required(method: &str, path: &str, query: &str) -> Need {
     match path {
         "/health" | "/fhir/metadata" | "/oauth2/token" => return Need::Open,
         "/metrics" => return Need::Admin,
-        "/events" => return one("*", Interaction::Read),
+        "/events" => return Need::CrossOrg(vec![("*".into(), Interaction::Read)]),
         _ => {}
     }
     if path == "/admin" || path.starts_with("/admin/") {
@@ -108,7 +124,7 @@ pub fn required(method: &str, path: &str, query: &str) -> Need {
         return Need::Admin;
     }
     use Interaction::*;
-    match (method, &segs[1..]) {
+    let need = match (method, &segs[1..]) {
         ("GET", []) | ("POST", ["_search"]) => {
             let mut list = vec![(rtype.to_string(), Search)];
             list.extend(include_needs(query));
@@ -128,6 +144,11 @@ pub fn required(method: &str, path: &str, query: &str) -> Need {
             Need::Scopes(vec![(rtype.to_string(), Read), ("Slot".into(), Create)])
         }
         _ => Need::Authenticated,
+    };
+    // Subscriptions carry every organisation's changes: managing them needs `cross-org` too.
+    match need {
+        Need::Scopes(list) if rtype == "Subscription" => Need::CrossOrg(list),
+        other => other,
     }
 }
 

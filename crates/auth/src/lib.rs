@@ -20,6 +20,7 @@ pub mod jose;
 pub mod jwks_cache;
 pub mod keys;
 pub mod outbound;
+pub mod org;
 pub mod scope;
 pub mod token;
 

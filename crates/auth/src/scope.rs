@@ -1,6 +1,8 @@
 //! SMART on FHIR v2 system scopes (`system/Appointment.cruds`, `system/*.rs`), the v1 forms (`system/*.read`
-//! = `rs`, `.write` = `cud`, `.*` = `cruds`), and the hub's own `admin` scope (`/admin/*`, `/metrics`,
-//! `$replay`, AuditEvent). Patient and user scopes are not accepted: every client is a system.
+//! = `rs`, `.write` = `cud`, `.*` = `cruds`), the hub's own `admin` scope (`/admin/*`, `/metrics`,
+//! `$replay`, AuditEvent) and `cross-org` (the client sees and changes every organisation's data, and may use
+//! the event feed and Subscriptions; without it a client is confined to its own organisation). Patient and user
+//! scopes are not accepted: every client is a system.
 
 /// The five SMART v2 permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +42,9 @@ impl Interaction {
     }
 }
 
+/// The scope that lifts organisation separation.
+pub const CROSS_ORG: &str = "cross-org";
+
 const LETTERS: [(char, u8); 5] = [('c', 1), ('r', 2), ('u', 4), ('d', 8), ('s', 16)];
 
 /// A set of granted (or requested) scopes.
@@ -49,6 +54,8 @@ pub struct Scopes {
     entries: Vec<(String, u8)>,
     /// The `admin` scope.
     admin: bool,
+    /// The `cross-org` scope.
+    cross_org: bool,
 }
 
 impl Scopes {
@@ -60,9 +67,13 @@ impl Scopes {
                 out.admin = true;
                 continue;
             }
+            if s == CROSS_ORG {
+                out.cross_org = true;
+                continue;
+            }
             let Some(rest) = s.strip_prefix("system/") else {
                 return Err(format!(
-                    "'{s}' is not a system scope (system/<Type>.<cruds>) or 'admin'"
+                    "'{s}' is not a system scope (system/<Type>.<cruds>), 'admin' or 'cross-org'"
                 ));
             };
             let Some((rtype, perm)) = rest.split_once('.') else {
@@ -92,6 +103,11 @@ impl Scopes {
         self.admin
     }
 
+    /// True when the `cross-org` scope is granted.
+    pub fn is_cross_org(&self) -> bool {
+        self.cross_org
+    }
+
     fn bits(&self, rtype: &str) -> u8 {
         self.entries
             .iter()
@@ -102,6 +118,7 @@ impl Scopes {
     /// True when every scope of `self` is covered by `granted` (a `*` request needs a `*` grant).
     pub fn is_within(&self, granted: &Scopes) -> bool {
         (!self.admin || granted.admin)
+            && (!self.cross_org || granted.cross_org)
             && self.entries.iter().all(|(t, b)| {
                 let have = if t == "*" {
                     granted
@@ -123,7 +140,7 @@ impl Scopes {
 }
 
 impl std::fmt::Display for Scopes {
-    /// Canonical form: v2 letters, in grant order, `admin` last.
+    /// Canonical form: v2 letters, in grant order, then `admin`, then `cross-org`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut first = true;
         for (t, b) in &self.entries {
@@ -142,7 +159,14 @@ impl std::fmt::Display for Scopes {
             if !first {
                 f.write_str(" ")?;
             }
+            first = false;
             f.write_str("admin")?;
+        }
+        if self.cross_org {
+            if !first {
+                f.write_str(" ")?;
+            }
+            f.write_str(CROSS_ORG)?;
         }
         Ok(())
     }

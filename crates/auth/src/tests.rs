@@ -381,7 +381,10 @@ fn scope_needed_per_interaction() {
     assert_eq!(required("POST", "/oauth2/token", ""), Need::Open);
     assert_eq!(required("GET", "/metrics", ""), Need::Admin);
     assert_eq!(required("GET", "/admin/deliveries", ""), Need::Admin);
-    assert_eq!(required("GET", "/events", ""), one("*", Read));
+    assert_eq!(
+        required("GET", "/events", ""),
+        Need::CrossOrg(vec![("*".into(), Read)])
+    );
     assert_eq!(
         required("POST", "/fhir/Patient", ""),
         one("Patient", Create)
@@ -633,4 +636,125 @@ fn jwks_url_cache_decisions() {
     assert_eq!(max_age("no-store"), Some(0));
     assert_eq!(max_age("public"), None);
     assert_eq!(max_age("max-age=-5"), Some(0));
+fn cross_org_is_a_scope_of_its_own() {
+    use access::{Need, required};
+    let s = Scopes::parse("system/*.cruds admin cross-org").unwrap();
+    assert!(s.is_cross_org() && s.is_admin());
+    assert_eq!(s.to_string(), "system/*.cruds admin cross-org");
+    let org_bound = Scopes::parse("system/*.cruds").unwrap();
+    assert!(!org_bound.is_cross_org());
+    assert_eq!(
+        Scopes::parse("cross-org system/Patient.r")
+            .unwrap()
+            .to_string(),
+        "system/Patient.r cross-org"
+    );
+    assert!(!Scopes::parse("cross-org").unwrap().is_within(&org_bound));
+    assert!(Scopes::parse("system/Slot.r").unwrap().is_within(&s));
+    assert!(Scopes::parse("cross-org").unwrap().is_within(&s));
+    assert!(Scopes::parse("crossorg").is_err());
+    // The feed and Subscriptions need it; other FHIR interactions do not.
+    let events = required("GET", "/events", "");
+    assert_eq!(events.missing(&org_bound).as_deref(), Some("cross-org"));
+    assert_eq!(events.missing(&s), None);
+    assert_eq!(
+        events
+            .missing(&Scopes::parse("cross-org").unwrap())
+            .as_deref(),
+        Some("system/*.r"),
+        "the type scope is named first"
+    );
+    for (m, p) in [
+        ("GET", "/fhir/Subscription"),
+        ("POST", "/fhir/Subscription"),
+        ("GET", "/fhir/Subscription/1"),
+        ("DELETE", "/fhir/Subscription/1"),
+    ] {
+        let need = required(m, p, "");
+        assert!(matches!(need, Need::CrossOrg(_)), "{m} {p}: {need:?}");
+        assert_eq!(need.missing(&org_bound).as_deref(), Some("cross-org"));
+    }
+    assert!(matches!(
+        required("GET", "/fhir/Appointment/1", ""),
+        Need::Scopes(_)
+    ));
+    assert_eq!(
+        required("POST", "/fhir/Subscription/1/$replay", ""),
+        Need::Admin
+    );
+}
+
+#[test]
+fn ownership_is_read_from_the_resource() {
+    use org::*;
+    assert_eq!(kind("Practitioner"), Kind::Shared);
+    assert_eq!(kind("Organization"), Kind::Shared);
+    assert_eq!(kind("Schedule"), Kind::Schedule);
+    assert_eq!(kind("Slot"), Kind::Slot);
+    assert_eq!(kind("Appointment"), Kind::Appointment);
+    assert_eq!(kind("Patient"), Kind::Patient);
+    assert_eq!(kind("Subscription"), Kind::CrossOrgOnly);
+
+    assert_eq!(reference_id("Slot/1", "Slot"), Some("1"));
+    assert_eq!(reference_id("http://h/fhir/Slot/a-b", "Slot"), Some("a-b"));
+    assert_eq!(reference_id("Slot/1/_history/3", "Slot"), Some("1"));
+    assert_eq!(reference_id("Schedule/1", "Slot"), None);
+    assert_eq!(reference_id("Slot/", "Slot"), None);
+    assert_eq!(reference_id("urn:uuid:1", "Slot"), None);
+
+    let schedule = json!({"resourceType": "Schedule", "actor": [
+        {"reference": "Practitioner/p"},
+        {"reference": "Organization/o1"},
+        {"identifier": {"system": ODS_SYSTEM, "value": "rxx01"}},
+        {"identifier": {"system": "https://example.org/other", "value": "NOPE"}},
+    ], "extension": [
+        {"url": BOOKING_ORGANIZATION_URL, "valueReference": {"identifier": {"system": ODS_SYSTEM, "value": "B1"}}},
+        {"url": "https://example.org/other-extension", "valueReference": {"reference": "Organization/o9"}},
+    ]});
+    assert_eq!(
+        schedule_organizations(&schedule),
+        vec![
+            OrgRef::Organization("o1".into()),
+            OrgRef::Ods("RXX01".into()),
+            OrgRef::Ods("B1".into())
+        ]
+    );
+    assert!(
+        schedule_organizations(&json!({"actor": [{"reference": "Practitioner/p"}]})).is_empty()
+    );
+
+    let slot = json!({"schedule": {"reference": "Schedule/s1"}});
+    assert_eq!(slot_schedule(&slot).as_deref(), Some("s1"));
+    assert_eq!(slot_schedule(&json!({"schedule": {"display": "x"}})), None);
+
+    let appt = json!({
+        "slot": [{"reference": "Slot/a"}, {"reference": "Slot/b"}],
+        "participant": [
+            {"actor": {"reference": "Patient/p1"}},
+            {"actor": {"reference": "Practitioner/d"}},
+            {"actor": {"reference": "http://h/fhir/Patient/p2"}},
+        ],
+        "extension": [{"url": BOOKING_ORGANIZATION_URL, "valueReference": {"reference": "Organization/o2"}}],
+    });
+    assert_eq!(appointment_slots(&appt), vec!["a", "b"]);
+    assert_eq!(appointment_patients(&appt), vec!["p1", "p2"]);
+    assert_eq!(
+        booking_organizations(&appt),
+        vec![OrgRef::Organization("o2".into())]
+    );
+
+    let patient = json!({"managingOrganization": {"reference": "Organization/o3",
+        "identifier": {"system": ODS_SYSTEM, "value": "Y1"}}});
+    assert_eq!(
+        managing_organization(&patient),
+        vec![OrgRef::Organization("o3".into()), OrgRef::Ods("Y1".into())]
+    );
+    assert!(managing_organization(&json!({})).is_empty());
+
+    let org = json!({"identifier": [
+        {"system": ODS_SYSTEM, "value": " rxx "},
+        {"system": "https://example.org/x", "value": "Q"},
+    ]});
+    assert_eq!(ods_codes(&org), vec!["RXX"]);
+    assert!(same_org("rxx01", "RXX01") && !same_org("RXX01", "RXX02"));
 }

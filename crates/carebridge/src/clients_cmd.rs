@@ -38,10 +38,12 @@ pub enum ClientsCommand {
         /// Client id (the `iss` and `sub` of its assertions).
         #[arg(long)]
         id: String,
-        /// ODS code of the organisation it acts for.
+        /// ODS code of the organisation it acts for: without the `cross-org` scope the client sees and changes
+        /// only that organisation's Schedules, Slots and Appointments and the Patients linked to them.
         #[arg(long)]
         ods: String,
-        /// Granted scopes, space separated, e.g. "system/Appointment.cruds system/Patient.rs".
+        /// Granted scopes, space separated, e.g. "system/Appointment.cruds system/Patient.rs"; `admin` for the
+        /// admin endpoints, `cross-org` for every organisation's data, the event feed and Subscriptions.
         #[arg(long)]
         scopes: String,
         /// The client's public keys (RS512 RSA or ES384 P-384, each with a kid): a JWKS file, or an https (or
@@ -82,6 +84,17 @@ pub enum ClientsCommand {
         /// Remove the client's certificate binding.
         #[arg(long, conflicts_with_all = ["cert", "cert_thumbprint"])]
         unbind_cert: bool,
+    },
+    /// Replace a client's scopes (e.g. give the admin client of an older hub `cross-org`); tokens issued
+    /// before keep their scopes until they expire.
+    SetScopes {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        id: String,
+        /// The new scopes, space separated.
+        #[arg(long)]
+        scopes: String,
     },
     /// Revoke a client: no new tokens, and its existing tokens are refused (within a second).
     Revoke {
@@ -381,6 +394,25 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
             let n = result.map_err(|e| anyhow!(e))?;
             println!("client {id} now has {n} inline key(s)");
         }
+        ClientsCommand::SetScopes { store, id, scopes } => {
+            let parsed = auth::Scopes::parse(&scopes).map_err(|e| anyhow!("--scopes: {e}"))?;
+            let text = parsed.to_string();
+            let st = open(&store)?;
+            let who = id.clone();
+            let stored = text.clone();
+            let found = rt.block_on(st.write(move |tx| {
+                let Some(mut c) = api::auth::get_client(tx, &who)? else {
+                    return Ok(false);
+                };
+                c.scopes = stored;
+                api::auth::put_client(tx, &c)?;
+                Ok(true)
+            }))?;
+            if !found {
+                bail!("no client {id}");
+            }
+            println!("client {id} now has scopes {text}");
+        }
         ClientsCommand::Revoke { store, id } => {
             let st = open(&store)?;
             let who = id.clone();
@@ -401,7 +433,7 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
     Ok(())
 }
 
-/// First start: when no client is registered, create `admin` (scopes `system/*.cruds admin`) with a fresh RSA
+/// First start: when no client is registered, create `admin` (scopes `system/*.cruds admin cross-org`) with a fresh RSA
 /// key whose private half is written to `<data_dir>/admin-client-key.pem` (mode 0600). Returns the key file
 /// when it was created now.
 pub async fn bootstrap<S: Store>(store: &S, data_dir: &Path) -> Result<Option<PathBuf>> {
@@ -423,7 +455,7 @@ pub async fn bootstrap<S: Store>(store: &S, data_dir: &Path) -> Result<Option<Pa
         id: ADMIN_CLIENT.into(),
         name: "bootstrap administrator".into(),
         ods: "ADMIN".into(),
-        scopes: "system/*.cruds admin".into(),
+        scopes: "system/*.cruds admin cross-org".into(),
         jwks: json!({ "keys": [signer.public_jwk(ADMIN_KID)] }),
         jwks_url: None,
         cert_thumbprint: None,

@@ -505,7 +505,7 @@ fn start_carebridge(
 }
 
 /// `start_carebridge` with authentication on (signed-JWT clients, the hub's default) or off.
-pub(crate) fn start_carebridge_auth(
+fn start_carebridge_auth(
     bin: &Path,
     data_dir: &Path,
     durability: &str,

@@ -19,8 +19,8 @@ pub mod client;
 pub mod jose;
 pub mod jwks_cache;
 pub mod keys;
-pub mod outbound;
 pub mod org;
+pub mod outbound;
 pub mod scope;
 pub mod token;
 

@@ -636,6 +636,9 @@ fn jwks_url_cache_decisions() {
     assert_eq!(max_age("no-store"), Some(0));
     assert_eq!(max_age("public"), None);
     assert_eq!(max_age("max-age=-5"), Some(0));
+}
+
+#[test]
 fn cross_org_is_a_scope_of_its_own() {
     use access::{Need, required};
     let s = Scopes::parse("system/*.cruds admin cross-org").unwrap();

@@ -227,6 +227,29 @@ fn check_ods(ods: &str) -> Result<()> {
 }
 
 /// Run a `clients` command.
+/// Change the stored record of client `id` in one write; an unknown id is an error.
+fn update_client(
+    rt: &tokio::runtime::Runtime,
+    store: &StoreArgs,
+    id: &str,
+    change: impl FnOnce(&mut auth::Client) + Send + 'static,
+) -> Result<()> {
+    let st = open(store)?;
+    let who = id.to_string();
+    let found = rt.block_on(st.write(move |tx| {
+        let Some(mut c) = api::auth::get_client(tx, &who)? else {
+            return Ok(false);
+        };
+        change(&mut c);
+        api::auth::put_client(tx, &c)?;
+        Ok(true)
+    }))?;
+    if !found {
+        bail!("no client {id}");
+    }
+    Ok(())
+}
+
 pub fn run(cmd: ClientsCommand) -> Result<()> {
     let rt = runtime()?;
     match cmd {
@@ -397,36 +420,12 @@ pub fn run(cmd: ClientsCommand) -> Result<()> {
         ClientsCommand::SetScopes { store, id, scopes } => {
             let parsed = auth::Scopes::parse(&scopes).map_err(|e| anyhow!("--scopes: {e}"))?;
             let text = parsed.to_string();
-            let st = open(&store)?;
-            let who = id.clone();
             let stored = text.clone();
-            let found = rt.block_on(st.write(move |tx| {
-                let Some(mut c) = api::auth::get_client(tx, &who)? else {
-                    return Ok(false);
-                };
-                c.scopes = stored;
-                api::auth::put_client(tx, &c)?;
-                Ok(true)
-            }))?;
-            if !found {
-                bail!("no client {id}");
-            }
+            update_client(&rt, &store, &id, move |c| c.scopes = stored)?;
             println!("client {id} now has scopes {text}");
         }
         ClientsCommand::Revoke { store, id } => {
-            let st = open(&store)?;
-            let who = id.clone();
-            let found = rt.block_on(st.write(move |tx| {
-                let Some(mut c) = api::auth::get_client(tx, &who)? else {
-                    return Ok(false);
-                };
-                c.revoked = true;
-                api::auth::put_client(tx, &c)?;
-                Ok(true)
-            }))?;
-            if !found {
-                bail!("no client {id}");
-            }
+            update_client(&rt, &store, &id, |c| c.revoked = true)?;
             println!("client {id} revoked");
         }
     }

@@ -1683,7 +1683,7 @@ fn mesh_roundtrip(root: &Path, target: &Path, quick: bool) -> Result<String, Str
 
 /// Rounds of the read run per mode; the modes alternate (off, on, off, on, ...) so drift on a shared machine
 /// hits both alike, and the median round of each is reported.
-const AUTH_ROUNDS: usize = 3;
+const AUTH_ROUNDS: usize = 5;
 /// Reads may be at most this much slower with authentication on.
 const AUTH_TARGET_LOSS: f64 = 0.10;
 

@@ -11,7 +11,7 @@
 //!
 //! The pure decisions (JWS, JWKS, claims, scopes, which scope a request needs, thumbprints, JWKS caching) live
 //! in the `auth` crate; this module does the IO (the store, and fetching JWKS URLs). It never spawns tasks: the
-//! binary runs [`write_audit`] with the receiver of [`audit_channel`].
+//! binary runs [`write_audit`] with the [`AuditLog`] it gave the [`Guard`].
 
 use crate::search::{parse_pairs, push_json_str};
 use crate::{App, FHIR_JSON};
@@ -30,23 +30,26 @@ use axum::response::{IntoResponse, Response};
 use fhir::IssueType;
 use serde_json::{Value, json};
 use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::{Store, StoreError, Tx};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// Key-value namespace of audit pages (key = 16-digit page number, value = one tab-separated line per record,
 /// served as AuditEvent JSON).
-pub const AUDIT_NAMESPACE: &str = "audit";
+pub const AUDIT_NAMESPACE: &str = store::LOG_NAMESPACES[0];
 /// Key-value namespace of the audit page counter (key `page`).
-pub const AUDIT_META_NAMESPACE: &str = "audit-meta";
+pub const AUDIT_META_NAMESPACE: &str = store::LOG_NAMESPACES[1];
 /// Key-value namespace of used assertion ids (key = `client|jti`, value = the assertion's `exp`).
 pub const JTI_NAMESPACE: &str = "auth-jti";
 /// Key-value namespace grouping used `jti`s by the minute they expire in, so expired ones are purged.
 pub const JTI_BUCKET_NAMESPACE: &str = "auth-jti-bucket";
-/// Audit records queued at most (a second of requests at well above the measured peak); a request finding the
-/// queue full waits for room rather than dropping its record.
-pub const AUDIT_QUEUE: usize = 200_000;
+/// Bytes of audit lines held at most for the writer (a few seconds of requests at well above the measured peak,
+/// about 100 bytes each); a request finding the log full waits for room rather than dropping its record.
+pub const AUDIT_MAX_BYTES: usize = 64 << 20;
 /// How long the audit writer gathers records before writing them as one page.
 pub const AUDIT_INTERVAL: Duration = Duration::from_millis(1000);
 /// How long a client's revocation state and rate limit are cached by a process.
@@ -122,18 +125,46 @@ pub struct Guard {
     pub token_lifetime_s: i64,
     /// Requests per second per client when the client record sets none (0 = no limit).
     pub default_rate: f64,
-    audit: Option<mpsc::Sender<AuditRecord>>,
+    audit: Option<Arc<AuditLog>>,
     status: Mutex<HashMap<String, (Instant, Status)>>,
     buckets: Mutex<HashMap<String, Bucket>>,
     /// Tokens already verified (by their text), so a client reusing its token costs a lookup, not a parse and
     /// a MAC. Bounded: cleared when it reaches [`TOKEN_CACHE_MAX`].
-    verified: Mutex<HashMap<String, Arc<Verified>>>,
+    verified: Mutex<HashMap<String, Arc<Verified>, TokenTail>>,
     /// Key sets fetched from clients' JWKS URLs.
     jwks: Mutex<JwksCache>,
 }
 
 /// Most verified tokens remembered by a process.
 const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// Hashes a token by its last 32 bytes (part of its MAC) and length instead of SipHash over the whole
+/// ~350 bytes. Only tokens this hub signed are ever inserted, so callers cannot choose colliding keys; a
+/// lookup still compares the whole token.
+#[derive(Debug, Clone, Copy, Default)]
+struct TokenTail;
+
+impl BuildHasher for TokenTail {
+    type Hasher = TailHasher;
+    fn build_hasher(&self) -> TailHasher {
+        TailHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+/// FNV-1a over the tail of each write.
+struct TailHasher(u64);
+
+impl Hasher for TailHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let tail = &bytes[bytes.len().saturating_sub(32)..];
+        for b in tail.iter().chain(&(bytes.len() as u64).to_le_bytes()) {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
 
 /// A verified access token: who, and the parsed scopes.
 #[derive(Debug)]
@@ -144,6 +175,15 @@ struct Verified {
     exp: i64,
     /// The certificate thumbprint the token is bound to (`cnf.x5t#S256`).
     cnf: Option<Arc<str>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // The last requests are done: let the audit writer flush and stop.
+        if let Some(log) = &self.audit {
+            log.close();
+        }
+    }
 }
 
 impl std::fmt::Debug for Guard {
@@ -157,12 +197,12 @@ impl std::fmt::Debug for Guard {
 
 impl Guard {
     /// `secret` is the hub's stored token key ([`hub_secret`]); `public_url` the hub's base URL (the token
-    /// endpoint is `<public_url>/oauth2/token`, the assertions' `aud`); `audit` receives an AuditEvent per
-    /// request when set.
+    /// endpoint is `<public_url>/oauth2/token`, the assertions' `aud`); `audit` receives an audit line per
+    /// request when set (run [`write_audit`] on it).
     pub fn new(
         secret: &str,
         public_url: &str,
-        audit: Option<mpsc::Sender<AuditRecord>>,
+        audit: Option<Arc<AuditLog>>,
     ) -> Result<Guard, String> {
         Ok(Guard {
             key: HubKey::from_secret(secret, public_url)?,
@@ -172,7 +212,7 @@ impl Guard {
             audit,
             status: Mutex::default(),
             buckets: Mutex::default(),
-            verified: Mutex::default(),
+            verified: Mutex::new(HashMap::with_hasher(TokenTail)),
             jwks: Mutex::default(),
         })
     }
@@ -182,15 +222,9 @@ impl Guard {
         &self.token_url
     }
 
-    fn audit(&self, event: AuditRecord) {
-        if let Some(tx) = &self.audit
-            && let Err(mpsc::error::TrySendError::Full(event)) = tx.try_send(event)
-        {
-            // Never drop an audit record: wait for room (the writer is behind).
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(event).await;
-            });
+    async fn audit(&self, line: &AuditLine<'_>) {
+        if let Some(log) = &self.audit {
+            log.append(line).await;
         }
     }
 
@@ -307,10 +341,16 @@ impl Guard {
         }
         let mut map = self.buckets.lock().ok()?;
         let now = Instant::now();
-        let b = map.entry(id.to_string()).or_insert(Bucket {
-            tokens: rate.max(1.0),
-            at: now,
-        });
+        if !map.contains_key(id) {
+            map.insert(
+                id.to_string(),
+                Bucket {
+                    tokens: rate.max(1.0),
+                    at: now,
+                },
+            );
+        }
+        let b = map.get_mut(id)?;
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(rate.max(1.0));
         b.at = now;
         if b.tokens >= 1.0 {
@@ -428,7 +468,7 @@ pub fn put_client(tx: &mut dyn Tx, client: &Client) -> Result<(), StoreError> {
     tx.kv_put(CLIENT_NAMESPACE, &client.id, Some(&client.to_json()))
 }
 
-/// One request's audit facts, sent to [`write_audit`] (which formats the AuditEvent off the request path).
+/// One stored audit record, parsed back from its line (see [`AuditLine`]) to be served as an AuditEvent.
 #[derive(Debug, Clone)]
 pub struct AuditRecord {
     /// When, ms since the epoch.
@@ -451,40 +491,88 @@ pub struct AuditRecord {
     pub detail: Option<String>,
 }
 
-/// The receiving end of [`audit_channel`].
-pub type AuditReceiver = mpsc::Receiver<AuditRecord>;
-
-/// A bounded channel for audit records; give the sender to [`Guard::new`] and run [`write_audit`] on the
-/// receiver.
-pub fn audit_channel() -> (mpsc::Sender<AuditRecord>, AuditReceiver) {
-    mpsc::channel(AUDIT_QUEUE)
+/// Audit lines waiting for [`write_audit`]: requests append one compact line each to a shared buffer (no
+/// allocation per request), and the writer swaps the buffer out once per [`AUDIT_INTERVAL`] and stores it as
+/// one page.
+#[derive(Debug, Default)]
+pub struct AuditLog {
+    /// The lines, and how many.
+    buf: Mutex<(String, usize)>,
+    /// Signalled when the writer has emptied the buffer (for requests waiting for room).
+    room: Notify,
+    /// Signalled when the log is closed (the writer flushes at once and stops).
+    wake: Notify,
+    closed: AtomicBool,
 }
 
-/// Append audit records to the store until every sender is gone. Records queued together are written as one
-/// page (one key-value row, one compact line per record; ids `<page>-<index>`), so auditing every read costs
-/// one row per batch and about 100 bytes per request. Pages are never updated or deleted.
-pub async fn write_audit<S: Store>(store: Arc<S>, mut rx: AuditReceiver) {
-    let mut open = true;
-    while open {
-        let mut batch = Vec::new();
-        if rx.recv_many(&mut batch, 4096).await == 0 {
-            break;
-        }
-        // Gather for an interval without listening (a listening receiver would be woken by every request),
-        // then drain: one wake-up, one commit and one fsync per interval keep auditing off the read path's
-        // budget. A crash loses at most this interval of audit records.
-        tokio::time::sleep(AUDIT_INTERVAL).await;
-        loop {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
+impl AuditLog {
+    /// A new, empty log; give it to [`Guard::new`] and run [`write_audit`] on it.
+    pub fn new() -> Arc<AuditLog> {
+        Arc::new(AuditLog::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (String, usize)> {
+        // Nothing panics while holding the lock; recover the text rather than lose it.
+        self.buf.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Append one line, waiting for room when the writer is behind (never dropping it).
+    async fn append(&self, line: &AuditLine<'_>) {
+        {
+            let mut buf = self.lock();
+            if buf.0.len() < AUDIT_MAX_BYTES {
+                line.push(&mut buf.0);
+                buf.1 += 1;
+                return;
             }
         }
-        let n = batch.len();
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut buf = self.lock();
+                if buf.0.len() < AUDIT_MAX_BYTES {
+                    line.push(&mut buf.0);
+                    buf.1 += 1;
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// No more lines will come: the writer flushes what is left and returns.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
+/// Store the audit log's lines until it is closed. Lines gathered in an interval are written as one page (one
+/// key-value row, one compact line per record; ids `<page>-<index>`), so auditing every read costs one row
+/// per interval and about 100 bytes per request. Pages are never updated or deleted.
+pub async fn write_audit<S: Store>(store: Arc<S>, log: Arc<AuditLog>) {
+    let mut spare = String::new();
+    loop {
+        let closed = log.closed.load(Ordering::SeqCst);
+        if !closed {
+            // Gather for an interval without waking per request: one wake-up, one commit and one fsync per
+            // interval keep auditing off the read path's budget. A crash loses at most this interval of lines.
+            tokio::select! {
+                () = tokio::time::sleep(AUDIT_INTERVAL) => {}
+                () = log.wake.notified() => {}
+            }
+        }
+        let (text, lines) = std::mem::replace(&mut *log.lock(), (spare, 0));
+        log.room.notify_waiters();
+        if text.is_empty() {
+            spare = text;
+            if closed {
+                return;
+            }
+            continue;
+        }
         let result = store
             .write(move |tx| {
                 let page: u64 = tx
@@ -492,47 +580,168 @@ pub async fn write_audit<S: Store>(store: Arc<S>, mut rx: AuditReceiver) {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0)
                     + 1;
-                let mut text = String::with_capacity(batch.len() * 96);
-                for r in &batch {
-                    r.push_line(&mut text);
-                }
                 tx.kv_put(AUDIT_NAMESPACE, &format!("{page:016}"), Some(&text))?;
-                tx.kv_put(AUDIT_META_NAMESPACE, "page", Some(&page.to_string()))
+                tx.kv_put(AUDIT_META_NAMESPACE, "page", Some(&page.to_string()))?;
+                Ok(text)
             })
             .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, records = n, "could not append audit records");
+        spare = match result {
+            Ok(mut text) => {
+                text.clear();
+                text
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = lines, "could not append audit records");
+                String::new()
+            }
+        };
+    }
+}
+
+/// Where a message applied by an adapter came from, for its audit line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// HL7 v2 over MLLP (or inside a MESH message): the id is MSH-10.
+    Hl7,
+    /// MESH: the id is the MESH message id.
+    Mesh,
+}
+
+/// The audit facts of one inbound message applied by an adapter (no HTTP client involved).
+#[derive(Debug, Clone, Copy)]
+pub struct MessageAudit<'a> {
+    pub channel: Channel,
+    /// Who sent it: `MSH-3^MSH-4`, or the sending MESH mailbox.
+    pub sender: &'a str,
+    /// The sender's organisation when known (MSH-4 is often an ODS code), else "".
+    pub org: &'a str,
+    /// HL7 control id (MSH-10) or MESH message id.
+    pub message_id: &'a str,
+    /// 200 when applied (or a duplicate answered again), 4xx when refused.
+    pub status: u16,
+    /// What happened, for people (`ADT^A28 AA`, `workflow X: applied`); no patient data.
+    pub detail: &'a str,
+}
+
+impl AuditLog {
+    /// Record an inbound message an adapter applied or refused.
+    pub async fn record_message(&self, m: &MessageAudit<'_>) {
+        let (subtype, prefix) = match m.channel {
+            Channel::Hl7 => ("hl7-message", "hl7:"),
+            Channel::Mesh => ("mesh-message", "mesh:"),
+        };
+        let client = format!("{prefix}{}", m.sender);
+        self.append(&AuditLine {
+            ms: now_ms(),
+            client: &client,
+            org: m.org,
+            subtype,
+            action: "E",
+            status: m.status,
+            what: None,
+            correlation: Some(m.message_id).filter(|s| !s.is_empty()),
+            detail: Some(m.detail).filter(|s| !s.is_empty()),
+        })
+        .await;
+    }
+}
+
+/// One request's audit facts, borrowed from the request: what [`AuditLog`] stores as a line.
+#[derive(Debug, Clone, Copy)]
+struct AuditLine<'a> {
+    ms: i64,
+    client: &'a str,
+    org: &'a str,
+    subtype: &'static str,
+    action: &'static str,
+    status: u16,
+    /// `Type/id` of the resource concerned, as its two parts.
+    what: Option<(&'a str, &'a str)>,
+    correlation: Option<&'a str>,
+    detail: Option<&'a str>,
+}
+
+/// Append `s` with tabs and line breaks turned into spaces (the line's field and record separators).
+fn push_field(out: &mut String, s: &str) {
+    if s.bytes().any(|b| matches!(b, b'\t' | b'\n' | b'\r')) {
+        out.extend(s.chars().map(|c| {
+            if matches!(c, '\t' | '\n' | '\r') {
+                ' '
+            } else {
+                c
+            }
+        }));
+    } else {
+        out.push_str(s);
+    }
+}
+
+/// Append the decimal digits of `n` (without the formatting machinery: this runs for every request).
+fn push_int(out: &mut String, n: i64) {
+    if n < 0 {
+        let _ = write!(out, "{n}");
+        return;
+    }
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
+    }
+    for d in &digits[i..] {
+        out.push(char::from(*d));
+    }
+}
+
+impl AuditLine<'_> {
+    /// The stored form: one line of tab-separated fields (tabs and line breaks inside a field become spaces).
+    fn push(&self, out: &mut String) {
+        push_int(out, self.ms);
+        out.push('\t');
+        push_field(out, self.client);
+        out.push('\t');
+        push_field(out, self.org);
+        out.push('\t');
+        out.push_str(self.subtype);
+        out.push('\t');
+        out.push_str(self.action);
+        out.push('\t');
+        push_int(out, i64::from(self.status));
+        out.push('\t');
+        if let Some((t, id)) = self.what {
+            push_field(out, t);
+            out.push('/');
+            push_field(out, id);
+        }
+        out.push('\t');
+        push_field(out, self.correlation.unwrap_or(""));
+        out.push('\t');
+        push_field(out, self.detail.unwrap_or(""));
+        out.push('\n');
     }
 }
 
 impl AuditRecord {
-    /// The stored form: one line of tab-separated fields (tabs and line breaks inside a field become spaces).
+    /// The stored form (see [`AuditLine::push`]).
+    #[cfg(test)]
     fn push_line(&self, out: &mut String) {
-        let fields: [&str; 9] = [
-            &self.ms.to_string(),
-            &self.client,
-            &self.org,
-            self.subtype,
-            self.action,
-            &self.status.to_string(),
-            self.what.as_deref().unwrap_or(""),
-            self.correlation.as_deref().unwrap_or(""),
-            self.detail.as_deref().unwrap_or(""),
-        ];
-        for (i, f) in fields.iter().enumerate() {
-            if i > 0 {
-                out.push('\t');
-            }
-            out.extend(f.chars().map(|c| {
-                if matches!(c, '\t' | '\n' | '\r') {
-                    ' '
-                } else {
-                    c
-                }
-            }));
+        AuditLine {
+            ms: self.ms,
+            client: &self.client,
+            org: &self.org,
+            subtype: self.subtype,
+            action: self.action,
+            status: self.status,
+            what: self.what.as_deref().and_then(|w| w.split_once('/')),
+            correlation: self.correlation.as_deref(),
+            detail: self.detail.as_deref(),
         }
-        out.push('\n');
+        .push(out);
     }
 
     /// Parse one stored line.
@@ -555,6 +764,8 @@ impl AuditRecord {
                 "delete" => "delete",
                 "transaction" => "transaction",
                 "token" => "token",
+                "hl7-message" => "hl7-message",
+                "mesh-message" => "mesh-message",
                 _ => "operation",
             },
             action: match *action {
@@ -597,15 +808,21 @@ fn push_audit_event(out: &mut String, id: &str, r: &AuditRecord) {
     let outcome = outcome_code(r.status);
     out.push_str("{\"resourceType\":\"AuditEvent\",\"id\":");
     push_json_str(out, id);
-    out.push_str(
-        ",\"type\":{\"system\":\"http://terminology.hl7.org/CodeSystem/audit-event-type\",\"code\":\"rest\",\
-         \"display\":\"RESTful Operation\"},\"subtype\":[{\"system\":\"",
-    );
-    out.push_str(if r.subtype == "token" {
-        "urn:carebridge:audit-subtype"
+    out.push_str(if matches!(r.subtype, "hl7-message" | "mesh-message") {
+        // An inbound message applied by an adapter: DICOM "Import".
+        ",\"type\":{\"system\":\"http://dicom.nema.org/resources/ontology/DCM\",\"code\":\"110107\",\
+         \"display\":\"Import\"},\"subtype\":[{\"system\":\""
     } else {
-        "http://hl7.org/fhir/restful-interaction"
+        ",\"type\":{\"system\":\"http://terminology.hl7.org/CodeSystem/audit-event-type\",\"code\":\"rest\",\
+         \"display\":\"RESTful Operation\"},\"subtype\":[{\"system\":\""
     });
+    out.push_str(
+        if matches!(r.subtype, "token" | "hl7-message" | "mesh-message") {
+            "urn:carebridge:audit-subtype"
+        } else {
+            "http://hl7.org/fhir/restful-interaction"
+        },
+    );
     out.push_str("\",\"code\":");
     push_json_str(out, r.subtype);
     out.push_str("}],\"action\":");
@@ -643,9 +860,13 @@ fn push_audit_event(out: &mut String, id: &str, r: &AuditRecord) {
             if r.what.is_some() {
                 out.push(',');
             }
-            out.push_str(
-                "{\"what\":{\"identifier\":{\"system\":\"urn:carebridge:correlation-id\",\"value\":",
-            );
+            out.push_str("{\"what\":{\"identifier\":{\"system\":\"");
+            out.push_str(match r.subtype {
+                "hl7-message" => "urn:carebridge:hl7-control-id",
+                "mesh-message" => "urn:carebridge:mesh-message-id",
+                _ => "urn:carebridge:correlation-id",
+            });
+            out.push_str("\",\"value\":");
             push_json_str(out, c);
             out.push_str("}}}");
         }
@@ -654,17 +875,23 @@ fn push_audit_event(out: &mut String, id: &str, r: &AuditRecord) {
     out.push('}');
 }
 
-fn correlation(headers: &HeaderMap) -> Option<String> {
-    ["x-correlation-id", "x-request-id"]
+/// `X-Correlation-ID` (else `X-Request-ID`), at most 200 characters of it.
+fn correlation(headers: &HeaderMap) -> Option<&str> {
+    [&crate::X_CORRELATION_ID, &crate::X_REQUEST_ID]
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
-        .map(|s| s.chars().take(200).collect())
+        .map(|s| s.char_indices().nth(200).map_or(s, |(i, _)| &s[..i]))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    // Bytes, not `HeaderValue::to_str` (which checks each byte of the ~350-byte token on every request): a
+    // token with unusual bytes simply fails verification.
+    let v = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let (scheme, token) = v.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    Some(std::str::from_utf8(token).ok()?.trim())
 }
 
 fn unauthorized(description: &str) -> Response {
@@ -712,19 +939,19 @@ fn interaction_of(need: &Need, method: &str) -> (&'static str, &'static str) {
 }
 
 /// `Type/id` of the resource a request or its response names (path, else `Location`).
-fn subject_of(path: &str, res: &Response) -> Option<String> {
+fn subject_of<'a>(path: &'a str, res: &'a Response) -> Option<(&'a str, &'a str)> {
     let mut segs = path.strip_prefix("/fhir/")?.split('/');
     if let (Some(t), Some(id)) = (segs.next(), segs.next())
         && !id.is_empty()
         && !id.starts_with('_')
         && !id.starts_with('$')
     {
-        return Some(format!("{t}/{id}"));
+        return Some((t, id));
     }
     let loc = res.headers().get(header::LOCATION)?.to_str().ok()?;
     let after = loc.split("/fhir/").nth(1)?;
     let mut parts = after.split('/');
-    Some(format!("{}/{}", parts.next()?, parts.next()?))
+    Some((parts.next()?, parts.next()?))
 }
 
 /// The layer in front of every route: open routes pass; every other request needs a valid Bearer token of this
@@ -738,34 +965,33 @@ pub(crate) async fn layer<S: Store>(
     let Some(guard) = app.config.auth.clone() else {
         return next.run(req).await;
     };
-    let method = req.method().as_str().to_string();
+    let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let mut need = ::auth::required(&method, &path, req.uri().query().unwrap_or(""));
+    let mut need = ::auth::required(method.as_str(), &path, req.uri().query().unwrap_or(""));
     if need == Need::Open {
         return next.run(req).await;
     }
-    let corr = correlation(req.headers());
-    let (subtype, action) = interaction_of(&need, &method);
-    let record = |client: &Arc<str>,
-                  org: &Arc<str>,
-                  status: u16,
-                  what: Option<String>,
-                  detail: Option<String>| {
-        AuditRecord {
-            ms: now_ms(),
-            client: client.clone(),
-            org: org.clone(),
-            subtype,
-            action,
-            status,
-            what,
-            correlation: corr.clone(),
-            detail,
-        }
-    };
-    let refuse = |client: &Arc<str>, org: &Arc<str>, status: u16, detail: String| {
+    let (subtype, action) = interaction_of(&need, method.as_str());
+    // A refusal: logged, audited (without a subject), answered with `res`.
+    let refused = async |headers: &HeaderMap,
+                         client: &str,
+                         org: &str,
+                         status: u16,
+                         detail: &str| {
         tracing::info!(client = %client, method = %method, path = %path, status, reason = %detail, "request refused");
-        guard.audit(record(client, org, status, None, Some(detail)));
+        guard
+            .audit(&AuditLine {
+                ms: now_ms(),
+                client,
+                org,
+                subtype,
+                action,
+                status,
+                what: None,
+                correlation: correlation(headers),
+                detail: Some(detail),
+            })
+            .await;
     };
     let verified = match bearer(req.headers()) {
         None => Err("no Bearer token".to_string()),
@@ -774,7 +1000,7 @@ pub(crate) async fn layer<S: Store>(
     let caller = match verified {
         Ok(c) => c,
         Err(e) => {
-            refuse(&"-".into(), &"".into(), 401, e.clone());
+            refused(req.headers(), "-", "", 401, &e).await;
             return unauthorized(&e);
         }
     };
@@ -782,21 +1008,30 @@ pub(crate) async fn layer<S: Store>(
         && !::auth::cert::matches(bound, peer_thumbprint(req.extensions()).as_deref())
     {
         let e = "the token is bound to a client certificate this connection did not present";
-        refuse(&caller.client_id, &caller.org, 401, e.into());
+        refused(req.headers(), &caller.client_id, &caller.org, 401, e).await;
         return unauthorized(e);
     }
     let status = guard.client_status(&*app.store, &caller.client_id).await;
     if !status.active {
-        refuse(
+        refused(
+            req.headers(),
             &caller.client_id,
             &caller.org,
             401,
-            "client revoked or unknown".into(),
-        );
+            "client revoked or unknown",
+        )
+        .await;
         return unauthorized("the client has been revoked");
     }
     if let Some(wait) = guard.take(&caller.client_id, status.rate) {
-        refuse(&caller.client_id, &caller.org, 429, "rate limit".into());
+        refused(
+            req.headers(),
+            &caller.client_id,
+            &caller.org,
+            429,
+            "rate limit",
+        )
+        .await;
         let mut res = crate::ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             IssueType::TooCostly,
@@ -823,35 +1058,43 @@ pub(crate) async fn layer<S: Store>(
                 parts.uri.query().unwrap_or(""),
                 String::from_utf8_lossy(&bytes)
             );
-            need = ::auth::required(&method, &path, &q);
+            need = ::auth::required(method.as_str(), &path, &q);
         }
         Request::from_parts(parts, Body::from(bytes))
     } else {
         req
     };
     if let Some(missing) = need.missing(&caller.scopes) {
-        refuse(
+        refused(
+            req.headers(),
             &caller.client_id,
             &caller.org,
             403,
-            format!("missing scope {missing}"),
-        );
+            &format!("missing scope {missing}"),
+        )
+        .await;
         return forbidden(&missing);
     }
+    let corr = correlation(req.headers()).map(str::to_string);
     req.extensions_mut().insert(Caller {
         client_id: caller.client_id.clone(),
         org: caller.org.clone(),
         cross_org: caller.scopes.is_cross_org(),
     });
     let res = next.run(req).await;
-    let what = subject_of(&path, &res);
-    guard.audit(record(
-        &caller.client_id,
-        &caller.org,
-        res.status().as_u16(),
-        what,
-        None,
-    ));
+    guard
+        .audit(&AuditLine {
+            ms: now_ms(),
+            client: &caller.client_id,
+            org: &caller.org,
+            subtype,
+            action,
+            status: res.status().as_u16(),
+            what: subject_of(&path, &res),
+            correlation: corr.as_deref(),
+            detail: None,
+        })
+        .await;
     res
 }
 
@@ -926,17 +1169,19 @@ pub(crate) async fn token<S: Store>(
     let corr = correlation(&headers);
     match issue(&app, &guard, &headers, &body, presented.as_deref()).await {
         Ok((client, body)) => {
-            guard.audit(AuditRecord {
-                ms: now_ms(),
-                client: client.id.as_str().into(),
-                org: client.ods.as_str().into(),
-                subtype: "token",
-                action: "E",
-                status: 200,
-                what: None,
-                correlation: corr,
-                detail: None,
-            });
+            guard
+                .audit(&AuditLine {
+                    ms: now_ms(),
+                    client: &client.id,
+                    org: &client.ods,
+                    subtype: "token",
+                    action: "E",
+                    status: 200,
+                    what: None,
+                    correlation: corr,
+                    detail: None,
+                })
+                .await;
             (
                 StatusCode::OK,
                 [
@@ -949,17 +1194,19 @@ pub(crate) async fn token<S: Store>(
         }
         Err((client, e)) => {
             tracing::info!(client = %client, error = %e, "token refused");
-            guard.audit(AuditRecord {
-                ms: now_ms(),
-                client: client.as_str().into(),
-                org: "".into(),
-                subtype: "token",
-                action: "E",
-                status: e.code.http_status(),
-                what: None,
-                correlation: corr,
-                detail: Some(e.to_string()),
-            });
+            guard
+                .audit(&AuditLine {
+                    ms: now_ms(),
+                    client: &client,
+                    org: "",
+                    subtype: "token",
+                    action: "E",
+                    status: e.code.http_status(),
+                    what: None,
+                    correlation: corr,
+                    detail: Some(&e.to_string()),
+                })
+                .await;
             oauth_error(&e)
         }
     }
@@ -1331,6 +1578,47 @@ mod tests {
         assert_eq!(v["entity"][0]["what"]["reference"], "Patient/abc");
         assert_eq!(v["outcomeDesc"], "403 missing scope system/Patient.d");
         assert!(AuditRecord::from_line("not\ta record").is_none());
+    }
+
+    #[test]
+    fn integers_and_bearer_tokens_are_read_without_the_formatting_machinery() {
+        for n in [0i64, 7, 10, 403, 1_764_000_000_123, i64::MAX, -5] {
+            let mut out = String::from("x");
+            push_int(&mut out, n);
+            assert_eq!(out, format!("x{n}"));
+        }
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            bearer(&h).map(str::to_string)
+        };
+        assert_eq!(with("Bearer abc.def").as_deref(), Some("abc.def"));
+        assert_eq!(with("bEARER  abc ").as_deref(), Some("abc"));
+        assert_eq!(with("Basic abc"), None);
+        assert_eq!(with("Bearer"), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_hands_its_lines_to_the_writer_once() {
+        let log = AuditLog::new();
+        let line = AuditLine {
+            ms: 5,
+            client: "c",
+            org: "o",
+            subtype: "read",
+            action: "R",
+            status: 200,
+            what: Some(("Patient", "p1")),
+            correlation: None,
+            detail: None,
+        };
+        log.append(&line).await;
+        log.append(&line).await;
+        let (text, n) = std::mem::take(&mut *log.lock());
+        assert_eq!(n, 2);
+        assert_eq!(text, "5\tc\to\tread\tR\t200\tPatient/p1\t\t\n".repeat(2));
+        assert!(log.lock().0.is_empty());
     }
 
     #[test]

@@ -20,6 +20,12 @@ mod transfer_cmd;
 mod validate_cmd;
 
 use anyhow::{Context, Result};
+
+/// mimalloc instead of glibc malloc: the request path allocates many small, short-lived blocks on several
+/// threads, and glibc's arenas spent measurable time consolidating them (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -192,9 +198,10 @@ async fn run_hub(
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut api_config = api::ApiConfig::new(public_url.clone());
         api_config.stopping = stop_rx.clone();
-        let audit_writer = configure_auth(&*store, &cfg, local, &public_url, &mut api_config)
-            .await?
-            .map(|rx| tokio::spawn(api::auth::write_audit(store.clone(), rx)));
+        let audit_log = configure_auth(&*store, &cfg, local, &public_url, &mut api_config).await?;
+        let audit_writer = audit_log
+            .clone()
+            .map(|log| tokio::spawn(api::auth::write_audit(store.clone(), log)));
         let metrics = api_config.metrics.clone();
         let app = api::router(store.clone(), api_config);
         // MESH: the mailboxes' clients serve the mesh:// channel (installed before the runner starts) and the
@@ -217,6 +224,7 @@ async fn run_hub(
                 format!("{public_url}/fhir"),
                 cfg.mllp.is_none(),
                 store.is_shared(),
+                audit_log.clone(),
                 stop_rx.clone(),
             );
         }
@@ -252,6 +260,7 @@ async fn run_hub(
                     ingest.clone(),
                     m.clone(),
                     tls,
+                    audit_log.clone(),
                     stop_rx.clone(),
                 ));
                 tokio::spawn(mllp::sweep_parked(ingest, stop_rx.clone()));
@@ -324,7 +333,7 @@ async fn configure_auth<S: store::Store>(
     http: std::net::SocketAddr,
     public_url: &str,
     api_config: &mut api::ApiConfig,
-) -> Result<Option<api::auth::AuditReceiver>> {
+) -> Result<Option<Arc<api::auth::AuditLog>>> {
     if !cfg.auth {
         let mllp_loopback = cfg.mllp.as_ref().is_none_or(|m| {
             let host = m.addr.rsplit_once(':').map_or(m.addr.as_str(), |(h, _)| h);
@@ -356,13 +365,13 @@ async fn configure_auth<S: store::Store>(
     let secret = api::auth::hub_secret(store)
         .await
         .context("loading the hub's token key")?;
-    let (tx, rx) = api::auth::audit_channel();
-    let mut guard = api::auth::Guard::new(&secret, public_url, Some(tx))
+    let log = api::auth::AuditLog::new();
+    let mut guard = api::auth::Guard::new(&secret, public_url, Some(log.clone()))
         .map_err(|e| anyhow::anyhow!("the hub's token key: {e}"))?;
     guard.token_lifetime_s = cfg.token_lifetime_s;
     guard.default_rate = cfg.rate_limit;
     api_config.auth = Some(Arc::new(guard));
-    Ok(Some(rx))
+    Ok(Some(log))
 }
 
 /// Registers SIGINT and SIGTERM handlers now and returns a future that resolves on either.

@@ -296,6 +296,8 @@ struct Poller<S> {
     skipped: HashSet<String>,
     /// The store is shared by several processes: poll only while holding this mailbox's lease.
     shared: bool,
+    /// The audit trail (authentication on): one line per message handled.
+    audit: Option<Arc<api::auth::AuditLog>>,
 }
 
 /// Start one polling task per mailbox (and, when `sweep` is set because no MLLP listener runs one, the sweep
@@ -307,6 +309,7 @@ pub fn spawn<S: Store>(
     fhir_base: String,
     sweep: bool,
     shared: bool,
+    audit: Option<Arc<api::auth::AuditLog>>,
     stop: watch::Receiver<bool>,
 ) {
     let ingest = Arc::new(hl7_adapter::Ingest::new(store.clone(), hl7));
@@ -321,6 +324,7 @@ pub fn spawn<S: Store>(
             fhir_base: fhir_base.clone(),
             skipped: HashSet::new(),
             shared,
+            audit: audit.clone(),
         };
         tokio::spawn(poller.run(stop.clone()));
     }
@@ -513,6 +517,26 @@ impl<S: Store> Poller<S> {
         self.commit(&key, &rec)
             .await
             .map_err(|e| Pending::Retry(format!("recording the outcome: {e}")))?;
+        if let Some(log) = &self.audit {
+            // What was done, never the payload or the adapter's error text (which may quote patient data).
+            let detail = format!(
+                "{} workflow={} kind={} outcome={}{}",
+                rec.message_type,
+                rec.workflow_id.as_deref().unwrap_or(""),
+                rec.kind,
+                rec.outcome,
+                if rec.duplicate { " duplicate" } else { "" }
+            );
+            log.record_message(&api::auth::MessageAudit {
+                channel: api::auth::Channel::Mesh,
+                sender: rec.from.as_deref().unwrap_or(""),
+                org: "",
+                message_id: &rec.message_id,
+                status: if rec.attention { 422 } else { 200 },
+                detail: &detail,
+            })
+            .await;
+        }
         failpoint("after-record");
         self.acknowledge(id).await
     }

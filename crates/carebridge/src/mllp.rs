@@ -71,6 +71,7 @@ pub async fn serve<S: Store>(
     ingest: Arc<Ingest<S>>,
     cfg: MllpConfig,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    audit: Option<Arc<api::auth::AuditLog>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -81,8 +82,13 @@ pub async fn serve<S: Store>(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let (ingest, cfg, stop, tls) =
-                    (ingest.clone(), cfg.clone(), stop.clone(), tls.clone());
+                let (ingest, cfg, stop, tls, audit) = (
+                    ingest.clone(),
+                    cfg.clone(),
+                    stop.clone(),
+                    tls.clone(),
+                    audit.clone(),
+                );
                 tokio::spawn(async move {
                     let result = match tls {
                         Some(acceptor) => {
@@ -90,13 +96,13 @@ pub async fn serve<S: Store>(
                                 .await
                             {
                                 Ok(Ok(tls_stream)) => {
-                                    connection(tls_stream, ingest, cfg, stop).await
+                                    connection(tls_stream, ingest, cfg, audit, stop).await
                                 }
                                 Ok(Err(e)) => Err(anyhow!("TLS handshake refused: {e}")),
                                 Err(_) => Err(anyhow!("TLS handshake timed out")),
                             }
                         }
-                        None => connection(stream, ingest, cfg, stop).await,
+                        None => connection(stream, ingest, cfg, audit, stop).await,
                     };
                     if let Err(e) = result {
                         tracing::info!(%peer, error = %e, "MLLP connection closed");
@@ -115,6 +121,7 @@ async fn connection<S: Store, IO: AsyncRead + AsyncWrite + Unpin>(
     mut stream: IO,
     ingest: Arc<Ingest<S>>,
     cfg: MllpConfig,
+    audit: Option<Arc<api::auth::AuditLog>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut decoder = hl7::mllp::Decoder::new(cfg.max_message_size);
@@ -135,6 +142,9 @@ async fn connection<S: Store, IO: AsyncRead + AsyncWrite + Unpin>(
                         micros = started.elapsed().as_micros() as u64,
                         "HL7 message"
                     );
+                    if let Some(log) = &audit {
+                        audit_message(log, &handled).await;
+                    }
                     handled.ack
                 }
                 Err(e) => {
@@ -165,6 +175,32 @@ async fn connection<S: Store, IO: AsyncRead + AsyncWrite + Unpin>(
             Ok(Err(e)) => return Err(e.into()),
         }
     }
+}
+
+/// The audit line of one message: who sent it, its control id, its type and the ACK code (never its content).
+async fn audit_message(log: &api::auth::AuditLog, h: &hl7_adapter::Handled) {
+    use hl7_adapter::Outcome;
+    let (code, status) = match h.outcome {
+        Outcome::Applied | Outcome::Stale | Outcome::Parked => ("AA", 200),
+        Outcome::Error | Outcome::DeadLetter => ("AE", 422),
+        Outcome::Rejected => ("AR", 400),
+    };
+    let sender = format!("{}^{}", h.sending_application, h.sending_facility);
+    let detail = format!(
+        "{} {code} {}{}",
+        h.message_type,
+        h.outcome.as_str(),
+        if h.duplicate { " duplicate" } else { "" }
+    );
+    log.record_message(&api::auth::MessageAudit {
+        channel: api::auth::Channel::Hl7,
+        sender: &sender,
+        org: &h.sending_facility,
+        message_id: &h.control_id,
+        status,
+        detail: &detail,
+    })
+    .await;
 }
 
 fn now_ms() -> i64 {

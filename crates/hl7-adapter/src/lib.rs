@@ -38,6 +38,12 @@ pub struct Handled {
     pub duplicate: bool,
     /// `MSH-9` as `ADT^A31` (empty when unparseable).
     pub message_type: String,
+    /// `MSH-3` sending application (empty when unparseable).
+    pub sending_application: String,
+    /// `MSH-4` sending facility (empty when unparseable).
+    pub sending_facility: String,
+    /// `MSH-10` message control id (empty when unparseable).
+    pub control_id: String,
 }
 
 /// Applies raw inbound messages to a store (see the crate docs).
@@ -78,6 +84,9 @@ impl<S: Store> Ingest<S> {
                     outcome: Outcome::Rejected,
                     duplicate: false,
                     message_type: String::new(),
+                    sending_application: String::new(),
+                    sending_facility: String::new(),
+                    control_id: String::new(),
                 });
             }
         };
@@ -90,6 +99,9 @@ impl<S: Store> Ingest<S> {
             }
         };
         let raw = msg.encode();
+        let sending_application = msg.sending_application().unwrap_or_default();
+        let sending_facility = msg.sending_facility().unwrap_or_default();
+        let control_id = msg.control_id().unwrap_or_default();
         let msg = Arc::new(msg);
         let slot: apply::RefusalSlot = Arc::new(Mutex::new(None));
         let result = {
@@ -122,6 +134,9 @@ impl<S: Store> Ingest<S> {
             outcome: processed.outcome,
             duplicate: processed.duplicate,
             message_type,
+            sending_application,
+            sending_facility,
+            control_id,
         })
     }
 

@@ -13,6 +13,10 @@ use mesh::{MailboxConfig, MeshClient, SendOptions};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+/// The allocator of the `carebridge` binary, which runs this client in the hub.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// CPU seconds (user, system) of this process. /proc reports clock ticks in USER_HZ, which Linux fixes at 100
 /// for user space whatever the kernel's internal tick rate.
 fn cpu_seconds() -> (f64, f64) {

@@ -64,6 +64,8 @@ use writer::{JobBox, WriteJob, Writer};
 
 /// The file inside the data directory.
 pub const DB_FILE: &str = "carebridge.db";
+/// The file beside it holding the append-only log namespaces ([`store::LOG_NAMESPACES`]: the audit trail).
+pub const LOG_FILE: &str = "carebridge-log.db";
 
 /// What an acknowledged write survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -206,6 +206,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Page cache per connection, in KiB (negative = KiB for `PRAGMA cache_size`).
 const CACHE_KIB: i64 = 32 * 1024;
 const STATEMENT_CACHE: usize = 256;
+/// Largest part of the database file read through a memory map (beyond it, SQLite reads with pread).
+const MMAP_BYTES: i64 = 1 << 30;
 
 fn unavailable(path: &Path, e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
@@ -238,6 +240,7 @@ pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connect
         .map_err(db)?;
     tune(&conn)?;
     migrate(&mut conn)?;
+    attach_log(&conn, path, Some(sync))?;
     // Load the planner statistics the migrations may just have written.
     conn.execute_batch("ANALYZE sqlite_schema").map_err(db)?;
     Ok(conn)
@@ -249,7 +252,45 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
     let conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
     tune(&conn)?;
+    attach_log(&conn, path, None)?;
+    // Read database pages through a memory map instead of pread into each connection's cache: after any
+    // commit (the audit writer commits every second) SQLite discards every reader's page cache, and re-reading
+    // through pread cost each read request a system call and a copy per page. (Not for the writer: it gains
+    // nothing, and the file grows under it.)
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES)
+        .map_err(db)?;
     Ok(conn)
+}
+
+/// Attach the log file beside the main one as schema `log` (the writer creates it, in WAL mode, with its
+/// one table; readers attach it read-only, as their connection is).
+fn attach_log(conn: &Connection, main: &Path, writer_sync: Option<&str>) -> Result<()> {
+    let path = main.with_file_name(crate::LOG_FILE);
+    conn.execute("ATTACH DATABASE ?1 AS log", [path.to_string_lossy()])
+        .map_err(|e| unavailable(&path, e))?;
+    if let Some(sync) = writer_sync {
+        let mode: String = conn
+            .query_row("PRAGMA log.journal_mode = WAL", [], |r| r.get(0))
+            .map_err(db)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Unavailable(format!(
+                "{}: cannot switch to WAL journal mode (got {mode})",
+                path.display()
+            )));
+        }
+        conn.pragma_update(Some("log"), "synchronous", sync)
+            .map_err(db)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS log.kv (
+                namespace TEXT NOT NULL,
+                key       TEXT NOT NULL,
+                value     TEXT NOT NULL,
+                PRIMARY KEY (namespace, key)
+            ) WITHOUT ROWID;",
+        )
+        .map_err(db)?;
+    }
+    Ok(())
 }
 
 /// Settings shared by every connection.

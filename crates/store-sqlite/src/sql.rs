@@ -482,13 +482,27 @@ pub(crate) fn idempotency_put(conn: &Connection, record: IdempotencyRecord) -> R
 // ---------------------------------------------------------------------------------------------------------
 // Named values
 
+/// True for the namespaces kept in the log file (attached as `log`).
+fn in_log(namespace: &str) -> bool {
+    store::LOG_NAMESPACES.contains(&namespace)
+}
+
 pub(crate) fn kv_get(conn: &Connection, namespace: &str, key: &str) -> Result<Option<String>> {
-    conn.prepare_cached("SELECT value FROM kv WHERE namespace = ?1 AND key = ?2")
-        .and_then(|mut s| {
-            s.query_row(params![namespace, key], |r| r.get(0))
-                .optional()
-        })
-        .map_err(db)
+    let get = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| {
+                s.query_row(params![namespace, key], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(db)
+    };
+    if in_log(namespace) {
+        // Values written before the log file existed are still in the main file.
+        if let Some(v) = get("SELECT value FROM log.kv WHERE namespace = ?1 AND key = ?2")? {
+            return Ok(Some(v));
+        }
+    }
+    get("SELECT value FROM kv WHERE namespace = ?1 AND key = ?2")
 }
 
 pub(crate) fn kv_put(
@@ -497,17 +511,31 @@ pub(crate) fn kv_put(
     key: &str,
     value: Option<&str>,
 ) -> Result<()> {
+    let log = in_log(namespace);
     let r = match value {
         Some(value) => conn
-            .prepare_cached(
+            .prepare_cached(if log {
+                "INSERT INTO log.kv (namespace, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value"
+            } else {
                 "INSERT INTO kv (namespace, key, value) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
-            )
+                 ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value"
+            })
             .and_then(|mut s| s.execute(params![namespace, key, value])),
         None => conn
-            .prepare_cached("DELETE FROM kv WHERE namespace = ?1 AND key = ?2")
+            .prepare_cached(if log {
+                "DELETE FROM log.kv WHERE namespace = ?1 AND key = ?2"
+            } else {
+                "DELETE FROM kv WHERE namespace = ?1 AND key = ?2"
+            })
             .and_then(|mut s| s.execute(params![namespace, key])),
     };
+    if log && value.is_none() {
+        // Also forget a value from before the log file existed.
+        conn.prepare_cached("DELETE FROM kv WHERE namespace = ?1 AND key = ?2")
+            .and_then(|mut s| s.execute(params![namespace, key]))
+            .map_err(db)?;
+    }
     r.map(|_| ()).map_err(db)
 }
 

@@ -674,3 +674,70 @@ async fn delivery_heads_match_the_deliveries() {
         .unwrap();
     assert!(delivered > 0, "the mix exercised transitions");
 }
+
+/// The audit trail's namespaces live in the log file: appending to them leaves the main file alone, and a
+/// value written to the main file by an earlier version is still read back (and deleted) through them.
+#[tokio::test]
+async fn log_namespaces_live_in_their_own_file() {
+    let dir = TempDir::new("log-file");
+    {
+        // A value from before the log file existed, in the main file's kv table.
+        let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+        drop(store);
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute(
+            "INSERT INTO kv (namespace, key, value) VALUES ('audit', 'old', 'from before')",
+            [],
+        )
+        .unwrap();
+    }
+    let store =
+        std::sync::Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    store
+        .write(|tx| {
+            tx.kv_put("audit", "0000000000000001", Some("line\n"))?;
+            tx.kv_put("other", "k", Some("v"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .kv_get("audit", "0000000000000001")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("line\n")
+    );
+    assert_eq!(
+        store.kv_get("audit", "old").await.unwrap().as_deref(),
+        Some("from before")
+    );
+    assert_eq!(
+        store.kv_get("other", "k").await.unwrap().as_deref(),
+        Some("v")
+    );
+    let count = |file: &str, ns: &str| -> i64 {
+        let conn = rusqlite::Connection::open(dir.path().join(file)).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM kv WHERE namespace = ?1", [ns], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    assert_eq!(
+        count(crate::LOG_FILE, "audit"),
+        1,
+        "new audit pages go to the log file"
+    );
+    assert_eq!(
+        count(DB_FILE, "audit"),
+        1,
+        "only the old value is in the main file"
+    );
+    assert_eq!(count(crate::LOG_FILE, "other"), 0);
+    store
+        .write(|tx| tx.kv_put("audit", "old", None))
+        .await
+        .unwrap();
+    assert_eq!(store.kv_get("audit", "old").await.unwrap(), None);
+    assert_eq!(count(DB_FILE, "audit"), 0);
+}

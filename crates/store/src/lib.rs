@@ -24,6 +24,12 @@ pub mod url;
 pub use matching::{matches, range_matches};
 pub use query::*;
 
+/// Key-value namespaces that hold append-only logs (the audit trail and its page counter). A backend may keep
+/// them apart from everything else: the embedded store puts them in a database file of their own, so that
+/// appending to them (every second, megabytes under load) neither grows the main file nor invalidates the
+/// page caches of its readers.
+pub const LOG_NAMESPACES: [&str; 2] = ["audit", "audit-meta"];
+
 /// One version of a resource as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {

@@ -489,3 +489,42 @@ def test_set_scopes_grants_cross_org_to_new_tokens(world):
     assert_404(w, h.call("GET", f"/fhir/Appointment/{w.appt_b['id']}", old))
     out = h.cli("clients", "set-scopes", "--id", "org-c", "--scopes", "everything", check=False)
     assert out.returncode != 0 and "scope" in out.stderr
+
+
+def test_confined_search_matching_more_than_ten_thousand_is_refused(tmp_path_factory):
+    """A confined client's search is filtered before paging, so the hub scans its matches; past 10,000 it refuses
+    with 400 and a clear message instead of scanning without end. A narrower search still works, and a client
+    with `cross-org` (nothing to filter) pages through the same matches."""
+    srv = start_server(tmp_path_factory, "orgsep-scan", auth=True)
+    try:
+        hub = Hub(srv, tmp_path_factory.mktemp("orgsep-scan-keys"))
+        hub.keys["admin"] = (hub.admin_key, "admin-1")
+        admin = hub.admin_token()
+        r = hub.call("POST", "/fhir/Schedule", admin, {"resourceType": "Schedule", "active": True, "actor": [
+            {"type": "Organization", "identifier": {"system": ODS, "value": ORG_A}}]})
+        assert r.status_code == 201, describe(r)
+        sched = r.json()["id"]
+        # 2 x 20 days of 288 five-minute slots: 11,520 slots of A's schedule.
+        for start, end in [("2031-01-01", "2031-01-20"), ("2031-01-21", "2031-02-09")]:
+            r = hub.call("POST", f"/fhir/Schedule/{sched}/$generate-slots", admin, {
+                "resourceType": "Parameters", "parameter": [
+                    {"name": "daysOfWeek", "valueCode": "mon,tue,wed,thu,fri,sat,sun"},
+                    {"name": "openingTime", "valueString": "00:00-24:00"},
+                    {"name": "slotMinutes", "valuePositiveInt": 5},
+                    {"name": "start", "valueDate": start}, {"name": "end", "valueDate": end}]})
+            assert r.status_code in (200, 201), describe(r)
+        assert hub.call("GET", "/fhir/Slot?_summary=count", admin).json()["total"] == 11520
+        hub.add_client("scan-a", "system/*.rs", ods=ORG_A)
+        a = hub.token("scan-a")
+        for path in ["/fhir/Slot?status=free", "/fhir/Slot?_summary=count", f"/fhir/Slot?schedule=Schedule/{sched}"]:
+            r = hub.call("GET", path, a)
+            assert r.status_code == 400, describe(r)
+            issue = r.json()["issue"][0]
+            assert issue["code"] == "too-costly" and "10000" in issue["diagnostics"], issue
+        r = hub.call("GET", f"/fhir/Slot?schedule=Schedule/{sched}&start=ge2031-01-02T00:00:00Z"
+                            f"&start=lt2031-01-03T00:00:00Z&_summary=count", a)
+        assert r.status_code == 200 and r.json()["total"] == 288, describe(r)
+        r = hub.call("GET", "/fhir/Slot?status=free&_count=50", admin)
+        assert r.status_code == 200 and len(r.json()["entry"]) == 50, describe(r)
+    finally:
+        stop_server(srv)

@@ -89,6 +89,8 @@ enum Failure {
 /// An async MESH client for one mailbox.
 pub struct MeshClient {
     http: reqwest::Client,
+    /// The base URL, parsed once (each request only sets its path and query on a copy).
+    base: reqwest::Url,
     mailbox: Mailbox,
     count: AtomicU64,
     client_info: ClientInfo,
@@ -163,8 +165,15 @@ impl MeshClient {
         let http = builder
             .build()
             .map_err(|e| Error::Config(format!("building the HTTP client: {}", chain(&e))))?;
+        let base = reqwest::Url::parse(&mailbox.base_url)
+            .ok()
+            .filter(|u| u.has_host() && !u.cannot_be_a_base())
+            .ok_or_else(|| {
+                Error::Config(format!("MESH URL {} is not a base URL", mailbox.base_url))
+            })?;
         Ok(MeshClient {
             http,
+            base,
             mailbox,
             count: AtomicU64::new(0),
             client_info: ClientInfo {
@@ -220,7 +229,18 @@ impl MeshClient {
 
     /// One HTTP exchange with a fresh token.
     async fn execute(&self, req: &Request) -> Result<Response, Failure> {
-        let url = format!("{}{}", self.mailbox.base_url, req.path);
+        let mut url = self.base.clone();
+        let (path, query) = match req.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (req.path.as_str(), None),
+        };
+        if url.path() == "/" {
+            url.set_path(path);
+        } else {
+            let joined = format!("{}{path}", url.path().trim_end_matches('/'));
+            url.set_path(&joined);
+        }
+        url.set_query(query);
         let method = match req.method {
             Method::Get => reqwest::Method::GET,
             Method::Post => reqwest::Method::POST,
@@ -228,7 +248,7 @@ impl MeshClient {
         };
         let mut rb = self
             .http
-            .request(method, &url)
+            .request(method, url)
             .header("Authorization", self.token());
         for (n, v) in &req.headers {
             rb = rb.header(n.as_str(), v.as_str());

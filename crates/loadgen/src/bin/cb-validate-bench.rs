@@ -6,6 +6,10 @@
 
 use std::time::Instant;
 
+/// The `carebridge` binary's allocator, so validation is timed as the hub runs it.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "usage: cb-validate-bench [--iterations N] [--write-sample FILE] [--json]";
 
 fn main() {

@@ -166,7 +166,7 @@ def main():
     ap.add_argument("--roundtrip-bin", default=str(REPO / "target" / "release" / "examples" / "roundtrip"))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--size", type=int, default=120, help="bytes per payload")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per client; the median (by CPU) is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per client; the median (by CPU) is reported")
     args = ap.parse_args()
     rt = Path(args.roundtrip_bin)
     if not rt.exists():

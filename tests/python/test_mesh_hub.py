@@ -422,6 +422,29 @@ def test_mesh_subscription_delivers_versions_in_order(hub, sandbox):  # noqa: F8
                        capture_output=True, timeout=60, env=env)
     assert t.returncode == 0, t.stderr
     assert json.loads(t.stdout)["status"] == "acknowledged"
+    # A non-delivery REPORT about one of these messages is recorded and raised as an event on the Subscription.
+    r = requests.post(f"{sandbox.url}/messageexchange/admin/report", timeout=10, json={
+        "mailbox_id": HUB_MAILBOX, "code": "14", "description": "Message not collected by recipient",
+        "workflow_id": WORKFLOW, "linked_message_id": ids[1], "local_id": "cb-report-linked"})
+    assert r.status_code == 200, r.text
+    report_id = r.json()["message_id"]
+    rec = done_record(hub, report_id, all_=False)
+    assert rec["kind"] == "report" and rec["report"]["delivery"].startswith(f"{sub_id}/"), rec
+
+    def report_events():
+        found, cursor = [], "0"
+        while True:
+            body = requests.get(f"{hub.base_url}/events", timeout=30,
+                                params={"type": "carebridge.mesh.report.v1", "after": cursor}).json()
+            found += body["events"]
+            if body["next"] == cursor:
+                return found or None
+            cursor = body["next"]
+
+    (ev,) = wait_until(report_events, what="the mesh.report event")
+    assert ev["subject"] == f"Subscription/{sub_id}", ev
+    data = ev["eventdata"] if isinstance(ev.get("eventdata"), dict) else json.loads(ev["eventdata"])
+    assert data["linkedMessageId"] == ids[1] and data["statusCode"] == "14" and data["reportMessageId"] == report_id
 
 
 def test_send_accepted_but_not_recorded_is_reconciled_not_resent(tmp_path_factory, sandbox, monkeypatch):  # noqa: F811

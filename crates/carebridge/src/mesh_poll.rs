@@ -330,6 +330,42 @@ pub fn spawn<S: Store>(
     }
 }
 
+/// Event kind raised when MESH reports that a message the hub sent for a Subscription was not delivered.
+pub const REPORT_EVENT: &str = "mesh.report";
+
+/// The `mesh.report` event of a final REPORT record that names one of the hub's `mesh://` deliveries
+/// (`SUBSCRIPTION/SEQ`, from [`crate::mesh_out::BY_ID_NS`]): its subject is that Subscription, its data the
+/// MESH status. A REPORT about a message the hub did not send for a Subscription names no resource: it is
+/// recorded for the operator (and audited), not raised. The version is filled in by the transaction.
+fn report_event(rec: &Record) -> Option<store::NewEvent> {
+    if rec.kind != "report" || rec.state != "done" {
+        return None;
+    }
+    let report = rec.report.as_ref()?;
+    let field = |k: &str| report.get(k).and_then(Value::as_str);
+    let (subscription, seq) = field("delivery")?.split_once('/')?;
+    if subscription.is_empty() {
+        return None;
+    }
+    Some(store::NewEvent {
+        subject: format!("Subscription/{subscription}"),
+        kind: REPORT_EVENT.into(),
+        rtype: store::ResourceType::Subscription,
+        id: subscription.to_string(),
+        version: 0,
+        data: serde_json::json!({
+            "mailbox": rec.mailbox,
+            "reportMessageId": rec.message_id,
+            "linkedMessageId": field("mex-linkedmsgid"),
+            "eventSeq": seq.parse::<i64>().ok(),
+            "statusSuccess": field("mex-statussuccess"),
+            "statusEvent": field("mex-statusevent"),
+            "statusCode": field("mex-statuscode"),
+            "statusDescription": field("mex-statusdescription"),
+        }),
+    })
+}
+
 /// Crash-test hook: when the environment variable `MESH_POLL_FAILPOINT` names this point (`after-apply`:
 /// an effect committed, its final record not; `after-record`: recorded, not acknowledged on MESH; `after-send`:
 /// an outbound message accepted by MESH, not recorded), the process aborts there, as a kill -9 would. Read
@@ -541,9 +577,11 @@ impl<S: Store> Poller<S> {
         self.acknowledge(id).await
     }
 
-    /// Write the record (and its operator-list entries) in one transaction.
+    /// Write the record (and its operator-list entries) in one transaction; a final REPORT about one of the
+    /// hub's own deliveries also raises its event there (so exactly once, with the record).
     async fn commit(&self, key: &str, rec: &Record) -> store::Result<()> {
         let (key, mut rec) = (key.to_string(), rec.clone());
+        let event = report_event(&rec);
         self.store
             .write(move |tx| {
                 rec.updated_ms = tx.now_ms();
@@ -553,6 +591,10 @@ impl<S: Store> Poller<S> {
                 push_index(tx, RECENT, &key)?;
                 if rec.attention {
                     push_index(tx, ATTENTION, &key)?;
+                }
+                if let Some(mut ev) = event {
+                    ev.version = tx.read(ev.rtype, &ev.id)?.map_or(0, |s| s.version);
+                    tx.append_event(ev)?;
                 }
                 Ok(())
             })
@@ -923,6 +965,40 @@ pub fn message_as_transaction(message: &Value) -> Value {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_final_report_about_a_delivery_raises_an_event_on_its_subscription() {
+        let mut rec = Record {
+            mailbox: "X26ABC2".into(),
+            message_id: "REPORT1".into(),
+            state: "done".into(),
+            kind: "report".into(),
+            report: Some(serde_json::json!({
+                "mex-linkedmsgid": "SENT1", "mex-statuscode": "14", "mex-statussuccess": "ERROR",
+                "delivery": "sub-9/42",
+            })),
+            ..Default::default()
+        };
+        let ev = report_event(&rec).unwrap();
+        assert_eq!(ev.subject, "Subscription/sub-9");
+        assert_eq!((ev.kind.as_str(), ev.id.as_str()), (REPORT_EVENT, "sub-9"));
+        assert_eq!(ev.data["linkedMessageId"], "SENT1");
+        assert_eq!(ev.data["eventSeq"], 42);
+        assert_eq!(ev.data["statusCode"], "14");
+        rec.state = "retrying".into();
+        assert!(
+            report_event(&rec).is_none(),
+            "only once, with the final record"
+        );
+        rec.state = "done".into();
+        rec.report = Some(serde_json::json!({"mex-linkedmsgid": "NOT-OURS"}));
+        assert!(
+            report_event(&rec).is_none(),
+            "no delivery of ours: recorded, not raised"
+        );
+        rec.kind = "hl7".into();
+        assert!(report_event(&rec).is_none());
+    }
 
     #[test]
     fn classifies_hl7_after_bom_and_whitespace() {

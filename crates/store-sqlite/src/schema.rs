@@ -220,15 +220,7 @@ pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connect
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(db)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Unavailable(format!(
-            "{}: cannot switch to WAL journal mode (got {mode})",
-            path.display()
-        )));
-    }
+    wal(&conn, "main", path)?;
     let sync = match durability {
         Durability::Fsync => "FULL",
         Durability::OsCrash => "NORMAL",
@@ -262,6 +254,22 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Switch schema `schema` (the file at `path`) to WAL journal mode, or say why not.
+fn wal(conn: &Connection, schema: &str, path: &Path) -> Result<()> {
+    let mode: String = conn
+        .query_row(&format!("PRAGMA {schema}.journal_mode = WAL"), [], |r| {
+            r.get(0)
+        })
+        .map_err(db)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "{}: cannot switch to WAL journal mode (got {mode})",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Attach the log file beside the main one as schema `log` (the writer creates it, in WAL mode, with its
 /// one table; readers attach it read-only, as their connection is).
 fn attach_log(conn: &Connection, main: &Path, writer_sync: Option<&str>) -> Result<()> {
@@ -269,15 +277,7 @@ fn attach_log(conn: &Connection, main: &Path, writer_sync: Option<&str>) -> Resu
     conn.execute("ATTACH DATABASE ?1 AS log", [path.to_string_lossy()])
         .map_err(|e| unavailable(&path, e))?;
     if let Some(sync) = writer_sync {
-        let mode: String = conn
-            .query_row("PRAGMA log.journal_mode = WAL", [], |r| r.get(0))
-            .map_err(db)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Unavailable(format!(
-                "{}: cannot switch to WAL journal mode (got {mode})",
-                path.display()
-            )));
-        }
+        wal(conn, "log", &path)?;
         conn.pragma_update(Some("log"), "synchronous", sync)
             .map_err(db)?;
         conn.execute_batch(

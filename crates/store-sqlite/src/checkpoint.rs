@@ -4,7 +4,8 @@
 //! connection therefore has `wal_autocheckpoint = 0`, and this thread, with a connection of its own, runs a
 //! PASSIVE checkpoint (which never blocks readers or the writer) every `INTERVAL`. If the WAL still grows
 //! past `TRUNCATE_FRAMES` (checkpoints could not catch up), it asks for a TRUNCATE checkpoint, which waits
-//! briefly for the writer and resets the file.
+//! briefly for the writer and resets the file. The log file (`carebridge-log.db`, attached) is checkpointed the
+//! same way.
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -24,6 +25,10 @@ pub(crate) fn run(path: &Path, stop: Receiver<()>) {
         return;
     };
     let _ = conn.busy_timeout(Duration::from_secs(1));
+    // The log file too (the audit trail, written every second): a checkpoint without a schema name covers
+    // every attached database.
+    let log = path.with_file_name(crate::LOG_FILE);
+    let _ = conn.execute("ATTACH DATABASE ?1 AS log", [log.to_string_lossy()]);
     loop {
         let stopping = match stop.recv_timeout(INTERVAL) {
             Err(RecvTimeoutError::Timeout) => false,

@@ -98,6 +98,16 @@ def start_server(tmp_path_factory, name="carebridge", extra_args=None, data_dir=
     return srv
 
 
+def run_cli(srv, *args, check=True):
+    """`carebridge ARGS --data-dir <the server's data dir>` (e.g. `clients add`), output as text; asserts success
+    unless `check` is false."""
+    out = subprocess.run([str(_binary()), *args, "--data-dir", str(srv.data_dir)],
+                         capture_output=True, timeout=60, text=True)
+    if check:
+        assert out.returncode == 0, f"{args}: {out.stdout}{out.stderr}"
+    return out
+
+
 def stop_server(srv):
     """SIGTERM; the hub must drain and exit 0 within a few seconds."""
     proc = srv.proc

@@ -23,9 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from jwt.algorithms import RSAAlgorithm
 
-from conftest import FHIR_JSON, _binary, describe, start_server, stop_server
+from conftest import FHIR_JSON, _binary, describe, run_cli, start_server, stop_server
+from test_security import jwk_of
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -118,11 +118,7 @@ class Hub:
             (srv.data_dir / "admin-client-key.pem").read_bytes(), password=None)
 
     def cli(self, *args, check=True):
-        out = subprocess.run([str(_binary()), *args, "--data-dir", str(self.srv.data_dir)],
-                             capture_output=True, timeout=60, text=True)
-        if check:
-            assert out.returncode == 0, f"{args}: {out.stdout}{out.stderr}"
-        return out
+        return run_cli(self.srv, *args, check=check)
 
     def add_client(self, cid, scopes="system/Patient.rs", key=None, kid=None, jwks=None, extra=()):
         key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -149,12 +145,6 @@ class Hub:
         if token:
             h["Authorization"] = f"Bearer {token}"
         return requests.get(self.base + path, headers=h, timeout=30, verify=self.pki.path("ca.pem"), cert=cert)
-
-
-def jwk_of(key, kid):
-    j = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
-    j["kid"] = kid
-    return j
 
 
 @pytest.fixture(scope="module")

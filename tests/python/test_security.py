@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from conftest import FHIR_JSON, _binary, describe, start_server, stop_server
+from conftest import FHIR_JSON, _binary, describe, run_cli, start_server, stop_server
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SECRET_NAME = "Leakcheck"
@@ -61,11 +61,7 @@ class Hub:
         self.keys = {}
 
     def cli(self, *args, check=True):
-        out = subprocess.run([str(_binary()), *args, "--data-dir", str(self.srv.data_dir)],
-                             capture_output=True, timeout=60, text=True)
-        if check:
-            assert out.returncode == 0, f"{args}: {out.stdout}{out.stderr}"
-        return out
+        return run_cli(self.srv, *args, check=check)
 
     def add_client(self, cid, scopes, ods="RA1", key=None, kid=None, extra=()):
         key = key or rsa_key()

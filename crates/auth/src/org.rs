@@ -132,31 +132,31 @@ pub fn slot_schedule(slot: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The Slot ids of an Appointment.
-pub fn appointment_slots(appointment: &Value) -> Vec<String> {
-    appointment
-        .get("slot")
+/// The ids of `rtype` referenced by the items of array `list` of `v` (each item a Reference, or holding one
+/// under `inner`).
+fn referenced_ids(v: &Value, list: &str, inner: Option<&str>, rtype: &str) -> Vec<String> {
+    v.get(list)
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|s| s.get("reference").and_then(Value::as_str))
-        .filter_map(|s| reference_id(s, "Slot"))
+        .filter_map(|item| match inner {
+            Some(field) => item.get(field),
+            None => Some(item),
+        })
+        .filter_map(|r| r.get("reference").and_then(Value::as_str))
+        .filter_map(|s| reference_id(s, rtype))
         .map(str::to_string)
         .collect()
 }
 
+/// The Slot ids of an Appointment.
+pub fn appointment_slots(appointment: &Value) -> Vec<String> {
+    referenced_ids(appointment, "slot", None, "Slot")
+}
+
 /// The Patient ids among an Appointment's participants.
 pub fn appointment_patients(appointment: &Value) -> Vec<String> {
-    appointment
-        .get("participant")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.get("actor"))
-        .filter_map(|a| a.get("reference").and_then(Value::as_str))
-        .filter_map(|s| reference_id(s, "Patient"))
-        .map(str::to_string)
-        .collect()
+    referenced_ids(appointment, "participant", Some("actor"), "Patient")
 }
 
 /// The organisations of a Patient's `managingOrganization`.

@@ -315,19 +315,24 @@ fn requested_scopes_must_be_granted() {
     );
 }
 
-#[test]
-fn hub_tokens_round_trip_and_are_bound_to_their_hub() {
-    let secret = "A".repeat(43);
-    let key = token::HubKey::from_secret(&secret, "http://hub.test").unwrap();
-    let c = AccessClaims {
+/// The claims of a hub token for client `c1` of RXX, valid for 5 minutes from `NOW`.
+fn access_claims(cnf_x5t: Option<String>) -> AccessClaims {
+    AccessClaims {
         client_id: "c1".into(),
         org: "RXX".into(),
         scope: "system/Patient.r".into(),
         iat: NOW,
         exp: NOW + 300,
         jti: "t1".into(),
-        cnf_x5t: None,
-    };
+        cnf_x5t,
+    }
+}
+
+#[test]
+fn hub_tokens_round_trip_and_are_bound_to_their_hub() {
+    let secret = "A".repeat(43);
+    let key = token::HubKey::from_secret(&secret, "http://hub.test").unwrap();
+    let c = access_claims(None);
     let t = key.mint(&c);
     // Deterministic: HS256 over a fixed header and claims.
     assert_eq!(t, key.mint(&c));
@@ -497,15 +502,7 @@ fn encoded_paths_and_parameters_are_judged_by_what_they_mean() {
 fn certificate_bound_tokens_carry_cnf() {
     let key = token::HubKey::from_secret(&"A".repeat(43), "http://hub.test").unwrap();
     let thumb = cert::thumbprint(b"not really a certificate");
-    let c = AccessClaims {
-        client_id: "c1".into(),
-        org: "RXX".into(),
-        scope: "system/Patient.r".into(),
-        iat: NOW,
-        exp: NOW + 300,
-        jti: "t1".into(),
-        cnf_x5t: Some(thumb.clone()),
-    };
+    let c = access_claims(Some(thumb.clone()));
     let t = key.mint(&c);
     let jws = Jws::parse(&t).unwrap();
     assert_eq!(jws.claims["cnf"], json!({ "x5t#S256": thumb }));

@@ -10,8 +10,9 @@ use crate::auth::{self, TokenInput};
 use crate::chunk;
 use crate::config::{Mailbox, MailboxConfig};
 use crate::error::{Error, Result};
-use crate::request::{self, ClientInfo, Method, Request, SendMeta};
+use crate::request::{self, ClientInfo, Request, SendMeta};
 use crate::response::{self, InboundMessage, LookupResult, Response, Tracking};
+use crate::transport::{Failure, Transport};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -78,19 +79,9 @@ impl RetryPolicy {
     }
 }
 
-/// Why one HTTP exchange produced no response.
-enum Failure {
-    /// The request certainly did not reach the server (connection refused, DNS, TLS handshake).
-    NotSent(String),
-    /// It may have: timeout, reset, broken body.
-    Uncertain(String),
-}
-
 /// An async MESH client for one mailbox.
 pub struct MeshClient {
-    http: reqwest::Client,
-    /// The base URL, parsed once (each request only sets its path and query on a copy).
-    base: reqwest::Url,
+    transport: Transport,
     mailbox: Mailbox,
     count: AtomicU64,
     client_info: ClientInfo,
@@ -103,11 +94,6 @@ impl std::fmt::Debug for MeshClient {
             .field("mailbox", &self.mailbox)
             .finish_non_exhaustive()
     }
-}
-
-fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path)
-        .map_err(|e| Error::Config(format!("reading {what} {}: {e}", path.display())))
 }
 
 fn os_version() -> String {
@@ -124,56 +110,9 @@ impl MeshClient {
 
     /// Build a client from a resolved mailbox.
     pub fn from_mailbox(mailbox: Mailbox) -> Result<MeshClient> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(mailbox.timeout)
-            .connect_timeout(Duration::from_secs(30).min(mailbox.timeout))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .no_gzip()
-            .user_agent(format!(
-                "carebridge-mesh/{};{};{}",
-                env!("CARGO_PKG_VERSION"),
-                std::env::consts::OS,
-                std::env::consts::ARCH
-            ));
-        if let Some((cert, key)) = &mailbox.client_identity {
-            let mut pem = read(cert, "client certificate")?;
-            pem.push(b'\n');
-            pem.extend_from_slice(&read(key, "client key")?);
-            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                Error::Config(format!(
-                    "client certificate {} / key {}: {}",
-                    cert.display(),
-                    key.display(),
-                    chain(&e)
-                ))
-            })?;
-            builder = builder.identity(identity);
-        }
-        if let Some(ca) = &mailbox.ca_bundle {
-            let certs = reqwest::Certificate::from_pem_bundle(&read(ca, "CA bundle")?)
-                .map_err(|e| Error::Config(format!("CA bundle {}: {}", ca.display(), chain(&e))))?;
-            if certs.is_empty() {
-                return Err(Error::Config(format!(
-                    "CA bundle {} holds no certificate",
-                    ca.display()
-                )));
-            }
-            // The bundle replaces the system roots, as the official client's `verify=` does: MESH servers are
-            // issued by the NHS's own CAs, and nothing else should be trusted for them.
-            builder = builder.tls_certs_only(certs);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| Error::Config(format!("building the HTTP client: {}", chain(&e))))?;
-        let base = reqwest::Url::parse(&mailbox.base_url)
-            .ok()
-            .filter(|u| u.has_host() && !u.cannot_be_a_base())
-            .ok_or_else(|| {
-                Error::Config(format!("MESH URL {} is not a base URL", mailbox.base_url))
-            })?;
+        let transport = Transport::new(&mailbox)?;
         Ok(MeshClient {
-            http,
-            base,
+            transport,
             mailbox,
             count: AtomicU64::new(0),
             client_info: ClientInfo {
@@ -229,51 +168,7 @@ impl MeshClient {
 
     /// One HTTP exchange with a fresh token.
     async fn execute(&self, req: &Request) -> Result<Response, Failure> {
-        let mut url = self.base.clone();
-        let (path, query) = match req.path.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (req.path.as_str(), None),
-        };
-        if url.path() == "/" {
-            url.set_path(path);
-        } else {
-            let joined = format!("{}{path}", url.path().trim_end_matches('/'));
-            url.set_path(&joined);
-        }
-        url.set_query(query);
-        let method = match req.method {
-            Method::Get => reqwest::Method::GET,
-            Method::Post => reqwest::Method::POST,
-            Method::Put => reqwest::Method::PUT,
-        };
-        let mut rb = self
-            .http
-            .request(method, url)
-            .header("Authorization", self.token());
-        for (n, v) in &req.headers {
-            rb = rb.header(n.as_str(), v.as_str());
-        }
-        if req.method != Method::Get {
-            rb = rb.body(req.body.clone());
-        }
-        let resp = rb.send().await.map_err(classify)?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| Failure::Uncertain(format!("reading the response body: {e}")))?
-            .to_vec();
-        Ok(Response::new(status, headers, body))
+        self.transport.execute(req, self.token()).await
     }
 
     /// Run a request that is safe to repeat, retrying connection failures, 425, 429 and 5xx.
@@ -496,31 +391,6 @@ impl MeshClient {
 
 fn retryable(status: u16) -> bool {
     matches!(status, 425 | 429 | 500 | 502 | 503 | 504)
-}
-
-/// An error and its sources on one line: the root cause ("connection refused", a TLS alert) is what an
-/// operator needs.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        src = s.source();
-    }
-    msg
-}
-
-fn classify(e: reqwest::Error) -> Failure {
-    let msg = chain(&e);
-    if e.is_connect() || e.is_builder() {
-        Failure::NotSent(msg)
-    } else {
-        Failure::Uncertain(msg)
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //!
 //! Layout: a pure core ([`auth`], [`chunk`], [`request`], [`response`], [`config`], [`environment`]) that
 //! builds requests and judges responses without IO, clock or randomness of its own, and a thin async shell
-//! ([`MeshClient`]) over reqwest with rustls and optional mutual TLS.
+//! ([`MeshClient`]) over HTTP/1.1 (hyper's connection API with rustls and optional mutual TLS; reqwest when a
+//! proxy is set in the environment).
 //!
 //! Invariants:
 //! - every request carries a fresh token (new nonce, increasing count, current minute): MESH refuses reuse;
@@ -28,6 +29,7 @@ pub mod environment;
 pub mod error;
 pub mod request;
 pub mod response;
+mod transport;
 
 pub use client::{MeshClient, RetryPolicy, SendOptions, Sent};
 pub use config::{Mailbox, MailboxConfig};

@@ -383,3 +383,120 @@ async fn connection_refused_is_a_transport_error() {
         .unwrap_err();
     assert!(matches!(err, Error::Transport(_)), "{err}");
 }
+
+/// Serve on a loopback port, keeping each connection open for up to `per_connection` answers (200, `{}`), then
+/// closing it while idle, as servers do after their keep-alive limit. Returns the URL, the number of
+/// connections accepted and the request log.
+async fn serve_kept_alive(per_connection: usize) -> (String, Arc<Mutex<usize>>, Log) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: Log = Arc::default();
+    let connections = Arc::new(Mutex::new(0usize));
+    let (log2, connections2) = (log.clone(), connections.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            *connections2.lock().unwrap() += 1;
+            let log = log2.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_connection {
+                    let Some(seen) = read_request(&mut sock).await else {
+                        return;
+                    };
+                    log.lock().unwrap().push(seen);
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                    if sock.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (format!("http://{addr}"), connections, log)
+}
+
+#[tokio::test]
+async fn requests_share_a_kept_alive_connection() {
+    let (url, connections, log) = serve_kept_alive(100).await;
+    let c = client(&url, None);
+    for _ in 0..5 {
+        c.handshake().await.unwrap();
+    }
+    assert_eq!(log.lock().unwrap().len(), 5);
+    assert_eq!(
+        *connections.lock().unwrap(),
+        1,
+        "one connection for five requests"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_the_server_closed_while_idle_is_replaced_without_a_retry() {
+    // One answer per connection, closed afterwards without `connection: close`: the client only learns of the
+    // close when the connection is idle in its pool, and must open a new one rather than fail or resend.
+    let (url, connections, log) = serve_kept_alive(1).await;
+    let c = client(&url, None);
+    for _ in 0..3 {
+        c.handshake().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = log.lock().unwrap();
+    assert_eq!(seen.len(), 3, "each handshake reached the server once");
+    assert_eq!(*connections.lock().unwrap(), 3);
+    // Every request carried its own token (nonce and count change), as MESH requires.
+    let tokens: std::collections::HashSet<_> = seen
+        .iter()
+        .map(|s| s.header("authorization").unwrap().to_string())
+        .collect();
+    assert_eq!(tokens.len(), 3);
+}
+
+/// The half of `a_proxy_from_the_environment_carries_every_request` that runs in a child process with the proxy
+/// variables set (the environment is process-wide, and this crate forbids the `unsafe` of `set_var`). In a
+/// normal run the variable is absent and there is nothing to do.
+#[tokio::test]
+async fn proxied_child() {
+    let Ok(target) = std::env::var("MESH_TEST_PROXIED_URL") else {
+        return;
+    };
+    client(&target, None).handshake().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_proxy_from_the_environment_carries_every_request() {
+    let (proxy, log) = serve(|_, _| Reply::Respond(200, "application/json", "{}".into())).await;
+    let exe = std::env::current_exe().unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .args(["proxied_child", "--exact", "--nocapture"])
+            .env("HTTP_PROXY", &proxy)
+            .env("MESH_TEST_PROXIED_URL", "http://mesh.invalid:9")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "child failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = log.lock().unwrap();
+    assert_eq!(seen.len(), 1, "the handshake went through the proxy");
+    // A forward proxy gets the absolute URL of the MESH host, which itself was never resolved.
+    assert_eq!(
+        seen[0].path,
+        "http://mesh.invalid:9/messageexchange/X26ABC1"
+    );
+    assert!(
+        seen[0]
+            .header("authorization")
+            .is_some_and(|a| a.starts_with("NHSMESH "))
+    );
+}

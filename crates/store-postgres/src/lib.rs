@@ -193,13 +193,14 @@ impl PgStore {
                 };
                 let mut writer = Writer {
                     rt,
-                    config: writer_config,
+                    config: writer_config.clone(),
                     conn: None,
                     jobs: rx,
                     max_batch,
                     savepoint_per_write,
                     last_ms: 0,
                     next_seq: 1,
+                    analyzer: writer::Analyzer::new(writer_config.clone()),
                     events: writer_events,
                 };
                 match writer.start() {

@@ -102,6 +102,11 @@ pub(crate) struct Written {
 }
 
 impl JobBuf {
+    /// Resource versions this buffer writes.
+    pub(crate) fn version_count(&self) -> usize {
+        self.versions.len()
+    }
+
     /// True when something of this buffer is not in the database.
     pub(crate) fn unwritten(&self) -> bool {
         (self.has_states() && !self.written.states)

@@ -403,6 +403,76 @@ pub(crate) struct Writer {
     pub(crate) next_seq: i64,
     /// The highest committed outbox seq, published after each COMMIT that appended events.
     pub(crate) events: Arc<watch::Sender<i64>>,
+    pub(crate) analyzer: Analyzer,
+}
+
+/// Fewest resource versions written before the writer asks for fresh statistics.
+const ANALYZE_MIN_ROWS: u64 = 2_000;
+
+/// Refreshes the planner's statistics after bulk growth.
+///
+/// Why: PostgreSQL's autovacuum analyzes a table only at its next round (a minute apart by default) after 10%
+/// growth. A store that grows from empty to tens of thousands of rows in seconds (slots generated for a year,
+/// an import) is searched meanwhile with plans made for empty tables, which join the index tables by nested
+/// scans: a page of 1,000 slots took seconds instead of a quarter of a second. So once the versions this
+/// process committed since the last ANALYZE reach half the table (at least [`ANALYZE_MIN_ROWS`]), one
+/// `ANALYZE` runs on a connection of its own, in a thread of its own, never inside a write batch. The
+/// threshold grows with the table, so a large store is analyzed rarely (autovacuum keeps doing the rest).
+pub(crate) struct Analyzer {
+    config: Config,
+    running: Arc<std::sync::atomic::AtomicBool>,
+    /// Versions committed by this process since the last ANALYZE started.
+    grown: u64,
+    /// Rows of `versions` at the last ANALYZE (PostgreSQL's estimate when the store opened).
+    base: u64,
+}
+
+impl Analyzer {
+    pub(crate) fn new(config: Config) -> Analyzer {
+        Analyzer {
+            config,
+            running: Arc::default(),
+            grown: 0,
+            base: 0,
+        }
+    }
+
+    /// A batch that wrote `versions` resource versions was committed.
+    fn committed(&mut self, versions: u64) {
+        use std::sync::atomic::Ordering;
+        self.grown += versions;
+        if self.grown < ANALYZE_MIN_ROWS.max(self.base / 2)
+            || self.running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.base += self.grown;
+        self.grown = 0;
+        let (config, running) = (self.config.clone(), self.running.clone());
+        let started = std::thread::Builder::new()
+            .name("carebridge-pg-analyze".into())
+            .spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    let result: Result<()> = rt.block_on(async {
+                        let (conn, connection) = Conn::open(&config).await?;
+                        tokio::spawn(async move {
+                            let _ = connection.await;
+                        });
+                        conn.batch("ANALYZE").await
+                    });
+                    if let Err(e) = result {
+                        eprintln!("carebridge: refreshing PostgreSQL statistics failed: {e}");
+                    }
+                }
+                running.store(false, Ordering::Release);
+            });
+        if started.is_err() {
+            self.running.store(false, Ordering::Release);
+        }
+    }
 }
 
 fn system_ms() -> i64 {
@@ -445,7 +515,13 @@ impl Writer {
         let conn = self.conn()?;
         let status = self.rt.block_on(schema::status(conn))?;
         status.check()?;
-        self.rt.block_on(sql::last_event_seq(conn))
+        let rows = self.rt.block_on(conn.query_one(
+            "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE relname = 'versions'",
+            &[],
+        ))?;
+        let seq = self.rt.block_on(sql::last_event_seq(conn))?;
+        self.analyzer.base = rows.try_get::<_, i64>(0).map_or(0, |n| n.max(0) as u64);
+        Ok(seq)
     }
 
     fn connect(&mut self) -> Result<()> {
@@ -779,6 +855,7 @@ impl Writer {
         // The last held-back rows and the COMMIT in one round trip (sent in that order). If a flush
         // statement fails, the transaction is aborted and PostgreSQL turns the COMMIT into a ROLLBACK, so
         // the flush's error decides.
+        let versions: usize = bufs.iter().map(JobBuf::version_count).sum();
         let committed = match self.conn() {
             Ok(conn) => {
                 let mut all: Vec<&mut JobBuf> = bufs.iter_mut().collect();
@@ -803,6 +880,7 @@ impl Writer {
                 for k in kept {
                     (k.finish)(None);
                 }
+                self.analyzer.committed(versions as u64);
             }
             Err(e) => {
                 self.rollback_all();

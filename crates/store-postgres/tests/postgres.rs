@@ -610,3 +610,56 @@ async fn searches_of_other_types_keep_rows_held_back_and_visible() {
         assert_eq!(hits, usize::from(i % 5 != 4), "write {i}");
     }
 }
+
+/// A store that grows from empty by thousands of rows in seconds gets fresh planner statistics at once
+/// (autovacuum would wait for its next round): searches over it are planned for its real size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_growth_refreshes_the_planner_statistics() {
+    let Some(f) = common::fresh("analyze", PgOptions::default()) else {
+        return;
+    };
+    // `last_analyze` is set by an explicit ANALYZE only (autovacuum sets `last_autoanalyze`).
+    let analyzed = || {
+        common::query_i64(
+            f.db.url(),
+            "SELECT COUNT(*) FROM pg_stat_user_tables WHERE relname = 'versions' AND last_analyze IS NOT NULL",
+        )
+    };
+    let write = |from: usize, to: usize| {
+        let handles: Vec<_> = (from..to)
+            .map(|i| {
+                let store = f.store.clone();
+                tokio::spawn(async move {
+                    store
+                        .write(move |tx| tx.put(patient(&format!("g{i}"), &format!("id-{i}"))))
+                        .await
+                })
+            })
+            .collect();
+        async move {
+            for h in handles {
+                h.await.unwrap().unwrap();
+            }
+        }
+    };
+    write(0, 500).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(analyzed(), 0, "500 versions are below the threshold");
+    write(500, 2_500).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while analyzed() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ANALYZE within 30 s of writing 2,500 versions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let estimate = common::query_i64(
+        f.db.url(),
+        "SELECT reltuples::bigint FROM pg_class WHERE relname = 'versions'",
+    );
+    assert!(
+        estimate >= 2_000,
+        "the planner now knows the table's size: {estimate}"
+    );
+}

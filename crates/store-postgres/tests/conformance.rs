@@ -25,6 +25,7 @@ macro_rules! check {
 
 check!(
     create_read_update,
+    index_follows_updates,
     version_conflicts,
     delete_and_recreate,
     history,

@@ -44,6 +44,7 @@ const ALL_CMPS: [Cmp; 9] = [
 /// Run every check, one after the other, on `store` (which should start empty, but need not).
 pub async fn run_all<S: Store>(store: Arc<S>) {
     create_read_update(&store).await;
+    index_follows_updates(&store).await;
     version_conflicts(&store).await;
     delete_and_recreate(&store).await;
     history(&store).await;
@@ -215,6 +216,134 @@ where
 
 /// Create, read, update; version numbers; `id` / `meta` stamping; one `now_ms` per write; reads inside a
 /// write see its own changes.
+/// Each update leaves exactly the new version's index rows: changed values match only their new value,
+/// unchanged ones still match, removed ones no longer match, a value listed twice counts once, and a
+/// resource updated after a delete and re-create is indexed like a new one.
+pub async fn index_follows_updates<S: Store>(store: &Arc<S>) {
+    let id = unique_id("idx-upd");
+    let scope = unique_id("idx-upd-scope");
+    let first = vec![
+        tag(&scope),
+        tok("status", None, "a"),
+        tok("identifier", Some("urn:sys"), "x"),
+        string("name", "smith"),
+        date("birthdate", 0, 10),
+        reference("general-practitioner", "Practitioner/1"),
+    ];
+    create(store, patient(&id, first)).await;
+    let second = vec![
+        tag(&scope),
+        tok("status", None, "b"),
+        tok("status", None, "b"),
+        tok("identifier", Some("urn:sys"), "x"),
+        string("name", "jones"),
+        date("birthdate", 0, 10),
+        reference("organization", "Organization/2"),
+    ];
+    create(store, patient(&id, second)).await;
+    let by = |param: &str, p: Predicate| scoped(ResourceType::Patient, &scope).with(param, p);
+    let token = |code: &str| Predicate::Token {
+        system: None,
+        code: Some(code.to_string()),
+    };
+    let name = |v: &str| Predicate::String {
+        value: v.to_string(),
+        exact: true,
+    };
+    let one = vec![id.clone()];
+    let none: Vec<String> = Vec::new();
+    assert_eq!(
+        search_ids(store, &by("status", token("a"))).await,
+        none,
+        "old status"
+    );
+    assert_eq!(
+        search_ids(store, &by("status", token("b"))).await,
+        one,
+        "new status, listed twice"
+    );
+    assert_eq!(
+        search_ids(store, &by("identifier", token("x"))).await,
+        one,
+        "unchanged token"
+    );
+    assert_eq!(
+        search_ids(store, &by("name", name("smith"))).await,
+        none,
+        "old string"
+    );
+    assert_eq!(
+        search_ids(store, &by("name", name("jones"))).await,
+        one,
+        "new string"
+    );
+    let day = Predicate::Date {
+        cmp: Cmp::Eq,
+        low_ms: 0,
+        high_ms: 10,
+    };
+    assert_eq!(
+        search_ids(store, &by("birthdate", day)).await,
+        one,
+        "unchanged date"
+    );
+    assert_eq!(
+        search_ids(
+            store,
+            &by(
+                "general-practitioner",
+                Predicate::Reference("Practitioner/1".into())
+            )
+        )
+        .await,
+        none,
+        "removed reference"
+    );
+    assert_eq!(
+        search_ids(
+            store,
+            &by(
+                "organization",
+                Predicate::Reference("Organization/2".into())
+            )
+        )
+        .await,
+        one,
+        "added reference"
+    );
+
+    // Delete, then put again with the first version's values: nothing of the second version is left.
+    let id2 = id.clone();
+    store
+        .write(move |tx| tx.delete(ResourceType::Patient, &id2, None))
+        .await
+        .unwrap();
+    create(
+        store,
+        patient(
+            &id,
+            vec![
+                tag(&scope),
+                tok("status", None, "a"),
+                string("name", "smith"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        search_ids(store, &by("status", token("a"))).await,
+        one,
+        "re-created status"
+    );
+    assert_eq!(
+        search_ids(store, &by("status", token("b"))).await,
+        none,
+        "nothing of before the delete"
+    );
+    assert_eq!(search_ids(store, &by("name", name("jones"))).await, none);
+    assert_eq!(search_ids(store, &by("identifier", token("x"))).await, none);
+}
+
 pub async fn create_read_update<S: Store>(store: &Arc<S>) {
     let id = unique_id("cru");
     let scope = unique_id("cru-scope");

@@ -1166,7 +1166,7 @@ fn exec_search(
 }
 
 fn stored_json(s: &Stored) -> store::Result<Value> {
-    serde_json::from_str(&s.json)
+    fhir::parse_json(&s.json)
         .map_err(|e| StoreError::Backend(format!("stored {}/{} is not JSON: {e}", s.rtype, s.id)))
 }
 

@@ -500,7 +500,7 @@ fn parse(s: &Stored) -> Option<Value> {
     if s.deleted {
         return None;
     }
-    serde_json::from_str(&s.json).ok()
+    fhir::parse_json(&s.json).ok()
 }
 
 #[cfg(test)]

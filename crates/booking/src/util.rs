@@ -21,7 +21,7 @@ pub(crate) fn live(
 
 /// The JSON of a stored version.
 pub(crate) fn json_of(s: &Stored) -> store::Result<Value> {
-    serde_json::from_str(&s.json).map_err(|e| {
+    fhir::parse_json(&s.json).map_err(|e| {
         StoreError::Backend(format!(
             "stored JSON of {}/{} is unreadable: {e}",
             s.rtype, s.id

@@ -44,6 +44,15 @@ thread_local! {
 /// Scratch buffers larger than this (in entries) are not kept for the next call.
 const KEEP_SCRATCH: usize = 1024;
 
+/// Parse a JSON text into a `serde_json::Value`: the fast path, else `serde_json::from_str` (so the value or
+/// the error is exactly serde_json's). For stored resources, read back on every update.
+pub fn parse_json(text: &str) -> serde_json::Result<Value> {
+    match parse(text.as_bytes()) {
+        Some(v) => Ok(v),
+        None => serde_json::from_str(text),
+    }
+}
+
 /// Parse a complete JSON text; `None` when the fast path cannot (or must not) decide, see the module docs.
 pub(crate) fn parse(bytes: &[u8]) -> Option<Value> {
     let text = std::str::from_utf8(bytes).ok()?;

@@ -26,6 +26,7 @@ pub use index::{
     DELIVERY_CHANNEL_EXTENSION_URL, DELIVERY_CHANNEL_SYSTEM, IndexEntry, IndexValue, ParamKind,
     SearchParamDef, exact_param, index_entries, search_param, search_params, sortable,
 };
+pub use json::parse_json;
 pub use nhs_number::{NHS_NUMBER_SYSTEM, NhsNumber, NhsNumberError};
 pub use outcome::{Issue, IssueType, Severity, operation_outcome};
 pub use resource_type::ResourceType;

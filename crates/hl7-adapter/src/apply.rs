@@ -441,7 +441,7 @@ fn write(
 }
 
 fn json_of(s: &Stored) -> Result<Value, Fail> {
-    serde_json::from_str(&s.json).map_err(|e| Fail::Store(StoreError::Backend(e.to_string())))
+    fhir::parse_json(&s.json).map_err(|e| Fail::Store(StoreError::Backend(e.to_string())))
 }
 
 fn find_by_identifier(tx: &mut dyn Tx, rtype: RT, ids: &[Ident]) -> Result<Option<Stored>, Fail> {

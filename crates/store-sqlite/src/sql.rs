@@ -288,35 +288,31 @@ impl IdxRow {
     }
 }
 
-/// The index rows of `rid` (read through the `(rid, param)` indexes, which cover every column).
+/// The index rows of `rid`, from the four tables in one statement (each part is read through its table's
+/// `(rid, param)` index, which covers every column).
 fn index_rows(conn: &Connection, rid: i64) -> Result<Vec<IdxRow>> {
     let mut rows = Vec::new();
-    let mut read = |sql: &str, f: &dyn Fn(&rusqlite::Row<'_>) -> rusqlite::Result<IdxRow>| {
-        conn.prepare_cached(sql)
-            .and_then(|mut s| {
-                let mut q = s.query([rid])?;
-                while let Some(r) = q.next()? {
-                    rows.push(f(r)?);
-                }
-                Ok(())
-            })
-            .map_err(db)
-    };
-    read(
-        "SELECT param, code, system FROM idx_token WHERE rid = ?1",
-        &|r| Ok(IdxRow::Token(r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
-    read("SELECT param, value FROM idx_string WHERE rid = ?1", &|r| {
-        Ok(IdxRow::String(r.get(0)?, r.get(1)?))
-    })?;
-    read(
-        "SELECT param, low_ms, high_ms FROM idx_date WHERE rid = ?1",
-        &|r| Ok(IdxRow::Date(r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
-    read(
-        "SELECT param, target FROM idx_reference WHERE rid = ?1",
-        &|r| Ok(IdxRow::Reference(r.get(0)?, r.get(1)?)),
-    )?;
+    conn.prepare_cached(
+        "SELECT 0, param, code, system, 0, 0 FROM idx_token WHERE rid = ?1
+         UNION ALL SELECT 1, param, value, '', 0, 0 FROM idx_string WHERE rid = ?1
+         UNION ALL SELECT 2, param, '', '', low_ms, high_ms FROM idx_date WHERE rid = ?1
+         UNION ALL SELECT 3, param, target, '', 0, 0 FROM idx_reference WHERE rid = ?1",
+    )
+    .and_then(|mut s| {
+        let mut q = s.query([rid])?;
+        while let Some(r) = q.next()? {
+            let table: i64 = r.get(0)?;
+            let (param, text): (String, String) = (r.get(1)?, r.get(2)?);
+            rows.push(match table {
+                0 => IdxRow::Token(param, text, r.get(3)?),
+                1 => IdxRow::String(param, text),
+                2 => IdxRow::Date(param, r.get(4)?, r.get(5)?),
+                _ => IdxRow::Reference(param, text),
+            });
+        }
+        Ok(())
+    })
+    .map_err(db)?;
     Ok(rows)
 }
 

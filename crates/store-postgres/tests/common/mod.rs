@@ -32,26 +32,16 @@ pub fn fresh(tag: &str, options: PgOptions) -> Option<Fixture> {
 
 /// Run one SQL text (no parameters) on `url`, on a runtime of its own.
 pub fn exec(url: &str, sql: &str) {
-    let (url, sql) = (url.to_string(), sql.to_string());
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(connection);
-            client.batch_execute(&sql).await.unwrap();
-        });
-    })
-    .join()
-    .unwrap();
+    run_sql(url, sql, false);
 }
 
 /// The first column of the first row of one query (no parameters) on `url`, as an integer.
 pub fn query_i64(url: &str, sql: &str) -> i64 {
+    run_sql(url, sql, true).expect("a query returns its first column")
+}
+
+/// `sql` on a connection and runtime of their own; with `first`, its first row's first column.
+fn run_sql(url: &str, sql: &str, first: bool) -> Option<i64> {
     let (url, sql) = (url.to_string(), sql.to_string());
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -63,7 +53,12 @@ pub fn query_i64(url: &str, sql: &str) -> i64 {
                 .await
                 .unwrap();
             tokio::spawn(connection);
-            client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0)
+            if first {
+                Some(client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0))
+            } else {
+                client.batch_execute(&sql).await.unwrap();
+                None
+            }
         })
     })
     .join()

@@ -22,7 +22,22 @@ pub(crate) fn write_appointment(
     resource: Value,
     expected: Option<u64>,
 ) -> Refusal<Outcome> {
-    let current = live(tx, RT::Appointment, id)?;
+    write_appointment_known(tx, id, resource, expected, None)
+}
+
+/// [`write_appointment`], given the current live version and its view when the caller has just read them in
+/// this transaction (nothing can have changed them since), so they are neither read nor parsed again.
+fn write_appointment_known(
+    tx: &mut dyn Tx,
+    id: &str,
+    resource: Value,
+    expected: Option<u64>,
+    known: Option<(Stored, AppointmentView)>,
+) -> Refusal<Outcome> {
+    let (current, known_view) = match known {
+        Some((stored, view)) => (Some(stored), Some(view)),
+        None => (live(tx, RT::Appointment, id)?, None),
+    };
     let live_version = current.as_ref().map_or(0, |c| c.version);
     check_expected(RT::Appointment, id, expected, live_version)?;
 
@@ -30,9 +45,10 @@ pub(crate) fn write_appointment(
         Ok(v) => v,
         Err(errors) => return Ok(Err(field_errors(&errors))),
     };
-    let current_view = match &current {
-        None => None,
-        Some(c) => match AppointmentView::from_json(&json_of(c)?) {
+    let current_view = match (&current, known_view) {
+        (_, Some(view)) => Some(view),
+        (None, None) => None,
+        (Some(c), None) => match AppointmentView::from_json(&json_of(c)?) {
             Ok(v) => Some(v),
             Err(errors) => {
                 return Ok(Err(BookingError::conflict(
@@ -61,6 +77,8 @@ pub(crate) fn write_appointment(
     let kind = main.kind;
     let data = main.data.clone();
 
+    // The slots to claim as `check` read them (claimed below in the same job, so still as read).
+    let mut checked_slots = Vec::new();
     if let Err(e) = check(
         tx,
         id,
@@ -69,6 +87,7 @@ pub(crate) fn write_appointment(
         &proposed,
         &decision,
         kind,
+        &mut checked_slots,
     )? {
         return Ok(Err(e));
     }
@@ -87,7 +106,12 @@ pub(crate) fn write_appointment(
         release(tx, slot, &appointment)?;
     }
     for slot in &decision.claim {
-        claim(tx, slot, &appointment)?;
+        let known = checked_slots
+            .iter()
+            .position(|(r, _, _)| r == slot)
+            .map(|i| checked_slots.swap_remove(i))
+            .map(|(_, stored, json)| (stored, json));
+        claim(tx, slot, &appointment, known)?;
     }
     Ok(Ok(if current.is_some() {
         Outcome::Updated(stored)
@@ -105,6 +129,7 @@ fn check(
     proposed: &AppointmentView,
     decision: &Decision,
     kind: EventKind,
+    checked_slots: &mut Vec<(String, Stored, Value)>,
 ) -> store::Result<Result<(), BookingError>> {
     // The appointment a rebooking replaces must exist (checked when the link is new).
     if let Some(replaces) = &proposed.replaces
@@ -240,6 +265,9 @@ fn check(
             )));
         };
         periods.push((start, end, slot_ref.clone()));
+        if decision.claim.contains(slot_ref) {
+            checked_slots.push((slot_ref.clone(), slot, sj));
+        }
     }
     if periods.is_empty() {
         return Ok(Ok(()));
@@ -285,11 +313,23 @@ fn check(
 }
 
 /// Mark a checked-free slot busy, with `expected_version` so a concurrent claim on another backend fails.
-fn claim(tx: &mut dyn Tx, slot_ref: &str, appointment: &str) -> store::Result<()> {
+/// `known`: the slot and its JSON as read earlier in this job, when they were.
+fn claim(
+    tx: &mut dyn Tx,
+    slot_ref: &str,
+    appointment: &str,
+    known: Option<(Stored, Value)>,
+) -> store::Result<()> {
     let taken = || StoreError::Conflict(format!("{slot_ref} was taken by a concurrent booking"));
     let slot_id = local_id(slot_ref, RT::Slot).ok_or_else(taken)?;
-    let slot = live(tx, RT::Slot, slot_id)?.ok_or_else(taken)?;
-    let mut sj = json_of(&slot)?;
+    let (slot, mut sj) = match known {
+        Some(pair) => pair,
+        None => {
+            let slot = live(tx, RT::Slot, slot_id)?.ok_or_else(taken)?;
+            let sj = json_of(&slot)?;
+            (slot, sj)
+        }
+    };
     if status_of(&sj) != Some("free") {
         return Err(taken());
     }
@@ -356,6 +396,8 @@ pub(crate) fn transition(
         )));
     }
     let mut resource = json_of(&current)?;
+    // The current version's view, for write_appointment (which would otherwise read and parse it again).
+    let view = AppointmentView::from_json(&resource).ok();
     if let Some(obj) = resource.as_object_mut() {
         obj.insert("status".into(), json!(status.as_str()));
         if let Some(r) = reason {
@@ -372,7 +414,9 @@ pub(crate) fn transition(
             );
         }
     }
-    Ok(write_appointment(tx, id, resource, Some(current.version))?.map(Outcome::into_stored))
+    let version = current.version;
+    let known = view.map(|v| (current, v));
+    Ok(write_appointment_known(tx, id, resource, Some(version), known)?.map(Outcome::into_stored))
 }
 
 /// The FHIRPath of the first `slot` entry referencing `slot_ref`.

@@ -121,7 +121,10 @@ fn write_appointment_known(
 }
 
 /// Business checks beyond the state machine, all read-only.
-#[allow(clippy::too_many_arguments, reason = "the inputs of one decision, each used once")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the inputs of one decision, each used once"
+)]
 fn check(
     tx: &mut dyn Tx,
     id: &str,

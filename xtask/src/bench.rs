@@ -1202,11 +1202,7 @@ impl Report {
                 }
             }
         }
-        let best = |v: &[f64]| {
-            v.iter()
-                .copied()
-                .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))))
-        };
+        let best = |v: &[f64]| v.iter().copied().reduce(f64::max);
         let cb_rate = best(&cb_rates);
         if let Some(r) = cb_rate {
             let _ = writeln!(

@@ -31,7 +31,6 @@ use fhir::IssueType;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -128,43 +127,16 @@ pub struct Guard {
     audit: Option<Arc<AuditLog>>,
     status: Mutex<HashMap<String, (Instant, Status)>>,
     buckets: Mutex<HashMap<String, Bucket>>,
-    /// Tokens already verified (by their text), so a client reusing its token costs a lookup, not a parse and
-    /// a MAC. Bounded: cleared when it reaches [`TOKEN_CACHE_MAX`].
-    verified: Mutex<HashMap<Box<[u8]>, Arc<Verified>, TokenTail>>,
+    /// Tokens already verified (by their bytes), so a client reusing its token costs a lookup, not a parse and
+    /// a MAC. Bounded: cleared when it reaches [`TOKEN_CACHE_MAX`]. foldhash rather than SipHash over the
+    /// ~350-byte key on every request.
+    verified: Mutex<HashMap<Box<[u8]>, Arc<Verified>, foldhash::fast::RandomState>>,
     /// Key sets fetched from clients' JWKS URLs.
     jwks: Mutex<JwksCache>,
 }
 
 /// Most verified tokens remembered by a process.
 const TOKEN_CACHE_MAX: usize = 10_000;
-
-/// Hashes a token by its last 32 bytes (part of its MAC) and length instead of SipHash over the whole
-/// ~350 bytes. Only tokens this hub signed are ever inserted, so callers cannot choose colliding keys; a
-/// lookup still compares the whole token.
-#[derive(Debug, Clone, Copy, Default)]
-struct TokenTail;
-
-impl BuildHasher for TokenTail {
-    type Hasher = TailHasher;
-    fn build_hasher(&self) -> TailHasher {
-        TailHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-/// FNV-1a over the tail of each write.
-struct TailHasher(u64);
-
-impl Hasher for TailHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let tail = &bytes[bytes.len().saturating_sub(32)..];
-        for b in tail.iter().chain(&(bytes.len() as u64).to_le_bytes()) {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
 
 /// A verified access token: who, and the parsed scopes.
 #[derive(Debug)]
@@ -212,7 +184,7 @@ impl Guard {
             audit,
             status: Mutex::default(),
             buckets: Mutex::default(),
-            verified: Mutex::new(HashMap::with_hasher(TokenTail)),
+            verified: Mutex::default(),
             jwks: Mutex::default(),
         })
     }
@@ -518,27 +490,29 @@ impl AuditLog {
         self.buf.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Append the line when there is room; false when the log is full.
+    fn try_push(&self, line: &AuditLine<'_>) -> bool {
+        let mut buf = self.lock();
+        if buf.0.len() >= AUDIT_MAX_BYTES {
+            return false;
+        }
+        line.push(&mut buf.0);
+        buf.1 += 1;
+        true
+    }
+
     /// Append one line, waiting for room when the writer is behind (never dropping it).
     async fn append(&self, line: &AuditLine<'_>) {
-        {
-            let mut buf = self.lock();
-            if buf.0.len() < AUDIT_MAX_BYTES {
-                line.push(&mut buf.0);
-                buf.1 += 1;
-                return;
-            }
+        // The common case first, without registering for a wake-up.
+        if self.try_push(line) {
+            return;
         }
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            {
-                let mut buf = self.lock();
-                if buf.0.len() < AUDIT_MAX_BYTES {
-                    line.push(&mut buf.0);
-                    buf.1 += 1;
-                    return;
-                }
+            if self.try_push(line) {
+                return;
             }
             room.await;
         }

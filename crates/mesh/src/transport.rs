@@ -140,10 +140,11 @@ impl Direct {
     fn new(mailbox: &Mailbox, base: &reqwest::Url) -> Result<Direct> {
         let bad = || Error::Config(format!("MESH URL {} is not a base URL", mailbox.base_url));
         let port = base.port_or_known_default().ok_or_else(bad)?;
-        let (host, sni) = match base.host().ok_or_else(bad)? {
-            url::Host::Domain(d) => (d.to_string(), d.to_string()),
-            url::Host::Ipv4(ip) => (ip.to_string(), ip.to_string()),
-            url::Host::Ipv6(ip) => (ip.to_string(), ip.to_string()),
+        // For connecting and TLS: an IPv6 literal without its brackets.
+        let host = match base.host().ok_or_else(bad)? {
+            url::Host::Domain(d) => d.to_string(),
+            url::Host::Ipv4(ip) => ip.to_string(),
+            url::Host::Ipv6(ip) => ip.to_string(),
         };
         let authority = match (base.host_str(), base.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -151,7 +152,7 @@ impl Direct {
             (None, _) => return Err(bad()),
         };
         let tls = if base.scheme() == "https" {
-            let name = ServerName::try_from(sni)
+            let name = ServerName::try_from(host.clone())
                 .map_err(|e| Error::Config(format!("MESH host name {host}: {e}")))?;
             Some((
                 tokio_rustls::TlsConnector::from(Arc::new(tls_config(mailbox)?)),
@@ -237,26 +238,17 @@ impl Direct {
                 .await
                 .map_err(|e| not_sent("connecting to", &e))?;
             let _ = tcp.set_nodelay(true);
-            match &self.tls {
-                None => {
-                    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                        .await
-                        .map_err(|e| not_sent("HTTP handshake with", &e))?;
-                    tokio::spawn(conn);
-                    Ok(send)
-                }
+            let handshake = match &self.tls {
+                None => http1(tcp).await,
                 Some((connector, name)) => {
                     let stream = connector
                         .connect(name.clone(), tcp)
                         .await
                         .map_err(|e| not_sent("TLS handshake with", &e))?;
-                    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| not_sent("HTTP handshake with", &e))?;
-                    tokio::spawn(conn);
-                    Ok(send)
+                    http1(stream).await
                 }
-            }
+            };
+            handshake.map_err(|e| not_sent("HTTP handshake with", &e))
         };
         match tokio::time::timeout(self.connect_timeout, work).await {
             Ok(r) => r,
@@ -284,24 +276,18 @@ impl Direct {
 
     async fn exchange(
         &self,
-        request: http::Request<Full<Bytes>>,
+        mut request: http::Request<Full<Bytes>>,
     ) -> std::result::Result<Response, Failure> {
         // A kept-alive connection may have been closed by the server meanwhile: when hyper gives the request
         // back unsent, it goes out on a fresh connection (the same rule as any HTTP client's pool).
-        let mut pending = Some(request);
-        let mut answered = None;
         while let Some(mut s) = self.checkout() {
             if s.ready().await.is_err() {
                 continue;
             }
-            let Some(request) = pending.take() else { break };
             match s.try_send_request(request).await {
-                Ok(resp) => {
-                    answered = Some((s, resp));
-                    break;
-                }
+                Ok(resp) => return self.finish(s, resp).await,
                 Err(mut e) => match e.take_message() {
-                    Some(back) => pending = Some(back),
+                    Some(back) => request = back,
                     None => {
                         return Err(Failure::Uncertain(format!(
                             "sending the request: {}",
@@ -311,19 +297,20 @@ impl Direct {
                 },
             }
         }
-        let (s, resp) = match (answered, pending) {
-            (Some(pair), _) => pair,
-            (None, Some(request)) => {
-                let mut s = self.connect().await?;
-                let resp = s.send_request(request).await.map_err(|e| {
-                    Failure::Uncertain(format!("sending the request: {}", chain(&e)))
-                })?;
-                (s, resp)
-            }
-            (None, None) => {
-                return Err(Failure::Uncertain("the request was lost".into()));
-            }
-        };
+        let mut s = self.connect().await?;
+        let resp = s
+            .send_request(request)
+            .await
+            .map_err(|e| Failure::Uncertain(format!("sending the request: {}", chain(&e))))?;
+        self.finish(s, resp).await
+    }
+
+    /// Read the whole answer, then give the connection back to the pool.
+    async fn finish(
+        &self,
+        s: SendRequest<Full<Bytes>>,
+        resp: http::Response<hyper::body::Incoming>,
+    ) -> std::result::Result<Response, Failure> {
         let (parts, body) = resp.into_parts();
         let body = body
             .collect()
@@ -343,6 +330,16 @@ impl Direct {
             .collect();
         Ok(Response::new(parts.status.as_u16(), headers, body.into()))
     }
+}
+
+/// Start HTTP/1.1 on a connected stream; its connection task runs on the current runtime.
+async fn http1<IO>(io: IO) -> hyper::Result<SendRequest<Full<Bytes>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(send)
 }
 
 /// The rustls settings: the mailbox's CA bundle replacing the system roots when given (as the official client's

@@ -232,11 +232,11 @@ fn remove_index(conn: &Connection, rid: i64) -> Result<()> {
     Ok(())
 }
 
-fn insert_index(
+fn insert_index<'e>(
     conn: &Connection,
     rid: i64,
     rtype: ResourceType,
-    entries: &[store::IndexEntry],
+    entries: impl IntoIterator<Item = &'e store::IndexEntry>,
 ) -> Result<()> {
     let rt = rtype.as_str();
     for e in entries {
@@ -266,7 +266,6 @@ fn insert_index(
 }
 
 /// One index row of a resource as stored (the table is implied by the variant; `system` '' = none).
-#[derive(PartialEq, Eq)]
 enum IdxRow {
     Token(String, String, String),
     String(String, String),
@@ -275,15 +274,18 @@ enum IdxRow {
 }
 
 impl IdxRow {
-    fn of(e: &store::IndexEntry) -> IdxRow {
-        let p = e.param.to_string();
-        match &e.value {
-            IndexValue::Token { system, code } => {
-                IdxRow::Token(p, code.clone(), system.clone().unwrap_or_default())
+    /// Whether this stored row is the one `e` would insert.
+    fn is(&self, e: &store::IndexEntry) -> bool {
+        match (self, &e.value) {
+            (IdxRow::Token(p, c, s), IndexValue::Token { system, code }) => {
+                p == e.param && c == code && s == system.as_deref().unwrap_or("")
             }
-            IndexValue::String(v) => IdxRow::String(p, v.clone()),
-            IndexValue::Date { low_ms, high_ms } => IdxRow::Date(p, *low_ms, *high_ms),
-            IndexValue::Reference(t) => IdxRow::Reference(p, t.clone()),
+            (IdxRow::String(p, v), IndexValue::String(value)) => p == e.param && v == value,
+            (IdxRow::Date(p, l, h), IndexValue::Date { low_ms, high_ms }) => {
+                p == e.param && l == low_ms && h == high_ms
+            }
+            (IdxRow::Reference(p, t), IndexValue::Reference(target)) => p == e.param && t == target,
+            _ => false,
         }
     }
 }
@@ -328,13 +330,12 @@ fn update_index(
     let mut old = index_rows(conn, rid)?;
     let mut added = Vec::new();
     for e in entries {
-        let row = IdxRow::of(e);
-        match old.iter().position(|o| *o == row) {
+        match old.iter().position(|o| o.is(e)) {
             // Kept: it stays in the table (a duplicate entry finds no second row and is inserted, ignored).
             Some(i) => {
                 old.swap_remove(i);
             }
-            None => added.push(e.clone()),
+            None => added.push(e),
         }
     }
     let rt = rtype.as_str();
@@ -363,7 +364,7 @@ fn update_index(
         };
         r.map_err(db)?;
     }
-    insert_index(conn, rid, rtype, &added)
+    insert_index(conn, rid, rtype, added)
 }
 
 /// What a put wrote, enough to write it again identically (see the writer's replay).
@@ -435,13 +436,7 @@ pub(crate) fn replay_put(conn: &Connection, record: &PutRecord) -> Result<()> {
 
 fn write_put(conn: &Connection, current: Option<(i64, u64, bool)>, r: &PutRecord) -> Result<()> {
     let rid = match current {
-        Some((rid, _, false)) => {
-            update_current(conn, rid, r.version, r.now_ms, false)?;
-            insert_version(conn, rid, r.rtype, r.version, r.now_ms, false, &r.json)?;
-            return update_index(conn, rid, r.rtype, &r.index);
-        }
-        Some((rid, _, true)) => {
-            // A tombstone has no index rows.
+        Some((rid, _, _)) => {
             update_current(conn, rid, r.version, r.now_ms, false)?;
             rid
         }
@@ -457,7 +452,11 @@ fn write_put(conn: &Connection, current: Option<(i64, u64, bool)>, r: &PutRecord
         }
     };
     insert_version(conn, rid, r.rtype, r.version, r.now_ms, false, &r.json)?;
-    insert_index(conn, rid, r.rtype, &r.index)
+    match current {
+        // A live resource has index rows: keep those that stay. (A tombstone or a new resource has none.)
+        Some((_, _, false)) => update_index(conn, rid, r.rtype, &r.index),
+        _ => insert_index(conn, rid, r.rtype, &r.index),
+    }
 }
 
 pub(crate) fn delete(

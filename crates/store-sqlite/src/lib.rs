@@ -12,9 +12,12 @@
 //!   closure that fails (or panics) loses only its own changes: the writer rolls back and replays the
 //!   recorded changes of the jobs before it, then gives each later job of the batch its own SAVEPOINT (see
 //!   `writer.rs` for why not a savepoint per job from the start).
-//! - A write is acknowledged only after COMMIT returned: with [`Durability::Fsync`] (the default,
-//!   `synchronous=FULL`) it then survives power loss; with [`Durability::OsCrash`] (`synchronous=NORMAL`) it
-//!   survives a crash of the process but not of the machine.
+//! - A write is acknowledged only after COMMIT returned: with [`Durability::Fsync`] (the default) only after
+//!   the WAL was also fsynced, so it survives power loss; with [`Durability::OsCrash`] it survives a crash of
+//!   the process but not of the machine. The fsync runs on a thread of its own while the writer goes on with
+//!   the next batch (pipelined group commit, see `writer.rs`); readers may see a write from its COMMIT, up to
+//!   one fsync before it is acknowledged, but the outbox is read (`events_after`) only up to the last durable
+//!   event.
 //! - Reads never go through the writer: they run inline on the calling thread on a small pool of read-only
 //!   connections and see only committed data.
 //! - The writer's clock never goes backwards (it starts from the newest stored instant), so a resource's
@@ -70,10 +73,10 @@ pub const LOG_FILE: &str = "carebridge-log.db";
 /// What an acknowledged write survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// `synchronous=FULL`: the WAL is fsynced at every commit; survives power loss.
+    /// Every batch's WAL frames are fsynced before any write of the batch is acknowledged; survives power loss.
     #[default]
     Fsync,
-    /// `synchronous=NORMAL`: no fsync at commit; survives a process crash, not an OS crash or power loss.
+    /// No fsync at commit (`synchronous=NORMAL`); survives a process crash, not an OS crash or power loss.
     OsCrash,
 }
 
@@ -113,6 +116,15 @@ impl SqliteStore {
     /// Open (creating if needed) the store in `dir`, migrating the schema to this binary's version.
     /// Refuses ([`StoreError::Unavailable`]) a database whose schema is newer than this binary.
     pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore> {
+        SqliteStore::open_with(dir, options, None)
+    }
+
+    /// [`SqliteStore::open`], with `sync` instead of fsync for [`Durability::Fsync`] (tests).
+    fn open_with(
+        dir: &Path,
+        options: SqliteOptions,
+        sync: Option<writer::SyncFn>,
+    ) -> Result<SqliteStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
@@ -122,12 +134,22 @@ impl SqliteStore {
         let events = Arc::new(watch::Sender::new(sql::last_event_seq(&conn)?));
         let max_batch = options.max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
+        let syncer = match (options.durability, sync) {
+            (Durability::Fsync, Some(sync)) => Some(writer::Syncer::with(sync, events.clone())?),
+            (Durability::Fsync, None) => Some(writer::Syncer::start(
+                path.clone(),
+                path.with_file_name(LOG_FILE),
+                events.clone(),
+            )?),
+            (Durability::OsCrash, _) => None,
+        };
         let writer = Writer {
             conn,
             jobs: rx,
             max_batch,
             last_ms,
             events: events.clone(),
+            syncer,
         };
         let handle = std::thread::Builder::new()
             .name("carebridge-sqlite-writer".into())
@@ -237,7 +259,12 @@ impl Store for SqliteStore {
         after: i64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Event>>> + Send {
-        ready(self.reads.with(|c| sql::events_after(c, after, limit)))
+        // Only durable events: a batch is visible from its COMMIT but published on the watch after its fsync.
+        let upto = *self.events.borrow();
+        ready(
+            self.reads
+                .with(|c| sql::events_after(c, after, upto, limit)),
+        )
     }
 
     fn watch_events(&self) -> watch::Receiver<i64> {

@@ -588,7 +588,7 @@ pub(crate) fn idempotency_put(conn: &Connection, record: IdempotencyRecord) -> R
 // Named values
 
 /// True for the namespaces kept in the log file (attached as `log`).
-fn in_log(namespace: &str) -> bool {
+pub(crate) fn in_log(namespace: &str) -> bool {
     store::LOG_NAMESPACES.contains(&namespace)
 }
 
@@ -1315,14 +1315,20 @@ pub(crate) fn history(conn: &Connection, q: &HistoryQuery) -> Result<SearchResul
     })
 }
 
-pub(crate) fn events_after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Event>> {
+/// Events with `after < seq <= upto`, in order.
+pub(crate) fn events_after(
+    conn: &Connection,
+    after: i64,
+    upto: i64,
+    limit: usize,
+) -> Result<Vec<Event>> {
     let rows: Vec<(Event, String)> = conn
         .prepare_cached(
             "SELECT seq, subject, subject_seq, kind, rtype, id, version, time_ms, data
-             FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+             FROM outbox WHERE seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
         )
         .and_then(|mut s| {
-            s.query_map(params![after, usize_i64(limit)], |r| {
+            s.query_map(params![after, usize_i64(limit), upto], |r| {
                 Ok((
                     Event {
                         seq: r.get(0)?,

@@ -741,3 +741,128 @@ async fn log_namespaces_live_in_their_own_file() {
     assert_eq!(store.kv_get("audit", "old").await.unwrap(), None);
     assert_eq!(count(DB_FILE, "audit"), 0);
 }
+
+/// A sync function the test holds: each call reports whether the log file was to be synced too, then waits
+/// for the test's answer.
+fn held_sync() -> (
+    crate::writer::SyncFn,
+    std::sync::mpsc::Receiver<bool>,
+    std::sync::mpsc::Sender<std::io::Result<()>>,
+) {
+    let (called_tx, called) = std::sync::mpsc::channel();
+    let (answer, answer_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+    let sync: crate::writer::SyncFn = Box::new(move |log| {
+        called_tx.send(log).unwrap();
+        answer_rx.recv().unwrap()
+    });
+    (sync, called, answer)
+}
+
+fn new_event(id: &str) -> store::NewEvent {
+    store::NewEvent {
+        subject: format!("Patient/{id}"),
+        kind: "patient.registered".into(),
+        rtype: ResourceType::Patient,
+        id: id.into(),
+        version: 1,
+        data: serde_json::Value::Null,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_answered_and_its_events_shown_only_after_the_sync() {
+    let dir = TempDir::new("held-sync");
+    let (sync, called, answer) = held_sync();
+    let store = std::sync::Arc::new(
+        SqliteStore::open_with(dir.path(), SqliteOptions::default(), Some(sync)).unwrap(),
+    );
+    let writing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(|tx| {
+                    let stored = tx.put(patient("p1"))?;
+                    tx.append_event(new_event("p1"))?;
+                    Ok(stored)
+                })
+                .await
+        })
+    };
+    // The writer committed and asked for the sync, which the test holds.
+    let log = tokio::task::spawn_blocking(move || {
+        let log = called.recv().unwrap();
+        (log, called)
+    });
+    let (log, called) = log.await.unwrap();
+    assert!(!log, "no log namespace was written");
+    // Committed, so a reader sees the resource, but the write is not answered and the event not shown.
+    assert!(
+        store
+            .read(ResourceType::Patient, "p1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!writing.is_finished(), "answered before the sync");
+    assert!(store.events_after(0, 10).await.unwrap().is_empty());
+    assert_eq!(*store.watch_events().borrow(), 0);
+
+    answer.send(Ok(())).unwrap();
+    let stored = writing.await.unwrap().unwrap();
+    assert_eq!(stored.version, 1);
+    assert_eq!(store.events_after(0, 10).await.unwrap().len(), 1);
+    assert_eq!(*store.watch_events().borrow(), 1);
+
+    // A batch that writes a log namespace asks for the log file's sync too.
+    let writing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(|tx| tx.kv_put("audit", "0000000000000001", Some("line\n")))
+                .await
+        })
+    };
+    let log = tokio::task::spawn_blocking(move || called.recv().unwrap());
+    assert!(log.await.unwrap(), "the log file is synced too");
+    answer.send(Ok(())).unwrap();
+    writing.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_fails_the_write_and_the_store_takes_no_more() {
+    let dir = TempDir::new("failed-sync");
+    let (sync, called, answer) = held_sync();
+    let store = std::sync::Arc::new(
+        SqliteStore::open_with(dir.path(), SqliteOptions::default(), Some(sync)).unwrap(),
+    );
+    answer
+        .send(Err(std::io::Error::other("disk went away")))
+        .unwrap();
+    let err = store
+        .write(|tx| {
+            tx.append_event(new_event("p1"))?;
+            tx.put(patient("p1"))
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("disk went away")),
+        "{err:?}"
+    );
+    assert!(called.try_recv().is_ok());
+    assert!(store.events_after(0, 10).await.unwrap().is_empty());
+    let err = store.write(|tx| tx.put(patient("p2"))).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("restart")),
+        "{err:?}"
+    );
+    assert!(called.try_recv().is_err(), "no second batch was committed");
+    assert!(
+        store
+            .read(ResourceType::Patient, "p2")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

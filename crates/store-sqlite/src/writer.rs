@@ -13,8 +13,23 @@
 //!
 //! After a COMMIT that kept at least one appended event, the writer publishes the batch's highest outbox seq
 //! on the store's events watch, before answering the jobs.
+//!
+//! Durable commits are pipelined ([`Durability::Fsync`](crate::Durability)): the connection runs with
+//! `synchronous=NORMAL`, so COMMIT writes the batch's WAL frames without waiting for the disk, and the writer
+//! hands the committed batch to the syncer thread and starts on the next batch at once. The syncer fsyncs
+//! the WAL file (one fsync covers every batch committed since the last one: the WAL is written in order),
+//! and only then publishes the outbox position and answers the jobs. So no write is acknowledged before it
+//! is on disk, and the writer never sits idle in an fsync (measured: the fsync wait was a quarter of the
+//! writer thread's time under a booking load). A write becomes visible to readers at COMMIT, up to one fsync
+//! before it is acknowledged; a power cut in that window loses only writes that were never acknowledged,
+//! and event feeds never show an event before it is durable.
 
+use std::fs::File;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
@@ -27,7 +42,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::sql;
 
 /// Completes a job once the fate of its transaction is known: `None` = committed, `Some(e)` = not committed.
-type Finish = Box<dyn FnOnce(Option<StoreError>)>;
+type Finish = Box<dyn FnOnce(Option<StoreError>) + Send>;
 
 /// What running a job produced.
 pub(crate) struct Outcome {
@@ -139,6 +154,8 @@ struct WriteTx<'c> {
     changes: Vec<Change>,
     /// The highest outbox seq this job appended (recorded or not), for the events watch.
     last_seq: Option<i64>,
+    /// The job wrote to the log file (so its WAL must be synced too).
+    log: bool,
 }
 
 impl WriteTx<'_> {
@@ -225,6 +242,7 @@ impl Tx for WriteTx<'_> {
         sql::kv_get(self.conn, namespace, key)
     }
     fn kv_put(&mut self, namespace: &str, key: &str, value: Option<&str>) -> Result<()> {
+        self.log |= sql::in_log(namespace);
         let r = sql::kv_put(self.conn, namespace, key, value);
         self.watch(r)?;
         if self.record {
@@ -303,6 +321,8 @@ struct Kept {
     changes: Vec<Change>,
     /// The highest outbox seq the job appended.
     last_seq: Option<i64>,
+    /// The job wrote to the log file.
+    log: bool,
 }
 
 pub(crate) struct Writer {
@@ -312,8 +332,150 @@ pub(crate) struct Writer {
     /// The last timestamp handed out: the writer's clock never goes backwards, so within a resource version
     /// order and `lastUpdated` order agree even if the system clock steps back.
     pub(crate) last_ms: i64,
-    /// The highest committed outbox seq, published after each COMMIT that appended events.
-    pub(crate) events: std::sync::Arc<watch::Sender<i64>>,
+    /// The highest durable outbox seq, published after each COMMIT that appended events (after its fsync when
+    /// there is a syncer).
+    pub(crate) events: Arc<watch::Sender<i64>>,
+    /// Makes commits durable before they are answered ([`crate::Durability::Fsync`]); `None`: answer at COMMIT.
+    pub(crate) syncer: Option<Syncer>,
+}
+
+/// A committed batch waiting for its fsync.
+struct Committed {
+    finishes: Vec<Finish>,
+    last_seq: Option<i64>,
+    log: bool,
+}
+
+/// The syncer thread: fsyncs the WAL files behind the writer, then answers the committed jobs.
+pub(crate) struct Syncer {
+    batches: Option<std::sync::mpsc::Sender<Committed>>,
+    thread: Option<JoinHandle<()>>,
+    /// Set when an fsync failed: what was committed may not be on disk, so the store takes no more writes.
+    failed: Arc<AtomicBool>,
+}
+
+/// Makes the WAL files durable: the main one, and the log file's too when the flag is set.
+pub(crate) type SyncFn = Box<dyn FnMut(bool) -> std::io::Result<()> + Send>;
+
+impl Syncer {
+    /// Start the thread for the database at `main` and its log file `log`.
+    pub(crate) fn start(
+        main: PathBuf,
+        log: PathBuf,
+        events: Arc<watch::Sender<i64>>,
+    ) -> Result<Syncer> {
+        let (main_wal, log_wal) = (wal_path(&main), wal_path(&log));
+        let (mut main_file, mut log_file) = (None, None);
+        Syncer::with(
+            Box::new(move |log| {
+                sync_file(&mut main_file, &main_wal)?;
+                if log {
+                    sync_file(&mut log_file, &log_wal)?;
+                }
+                Ok(())
+            }),
+            events,
+        )
+    }
+
+    /// Start the thread with `sync` as the way to make commits durable.
+    pub(crate) fn with(sync: SyncFn, events: Arc<watch::Sender<i64>>) -> Result<Syncer> {
+        let (tx, rx) = std::sync::mpsc::channel::<Committed>();
+        let failed = Arc::new(AtomicBool::new(false));
+        let flag = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("carebridge-sqlite-sync".into())
+            .spawn(move || sync_loop(&rx, sync, &events, &flag))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the sync thread: {e}")))?;
+        Ok(Syncer {
+            batches: Some(tx),
+            thread: Some(thread),
+            failed,
+        })
+    }
+
+    fn send(&self, committed: Committed) {
+        if let Some(tx) = &self.batches
+            && let Err(std::sync::mpsc::SendError(c)) = tx.send(committed)
+        {
+            // The thread is gone (it cannot be, short of a panic): never answer success unsynced.
+            let err = StoreError::Backend("the sync thread has stopped".into());
+            for finish in c.finishes {
+                finish(Some(err.clone()));
+            }
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        // Closing the channel lets the thread sync and answer what is queued, then return.
+        self.batches = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// SQLite's name for the WAL file of the database at `db`.
+fn wal_path(db: &std::path::Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// fdatasync the file at `path`, opening it on first use (it exists once a COMMIT has written to it).
+fn sync_file(file: &mut Option<File>, path: &std::path::Path) -> std::io::Result<()> {
+    if file.is_none() {
+        *file = Some(File::open(path)?);
+    }
+    match file {
+        Some(f) => f.sync_data(),
+        None => Ok(()),
+    }
+}
+
+fn sync_loop(
+    rx: &std::sync::mpsc::Receiver<Committed>,
+    mut sync: SyncFn,
+    events: &watch::Sender<i64>,
+    failed: &AtomicBool,
+) {
+    let mut group: Vec<Committed> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        group.push(first);
+        group.extend(rx.try_iter());
+        let err = match sync(group.iter().any(|c| c.log)) {
+            Ok(()) => {
+                if let Some(seq) = group.iter().filter_map(|c| c.last_seq).max() {
+                    publish(events, seq);
+                }
+                None
+            }
+            Err(e) => {
+                failed.store(true, Ordering::SeqCst);
+                Some(StoreError::Unavailable(format!(
+                    "the write could not be made durable (fsync failed: {e}); restart the hub"
+                )))
+            }
+        };
+        for committed in group.drain(..) {
+            for finish in committed.finishes {
+                finish(err.clone());
+            }
+        }
+    }
+}
+
+/// Raise the events watch to `seq` (never lower it).
+fn publish(events: &watch::Sender<i64>, seq: i64) {
+    events.send_if_modified(|current| {
+        let newer = seq > *current;
+        if newer {
+            *current = seq;
+        }
+        newer
+    });
 }
 
 fn system_ms() -> i64 {
@@ -433,6 +595,21 @@ impl Writer {
 
     fn run_batch(&mut self, batch: &mut Vec<JobBox>) {
         let mut jobs = batch.drain(..);
+        if self
+            .syncer
+            .as_ref()
+            .is_some_and(|s| s.failed.load(Ordering::SeqCst))
+        {
+            // After a failed fsync the kernel may have dropped the unsynced pages: writing on could
+            // acknowledge changes built on data that is not on disk.
+            let err = StoreError::Unavailable(
+                "an earlier fsync of the write-ahead log failed; restart the hub".into(),
+            );
+            for job in jobs {
+                job.fail(err.clone());
+            }
+            return;
+        }
         let mut kept: Vec<Kept> = Vec::new();
         let mut open = false;
         // Off until a job of this batch fails; from then on every job gets its own savepoint.
@@ -461,6 +638,7 @@ impl Writer {
                 record: !savepoints,
                 changes: Vec::new(),
                 last_seq: None,
+                log: false,
             };
             // `run` catches the closure's panics itself; this guard is for anything else.
             let outcome =
@@ -472,6 +650,7 @@ impl Writer {
             let mut veto = tx.broken.take();
             let changes = std::mem::take(&mut tx.changes);
             let last_seq = tx.last_seq;
+            let log = tx.log;
 
             if self.conn.is_autocommit() {
                 // SQLite aborted the whole transaction (I/O error, disk full...): the changes of every job
@@ -525,6 +704,7 @@ impl Writer {
                     now_ms,
                     changes,
                     last_seq,
+                    log,
                 });
             } else {
                 // Its changes are gone; it can be answered now (its own error, else the veto).
@@ -538,15 +718,18 @@ impl Writer {
         }
         match self.exec("COMMIT") {
             Ok(()) => {
-                // Publish the new outbox position before anyone hears of the commit.
-                if let Some(seq) = kept.iter().filter_map(|k| k.last_seq).max() {
-                    self.events.send_if_modified(|current| {
-                        let newer = seq > *current;
-                        if newer {
-                            *current = seq;
-                        }
-                        newer
+                let last_seq = kept.iter().filter_map(|k| k.last_seq).max();
+                if let Some(syncer) = &self.syncer {
+                    syncer.send(Committed {
+                        log: kept.iter().any(|k| k.log),
+                        finishes: kept.into_iter().map(|k| k.finish).collect(),
+                        last_seq,
                     });
+                    return;
+                }
+                // Publish the new outbox position before anyone hears of the commit.
+                if let Some(seq) = last_seq {
+                    publish(&self.events, seq);
                 }
                 for k in kept {
                     (k.finish)(None);

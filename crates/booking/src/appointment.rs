@@ -11,7 +11,7 @@ use store::{StoreError, Stored, Tx};
 use crate::error::BookingError;
 use crate::util::{
     check_expected, event, holders, is_active, json_of, live, local_id, put, reference, refs,
-    status_of,
+    shared_json_of, status_of,
 };
 use crate::{Outcome, Refusal};
 
@@ -184,7 +184,7 @@ fn check(
                     )));
                 }
                 Some(p) => {
-                    let pj = json_of(&p)?;
+                    let pj = shared_json_of(&p)?;
                     if !is_active(&pj) {
                         let hint = replaced_by(&pj)
                             .map(|r| format!("; it was merged into {r}, book for that patient"))
@@ -249,7 +249,7 @@ fn check(
                     expression,
                 )));
             }
-            Some(s) if !is_active(&json_of(&s)?) => {
+            Some(s) if !is_active(shared_json_of(&s)?.as_ref()) => {
                 return Ok(Err(BookingError::conflict(
                     format!("{slot_ref} belongs to {schedule_ref}, which is not active"),
                     expression,

@@ -29,6 +29,36 @@ pub(crate) fn json_of(s: &Stored) -> store::Result<Value> {
     })
 }
 
+/// Stored versions kept parsed for [`shared_json_of`], per thread (the embedded store runs every write on
+/// its one writer thread).
+const PARSED_KEPT: usize = 512;
+
+thread_local! {
+    static PARSED: std::cell::RefCell<std::collections::HashMap<(ResourceType, Box<str>), (String, std::sync::Arc<Value>)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The JSON of a stored version that is only to be read (a booking's Patient and Schedule). The same text
+/// parsed before on this thread is not parsed again: a busy clinic's bookings read the same Schedule and
+/// Patients over and over. Keyed by type and id, and checked against the whole text, so whatever wrote the
+/// version (another process, a rolled-back batch), a stale entry is never used.
+pub(crate) fn shared_json_of(s: &Stored) -> store::Result<std::sync::Arc<Value>> {
+    PARSED.with_borrow_mut(|parsed| {
+        let key = (s.rtype, Box::<str>::from(s.id.as_str()));
+        if let Some((json, value)) = parsed.get(&key)
+            && *json == s.json
+        {
+            return Ok(value.clone());
+        }
+        let value = std::sync::Arc::new(json_of(s)?);
+        if parsed.len() >= PARSED_KEPT {
+            parsed.clear();
+        }
+        parsed.insert(key, (s.json.clone(), value.clone()));
+        Ok(value)
+    })
+}
+
 /// The precondition (`If-Match`) check, done before any business rule so that a stale ETag is reported as
 /// such (412) rather than as whatever the stale view would have violated. Same semantics as [`Put`]:
 /// `Some(0)` means "must not exist (or be deleted)".

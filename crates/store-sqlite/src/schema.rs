@@ -206,6 +206,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Page cache per connection, in KiB (negative = KiB for `PRAGMA cache_size`).
 const CACHE_KIB: i64 = 32 * 1024;
 const STATEMENT_CACHE: usize = 256;
+/// The writer's page cache, in KiB. Smaller than the readers': SQLite walks the writer's whole page-cache
+/// hash table at every COMMIT that follows a b-tree rebalance (the rebalance parks a page under a temporary
+/// number past the end of the file, and the end-of-transaction truncation then scans every slot), so the
+/// cost of each commit grows with this size.
+const WRITER_CACHE_KIB: i64 = 8 * 1024;
 /// Largest part of the database file read through a memory map (beyond it, SQLite reads with pread).
 const MMAP_BYTES: i64 = 1 << 30;
 
@@ -232,6 +237,8 @@ pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connect
     conn.pragma_update(None, "wal_autocheckpoint", 4096)
         .map_err(db)?;
     tune(&conn)?;
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+        .map_err(db)?;
     migrate(&mut conn)?;
     attach_log(&conn, path, Some(sync))?;
     // Load the planner statistics the migrations may just have written.

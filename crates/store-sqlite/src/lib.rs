@@ -190,8 +190,11 @@ impl Drop for SqliteStore {
         // Closing the channel lets the writer finish the queued jobs and return.
         self.jobs = None;
         if let Some(handle) = self.writer.take() {
-            // A closure holding the last reference to the store may drop it on the writer thread itself.
-            if handle.thread().id() != std::thread::current().id() {
+            // A closure holding the last reference to the store may drop it on the writer thread itself, and a
+            // result nobody awaited any more is dropped on the sync thread, which the writer waits for on its way
+            // out.
+            let here = std::thread::current();
+            if handle.thread().id() != here.id() && here.name() != Some(writer::SYNC_THREAD) {
                 let _ = handle.join();
             }
         }

@@ -354,6 +354,9 @@ pub(crate) struct Syncer {
     failed: Arc<AtomicBool>,
 }
 
+/// The sync thread's name.
+pub(crate) const SYNC_THREAD: &str = "carebridge-sqlite-sync";
+
 /// Makes the WAL files durable: the main one, and the log file's too when the flag is set.
 pub(crate) type SyncFn = Box<dyn FnMut(bool) -> std::io::Result<()> + Send>;
 
@@ -384,7 +387,7 @@ impl Syncer {
         let failed = Arc::new(AtomicBool::new(false));
         let flag = failed.clone();
         let thread = std::thread::Builder::new()
-            .name("carebridge-sqlite-sync".into())
+            .name(SYNC_THREAD.into())
             .spawn(move || sync_loop(&rx, sync, &events, &flag))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the sync thread: {e}")))?;
         Ok(Syncer {
@@ -411,7 +414,9 @@ impl Drop for Syncer {
     fn drop(&mut self) {
         // Closing the channel lets the thread sync and answer what is queued, then return.
         self.batches = None;
-        if let Some(thread) = self.thread.take() {
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
             let _ = thread.join();
         }
     }
@@ -445,7 +450,14 @@ fn sync_loop(
     while let Ok(first) = rx.recv() {
         group.push(first);
         group.extend(rx.try_iter());
-        let err = match sync(group.iter().any(|c| c.log)) {
+        // After one failure a later fsync may succeed although the pages it should have written were
+        // dropped: nothing committed after the failure is reported durable either.
+        let synced = if failed.load(Ordering::SeqCst) {
+            Err(std::io::Error::other("an earlier fsync failed"))
+        } else {
+            sync(group.iter().any(|c| c.log))
+        };
+        let err = match synced {
             Ok(()) => {
                 if let Some(seq) = group.iter().filter_map(|c| c.last_seq).max() {
                     publish(events, seq);

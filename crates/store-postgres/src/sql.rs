@@ -10,7 +10,6 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::{Map, Value};
 use store::{
     Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
     HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put, ResourceType, Result,
@@ -218,64 +217,6 @@ fn check_expected(
     }
 }
 
-/// Set `resourceType` (if absent), `id`, `meta.versionId` and `meta.lastUpdated`, keeping every other member
-/// and its order; `resourceType`, `id` and `meta` come first (the same stamping as the SQLite backend).
-fn stamp(
-    rtype: ResourceType,
-    id: &str,
-    version: u64,
-    last_updated: String,
-    resource: Value,
-) -> Result<String> {
-    let Value::Object(obj) = resource else {
-        return Err(StoreError::Invalid(format!(
-            "{rtype}/{id}: a resource must be a JSON object"
-        )));
-    };
-    let mut resource_type = None;
-    let mut meta = None;
-    let mut rest = Vec::with_capacity(obj.len());
-    for (k, v) in obj {
-        match k.as_str() {
-            "resourceType" => resource_type = Some(v),
-            "meta" => meta = Some(v),
-            "id" => {}
-            _ => rest.push((k, v)),
-        }
-    }
-    match &resource_type {
-        None => {}
-        Some(Value::String(s)) if s == rtype.as_str() => {}
-        Some(other) => {
-            return Err(StoreError::Invalid(format!(
-                "{rtype}/{id}: resourceType is {other}, expected \"{rtype}\""
-            )));
-        }
-    }
-    let mut meta = match meta {
-        None => Map::new(),
-        Some(Value::Object(m)) => m,
-        Some(_) => {
-            return Err(StoreError::Invalid(format!(
-                "{rtype}/{id}: meta must be a JSON object"
-            )));
-        }
-    };
-    meta.insert("versionId".to_string(), Value::String(version.to_string()));
-    meta.insert("lastUpdated".to_string(), Value::String(last_updated));
-
-    let mut out = Map::with_capacity(rest.len() + 3);
-    out.insert(
-        "resourceType".to_string(),
-        resource_type.unwrap_or_else(|| Value::String(rtype.to_string())),
-    );
-    out.insert("id".to_string(), Value::String(id.to_string()));
-    out.insert("meta".to_string(), Value::Object(meta));
-    out.extend(rest);
-    serde_json::to_string(&Value::Object(out))
-        .map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))
-}
-
 pub(crate) async fn put(
     c: &Conn,
     own: &mut JobBuf,
@@ -308,12 +249,12 @@ pub(crate) async fn put(
     let (rid, current, live) = state_in_tx(c, own, kept, seen, rtype, &id).await?;
     check_expected(rtype, &id, expected_version, if live { current } else { 0 })?;
     let version = current + 1;
-    let json = stamp(
+    let json = store::stamp(
         rtype,
         &id,
         version,
-        fhir::format_instant_ms(now_ms),
-        resource,
+        &fhir::format_instant_ms(now_ms),
+        &resource,
     )?;
     let stored = Stored {
         rtype,

@@ -4,7 +4,7 @@
 
 use rusqlite::types::{ToSqlOutput, Type};
 use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use store::{
     Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
     HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put, ResourceType, Result,
@@ -126,64 +126,6 @@ fn check_expected(
         }),
         _ => Ok(()),
     }
-}
-
-/// Set `resourceType` (if absent), `id`, `meta.versionId` and `meta.lastUpdated`, keeping every other member
-/// and its order; `resourceType`, `id` and `meta` come first.
-fn stamp(
-    rtype: ResourceType,
-    id: &str,
-    version: u64,
-    last_updated: String,
-    resource: Value,
-) -> Result<String> {
-    let Value::Object(obj) = resource else {
-        return Err(StoreError::Invalid(format!(
-            "{rtype}/{id}: a resource must be a JSON object"
-        )));
-    };
-    let mut resource_type = None;
-    let mut meta = None;
-    let mut rest = Vec::with_capacity(obj.len());
-    for (k, v) in obj {
-        match k.as_str() {
-            "resourceType" => resource_type = Some(v),
-            "meta" => meta = Some(v),
-            "id" => {}
-            _ => rest.push((k, v)),
-        }
-    }
-    match &resource_type {
-        None => {}
-        Some(Value::String(s)) if s == rtype.as_str() => {}
-        Some(other) => {
-            return Err(StoreError::Invalid(format!(
-                "{rtype}/{id}: resourceType is {other}, expected \"{rtype}\""
-            )));
-        }
-    }
-    let mut meta = match meta {
-        None => Map::new(),
-        Some(Value::Object(m)) => m,
-        Some(_) => {
-            return Err(StoreError::Invalid(format!(
-                "{rtype}/{id}: meta must be a JSON object"
-            )));
-        }
-    };
-    meta.insert("versionId".to_string(), Value::String(version.to_string()));
-    meta.insert("lastUpdated".to_string(), Value::String(last_updated));
-
-    let mut out = Map::with_capacity(rest.len() + 3);
-    out.insert(
-        "resourceType".to_string(),
-        resource_type.unwrap_or_else(|| Value::String(rtype.to_string())),
-    );
-    out.insert("id".to_string(), Value::String(id.to_string()));
-    out.insert("meta".to_string(), Value::Object(meta));
-    out.extend(rest);
-    serde_json::to_string(&Value::Object(out))
-        .map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))
 }
 
 fn insert_version(
@@ -395,12 +337,12 @@ pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<(Stored, P
     };
     check_expected(rtype, &id, expected_version, live_version)?;
     let version = current.map_or(0, |(_, v, _)| v) + 1;
-    let json = stamp(
+    let json = store::stamp(
         rtype,
         &id,
         version,
-        fhir::format_instant_ms(now_ms),
-        resource,
+        &fhir::format_instant_ms(now_ms),
+        &resource,
     )?;
     let record = PutRecord {
         rtype,

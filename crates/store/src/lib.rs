@@ -20,9 +20,11 @@ use serde_json::Value;
 pub mod conformance;
 mod matching;
 mod query;
+mod stamp;
 pub mod url;
 pub use matching::{matches, range_matches};
 pub use query::*;
+pub use stamp::stamp;
 
 /// Key-value namespaces that hold append-only logs (the audit trail and its page counter). A backend may keep
 /// them apart from everything else: the embedded store puts them in a database file of their own, so that

@@ -1,0 +1,139 @@
+//! The JSON text a backend stores for a new version.
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::Value;
+
+use crate::{ResourceType, Result, StoreError};
+
+/// `resource` as stored: `resourceType` (set if absent), `id` and `meta` first, with `meta.versionId` and
+/// `meta.lastUpdated` set (in place when present, else appended to `meta`); every other member follows in its
+/// order. Written straight to text: no intermediate map, so no key is hashed again.
+pub fn stamp(
+    rtype: ResourceType,
+    id: &str,
+    version: u64,
+    last_updated: &str,
+    resource: &Value,
+) -> Result<String> {
+    let Value::Object(obj) = resource else {
+        return Err(StoreError::Invalid(format!(
+            "{rtype}/{id}: a resource must be a JSON object"
+        )));
+    };
+    match obj.get("resourceType") {
+        None => {}
+        Some(Value::String(s)) if s == rtype.as_str() => {}
+        Some(other) => {
+            return Err(StoreError::Invalid(format!(
+                "{rtype}/{id}: resourceType is {other}, expected \"{rtype}\""
+            )));
+        }
+    }
+    let meta = match obj.get("meta") {
+        None => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => {
+            return Err(StoreError::Invalid(format!(
+                "{rtype}/{id}: meta must be a JSON object"
+            )));
+        }
+    };
+    let version = version.to_string();
+    let fail = |e: serde_json::Error| StoreError::Invalid(format!("{rtype}/{id}: {e}"));
+    let mut out = Vec::with_capacity(1024);
+    let mut ser = serde_json::Serializer::new(&mut out);
+    let mut map = ser.serialize_map(None).map_err(fail)?;
+    map.serialize_entry("resourceType", rtype.as_str())
+        .map_err(fail)?;
+    map.serialize_entry("id", id).map_err(fail)?;
+    map.serialize_entry(
+        "meta",
+        &Meta {
+            meta,
+            version: &version,
+            last_updated,
+        },
+    )
+    .map_err(fail)?;
+    for (k, v) in obj {
+        if !matches!(k.as_str(), "resourceType" | "id" | "meta") {
+            map.serialize_entry(k, v).map_err(fail)?;
+        }
+    }
+    map.end().map_err(fail)?;
+    String::from_utf8(out).map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))
+}
+
+/// `meta` with the version members set.
+struct Meta<'a> {
+    meta: Option<&'a serde_json::Map<String, Value>>,
+    version: &'a str,
+    last_updated: &'a str,
+}
+
+impl Serialize for Meta<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        let (mut version, mut updated) = (false, false);
+        for (k, v) in self.meta.into_iter().flatten() {
+            match k.as_str() {
+                "versionId" => {
+                    version = true;
+                    map.serialize_entry(k, self.version)?;
+                }
+                "lastUpdated" => {
+                    updated = true;
+                    map.serialize_entry(k, self.last_updated)?;
+                }
+                _ => map.serialize_entry(k, v)?,
+            }
+        }
+        if !version {
+            map.serialize_entry("versionId", self.version)?;
+        }
+        if !updated {
+            map.serialize_entry("lastUpdated", self.last_updated)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ids_and_versions_go_first_and_the_rest_keeps_its_order() {
+        let r = json!({"name": [{"family": "Ng"}], "id": "old", "resourceType": "Patient",
+            "meta": {"profile": ["p"], "lastUpdated": "x"}, "active": true});
+        let text = stamp(
+            ResourceType::Patient,
+            "p1",
+            3,
+            "2026-01-02T03:04:05.678Z",
+            &r,
+        )
+        .unwrap();
+        assert_eq!(
+            text,
+            r#"{"resourceType":"Patient","id":"p1","meta":{"profile":["p"],"lastUpdated":"2026-01-02T03:04:05.678Z","versionId":"3"},"name":[{"family":"Ng"}],"active":true}"#
+        );
+        let bare = stamp(ResourceType::Slot, "s", 1, "t", &json!({})).unwrap();
+        assert_eq!(
+            bare,
+            r#"{"resourceType":"Slot","id":"s","meta":{"versionId":"1","lastUpdated":"t"}}"#
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_or_shape_is_refused() {
+        let wrong = json!({"resourceType": "Slot"});
+        assert!(stamp(ResourceType::Patient, "p", 1, "t", &wrong).is_err());
+        assert!(stamp(ResourceType::Patient, "p", 1, "t", &json!([])).is_err());
+        assert!(stamp(ResourceType::Patient, "p", 1, "t", &json!({"meta": 1})).is_err());
+    }
+}

@@ -732,6 +732,10 @@ impl Writer {
             Ok(()) => {
                 let last_seq = kept.iter().filter_map(|k| k.last_seq).max();
                 if let Some(syncer) = &self.syncer {
+                    if kept.is_empty() {
+                        // Every job of the batch was rolled back: nobody to answer, nothing to publish.
+                        return;
+                    }
                     syncer.send(Committed {
                         log: kept.iter().any(|k| k.log),
                         finishes: kept.into_iter().map(|k| k.finish).collect(),

@@ -174,35 +174,106 @@ fn remove_index(conn: &Connection, rid: i64) -> Result<()> {
     Ok(())
 }
 
+/// Most rows one index INSERT writes (so at most this many statement texts per table are cached).
+const ROWS_PER_INSERT: usize = 16;
+
+/// The four index tables: name, columns after `rtype`, and values bound per row (besides `rtype`, `rid`).
+const INDEX_TABLES: [(&str, &str, usize); 4] = [
+    ("idx_token", "param, code, system", 3),
+    ("idx_string", "param, value", 2),
+    ("idx_date", "param, low_ms, high_ms", 3),
+    ("idx_reference", "param, target", 2),
+];
+
+/// `INSERT OR IGNORE` of `rows` rows into index table `table` (of [`INDEX_TABLES`]): `?1` is `rtype`, `?2` the
+/// `rid`, then each row's own values.
+fn index_insert_sql(table: usize, rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<Vec<String>>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        INDEX_TABLES
+            .iter()
+            .map(|(name, columns, per_row)| {
+                (1..=ROWS_PER_INSERT)
+                    .map(|n| {
+                        let values: Vec<String> = (0..n)
+                            .map(|i| {
+                                let own: Vec<String> = (0..*per_row)
+                                    .map(|k| format!("?{}", 3 + i * per_row + k))
+                                    .collect();
+                                format!("(?1, {}, ?2)", own.join(", "))
+                            })
+                            .collect();
+                        format!(
+                            "INSERT OR IGNORE INTO {name} (rtype, {columns}, rid) VALUES {}",
+                            values.join(", ")
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    });
+    all.get(table)
+        .and_then(|t| t.get(rows.saturating_sub(1)))
+        .map_or("", String::as_str)
+}
+
+/// Insert `entries` as index rows of `rid`: one statement per table for up to [`ROWS_PER_INSERT`] rows (a UK
+/// Core Patient has about 26 rows; one statement per row cost a statement's fixed overhead each time).
 fn insert_index<'e>(
     conn: &Connection,
     rid: i64,
     rtype: ResourceType,
     entries: impl IntoIterator<Item = &'e store::IndexEntry>,
 ) -> Result<()> {
-    let rt = rtype.as_str();
+    let mut by_table: [Vec<ToSqlOutput<'e>>; 4] = Default::default();
     for e in entries {
-        let r = match &e.value {
-            IndexValue::Token { system, code } => conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO idx_token (rtype, param, code, system, rid) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .and_then(|mut s| s.execute(params![rt, e.param, code, system.as_deref().unwrap_or(""), rid])),
-            IndexValue::String(value) => conn
-                .prepare_cached("INSERT OR IGNORE INTO idx_string (rtype, param, value, rid) VALUES (?1, ?2, ?3, ?4)")
-                .and_then(|mut s| s.execute(params![rt, e.param, value, rid])),
-            IndexValue::Date { low_ms, high_ms } => conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO idx_date (rtype, param, low_ms, high_ms, rid) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .and_then(|mut s| s.execute(params![rt, e.param, low_ms, high_ms, rid])),
-            IndexValue::Reference(target) => conn
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO idx_reference (rtype, param, target, rid) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .and_then(|mut s| s.execute(params![rt, e.param, target, rid])),
+        let (table, values): (usize, [ToSqlOutput<'e>; 3]) = match &e.value {
+            IndexValue::Token { system, code } => (
+                0,
+                [
+                    ToSqlOutput::from(&*e.param),
+                    code.as_str().into(),
+                    system.as_deref().unwrap_or("").into(),
+                ],
+            ),
+            IndexValue::String(value) => (
+                1,
+                [
+                    ToSqlOutput::from(&*e.param),
+                    value.as_str().into(),
+                    ToSqlOutput::from(0),
+                ],
+            ),
+            IndexValue::Date { low_ms, high_ms } => (
+                2,
+                [
+                    ToSqlOutput::from(&*e.param),
+                    (*low_ms).into(),
+                    (*high_ms).into(),
+                ],
+            ),
+            IndexValue::Reference(target) => (
+                3,
+                [
+                    ToSqlOutput::from(&*e.param),
+                    target.as_str().into(),
+                    ToSqlOutput::from(0),
+                ],
+            ),
         };
-        r.map_err(db)?;
+        let per_row = INDEX_TABLES[table].2;
+        by_table[table].extend(values.into_iter().take(per_row));
+    }
+    let rt = rtype.as_str();
+    for (table, values) in by_table.iter().enumerate() {
+        let per_row = INDEX_TABLES[table].2;
+        for chunk in values.chunks(per_row * ROWS_PER_INSERT) {
+            let sql = index_insert_sql(table, chunk.len() / per_row);
+            let head = [ToSqlOutput::from(rt), ToSqlOutput::from(rid)];
+            conn.prepare_cached(sql)
+                .and_then(|mut s| s.execute(params_from_iter(head.iter().chain(chunk))))
+                .map_err(db)?;
+        }
     }
     Ok(())
 }

@@ -742,10 +742,13 @@ async fn log_namespaces_live_in_their_own_file() {
     assert_eq!(count(DB_FILE, "audit"), 0);
 }
 
-/// A sync function the test holds: each call reports whether the log file was to be synced too, then waits
-/// for the test's answer.
-fn held_sync() -> (
-    crate::writer::SyncFn,
+/// A store in a fresh directory whose sync the test holds: each sync reports whether the log file was to be
+/// synced too, then waits for the test's answer.
+fn held_store(
+    tag: &str,
+) -> (
+    TempDir,
+    std::sync::Arc<SqliteStore>,
     std::sync::mpsc::Receiver<bool>,
     std::sync::mpsc::Sender<std::io::Result<()>>,
 ) {
@@ -755,7 +758,11 @@ fn held_sync() -> (
         called_tx.send(log).unwrap();
         answer_rx.recv().unwrap()
     });
-    (sync, called, answer)
+    let dir = TempDir::new(tag);
+    let store = std::sync::Arc::new(
+        SqliteStore::open_with(dir.path(), SqliteOptions::default(), Some(sync)).unwrap(),
+    );
+    (dir, store, called, answer)
 }
 
 fn new_event(id: &str) -> store::NewEvent {
@@ -771,11 +778,7 @@ fn new_event(id: &str) -> store::NewEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_is_answered_and_its_events_shown_only_after_the_sync() {
-    let dir = TempDir::new("held-sync");
-    let (sync, called, answer) = held_sync();
-    let store = std::sync::Arc::new(
-        SqliteStore::open_with(dir.path(), SqliteOptions::default(), Some(sync)).unwrap(),
-    );
+    let (_dir, store, called, answer) = held_store("held-sync");
     let writing = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -831,11 +834,7 @@ async fn a_commit_is_answered_and_its_events_shown_only_after_the_sync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sync_fails_the_write_and_the_store_takes_no_more() {
-    let dir = TempDir::new("failed-sync");
-    let (sync, called, answer) = held_sync();
-    let store = std::sync::Arc::new(
-        SqliteStore::open_with(dir.path(), SqliteOptions::default(), Some(sync)).unwrap(),
-    );
+    let (_dir, store, called, answer) = held_store("failed-sync");
     answer
         .send(Err(std::io::Error::other("disk went away")))
         .unwrap();

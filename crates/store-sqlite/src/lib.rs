@@ -29,8 +29,9 @@
 //! retry bookkeeping) and `delivery_heads` (one row per (subscription, subject) with a pending delivery: the
 //! lowest pending seq and its next attempt). Every delivery write keeps the heads exact, so finding due work
 //! reads heads only (`ORDER BY next_attempt_ms LIMIT n` on an index): deliveries queued behind a failing
-//! subject or subscriber are never scanned. `kv` keeps small named values. The writer publishes the highest
-//! committed outbox seq on a `tokio::sync::watch` after each COMMIT that appended events.
+//! subject or subscriber are never scanned. `kv` keeps small named values. The highest durable outbox seq is
+//! published on a `tokio::sync::watch` after each COMMIT that appended events (by the sync thread, after the
+//! fsync, with [`Durability::Fsync`]).
 //!
 //! Schema (migration 1): `resources` (current version's metadata per type and id, with a stable integer
 //! `rid`), `versions` (every version's JSON, tombstones included, written once), `idx_token` / `idx_string`
@@ -105,7 +106,8 @@ pub struct SqliteStore {
     writer: Option<JoinHandle<()>>,
     reads: ReadPool,
     path: PathBuf,
-    /// The highest committed outbox seq (the writer publishes it after each COMMIT that appended events).
+    /// The highest durable outbox seq (published after each COMMIT that appended events, after its fsync with
+    /// [`Durability::Fsync`]); `events_after` reads no further.
     events: Arc<watch::Sender<i64>>,
     /// Dropping it stops the checkpoint thread.
     checkpoint_stop: Option<std::sync::mpsc::Sender<()>>,

@@ -343,7 +343,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Event>>> + Send;
 
     /// The highest committed outbox `seq` (0 when none): changes after each commit that appended events (not
-    /// after commits without events), before the writes of that commit are acknowledged.
+    /// after commits without events), before the writes of that commit are acknowledged. A backend that makes
+    /// a commit durable after it becomes visible (the embedded store's pipelined fsync) publishes it once
+    /// durable, and [`Store::events_after`] returns nothing beyond it.
     fn watch_events(&self) -> tokio::sync::watch::Receiver<i64>;
 
     /// A named value as committed (see [`Tx::kv_get`]).

@@ -1,6 +1,6 @@
 //! Conformance suite every backend must pass.
 //!
-//! Why it exists: the domain code is written once against [`Store`](crate::Store)/[`Tx`](crate::Tx), so every backend must show the
+//! Why it exists: the domain code is written once against [`Store`]/[`Tx`](crate::Tx), so every backend must show the
 //! same observable behaviour. Each backend's test crate opens a fresh, empty store and calls [`run_all`] (or
 //! the individual checks, one test each) inside a multi-thread tokio runtime.
 //!

@@ -33,19 +33,22 @@ pub(crate) fn json_of(s: &Stored) -> store::Result<Value> {
 /// its one writer thread).
 const PARSED_KEPT: usize = 512;
 
+/// A parsed stored version: its type, text and value.
+type Parsed = (ResourceType, String, std::sync::Arc<Value>);
+
 thread_local! {
-    static PARSED: std::cell::RefCell<std::collections::HashMap<(ResourceType, Box<str>), (String, std::sync::Arc<Value>)>> =
+    static PARSED: std::cell::RefCell<std::collections::HashMap<Box<str>, Parsed>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
 /// The JSON of a stored version that is only to be read (a booking's Patient and Schedule). The same text
 /// parsed before on this thread is not parsed again: a busy clinic's bookings read the same Schedule and
-/// Patients over and over. Keyed by type and id, and checked against the whole text, so whatever wrote the
+/// Patients over and over. Keyed by id, and checked against the type and the whole text, so whatever wrote the
 /// version (another process, a rolled-back batch), a stale entry is never used.
 pub(crate) fn shared_json_of(s: &Stored) -> store::Result<std::sync::Arc<Value>> {
     PARSED.with_borrow_mut(|parsed| {
-        let key = (s.rtype, Box::<str>::from(s.id.as_str()));
-        if let Some((json, value)) = parsed.get(&key)
+        if let Some((rtype, json, value)) = parsed.get(s.id.as_str())
+            && *rtype == s.rtype
             && *json == s.json
         {
             return Ok(value.clone());
@@ -54,7 +57,10 @@ pub(crate) fn shared_json_of(s: &Stored) -> store::Result<std::sync::Arc<Value>>
         if parsed.len() >= PARSED_KEPT {
             parsed.clear();
         }
-        parsed.insert(key, (s.json.clone(), value.clone()));
+        parsed.insert(
+            s.id.as_str().into(),
+            (s.rtype, s.json.clone(), value.clone()),
+        );
         Ok(value)
     })
 }

@@ -14,10 +14,10 @@
 //!   `writer.rs` for why not a savepoint per job from the start).
 //! - A write is acknowledged only after COMMIT returned: with [`Durability::Fsync`] (the default) only after
 //!   the WAL was also fsynced, so it survives power loss; with [`Durability::OsCrash`] it survives a crash of
-//!   the process but not of the machine. The fsync runs on a thread of its own while the writer goes on with
-//!   the next batch (pipelined group commit, see `writer.rs`); readers may see a write from its COMMIT, up to
-//!   one fsync before it is acknowledged, but the outbox is read (`events_after`) only up to the last durable
-//!   event.
+//!   the process but not of the machine. A sync thread answers committed batches (after the fsync, with
+//!   `Fsync`) while the writer goes on with the next batch (pipelined group commit, see `writer.rs`); readers
+//!   may see a write from its COMMIT, up to one fsync before it is acknowledged, but the outbox is read
+//!   (`events_after`) only up to the last durable event.
 //! - Reads never go through the writer: they run inline on the calling thread on a small pool of read-only
 //!   connections and see only committed data.
 //! - The writer's clock never goes backwards (it starts from the newest stored instant), so a resource's
@@ -30,7 +30,7 @@
 //! lowest pending seq and its next attempt). Every delivery write keeps the heads exact, so finding due work
 //! reads heads only (`ORDER BY next_attempt_ms LIMIT n` on an index): deliveries queued behind a failing
 //! subject or subscriber are never scanned. `kv` keeps small named values. The highest durable outbox seq is
-//! published on a `tokio::sync::watch` after each COMMIT that appended events (by the sync thread, after the
+//! published on a `tokio::sync::watch` by the sync thread after each COMMIT that appended events (after the
 //! fsync, with [`Durability::Fsync`]).
 //!
 //! Schema (migration 1): `resources` (current version's metadata per type and id, with a stable integer
@@ -121,7 +121,7 @@ impl SqliteStore {
         SqliteStore::open_with(dir, options, None)
     }
 
-    /// [`SqliteStore::open`], with `sync` instead of fsync for [`Durability::Fsync`] (tests).
+    /// [`SqliteStore::open`], with `sync` instead of what the durability mode does after COMMIT (tests).
     fn open_with(
         dir: &Path,
         options: SqliteOptions,
@@ -131,27 +131,24 @@ impl SqliteStore {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
         let path = dir.join(DB_FILE);
-        let conn = schema::open_writer(&path, options.durability)?;
+        let conn = schema::open_writer(&path)?;
         let last_ms = sql::newest_instant(&conn)?;
         let events = Arc::new(watch::Sender::new(sql::last_event_seq(&conn)?));
         let max_batch = options.max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
-        let syncer = match (options.durability, sync) {
-            (Durability::Fsync, Some(sync)) => Some(writer::Syncer::with(sync, events.clone())?),
-            (Durability::Fsync, None) => Some(writer::Syncer::start(
-                path.clone(),
-                path.with_file_name(LOG_FILE),
-                events.clone(),
-            )?),
-            (Durability::OsCrash, _) => None,
+        let sync = match (sync, options.durability) {
+            (Some(sync), _) => sync,
+            (None, Durability::Fsync) => {
+                writer::fsync_wal(path.clone(), path.with_file_name(LOG_FILE))
+            }
+            (None, Durability::OsCrash) => Box::new(|_| Ok(())),
         };
         let writer = Writer {
             conn,
             jobs: rx,
             max_batch,
             last_ms,
-            events: events.clone(),
-            syncer,
+            syncer: writer::Syncer::start(sync, events.clone())?,
         };
         let handle = std::thread::Builder::new()
             .name("carebridge-sqlite-writer".into())

@@ -7,7 +7,6 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use store::{Result, StoreError};
 
-use crate::Durability;
 use crate::sql::db;
 
 /// Migration `i` (0-based) brings the schema from version `i` to `i + 1`. Append only: never edit a released
@@ -203,7 +202,7 @@ pub(crate) fn latest_version() -> i64 {
 }
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Page cache per connection, in KiB (negative = KiB for `PRAGMA cache_size`).
+/// Page cache per read connection, in KiB (negative = KiB for `PRAGMA cache_size`).
 const CACHE_KIB: i64 = 32 * 1024;
 const STATEMENT_CACHE: usize = 256;
 /// The writer's page cache, in KiB. Smaller than the readers': SQLite walks the writer's whole page-cache
@@ -219,26 +218,22 @@ fn unavailable(path: &Path, e: rusqlite::Error) -> StoreError {
 }
 
 /// Open the single read-write connection (the writer's), switch to WAL and bring the schema up to date.
-pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connection> {
+pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
     wal(&conn, "main", path)?;
-    // NORMAL in both modes: with `Fsync` the writer's syncer thread fsyncs the WAL after COMMIT and before
-    // any job of the batch is answered (writer.rs), so the writer never waits for the disk itself.
-    let sync = match durability {
-        Durability::Fsync | Durability::OsCrash => "NORMAL",
-    };
+    // NORMAL in both durability modes: COMMIT does not wait for the disk. With `Durability::Fsync` the sync
+    // thread fsyncs the WAL after COMMIT and before any job of the batch is answered (writer.rs).
+    let sync = "NORMAL";
     conn.pragma_update(None, "synchronous", sync).map_err(db)?;
     // The checkpoint thread (checkpoint.rs) keeps the WAL backfilled; the writer's own automatic checkpoint
     // is only the backstop that restarts the WAL file, so it rarely has anything left to copy.
     conn.pragma_update(None, "wal_autocheckpoint", 4096)
         .map_err(db)?;
-    tune(&conn)?;
-    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
-        .map_err(db)?;
+    tune(&conn, WRITER_CACHE_KIB)?;
     migrate(&mut conn)?;
     attach_log(&conn, path, Some(sync))?;
     // Load the planner statistics the migrations may just have written.
@@ -251,7 +246,7 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
-    tune(&conn)?;
+    tune(&conn, CACHE_KIB)?;
     attach_log(&conn, path, None)?;
     // Read database pages through a memory map instead of pread into each connection's cache: after any
     // commit (the audit writer commits every second) SQLite discards every reader's page cache, and re-reading
@@ -302,8 +297,8 @@ fn attach_log(conn: &Connection, main: &Path, writer_sync: Option<&str>) -> Resu
 }
 
 /// Settings shared by every connection.
-fn tune(conn: &Connection) -> Result<()> {
-    conn.pragma_update(None, "cache_size", -CACHE_KIB)
+fn tune(conn: &Connection, cache_kib: i64) -> Result<()> {
+    conn.pragma_update(None, "cache_size", -cache_kib)
         .map_err(db)?;
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(db)?;

@@ -11,14 +11,14 @@
 //! same inputs, same instants, so the same versions and outbox sequence numbers, which the replay checks),
 //! and runs the rest of the batch with one SAVEPOINT per job, so a batch replays at most once.
 //!
-//! After a COMMIT that kept at least one appended event, the writer publishes the batch's highest outbox seq
-//! on the store's events watch, before answering the jobs.
+//! After a COMMIT the writer hands the batch to the sync thread, which publishes the batch's highest outbox
+//! seq on the store's events watch, then answers the jobs.
 //!
 //! Durable commits are pipelined ([`Durability::Fsync`](crate::Durability)): the connection runs with
 //! `synchronous=NORMAL`, so COMMIT writes the batch's WAL frames without waiting for the disk, and the writer
-//! hands the committed batch to the syncer thread and starts on the next batch at once. The syncer fsyncs
-//! the WAL file (one fsync covers every batch committed since the last one: the WAL is written in order),
-//! and only then publishes the outbox position and answers the jobs. So no write is acknowledged before it
+//! starts on the next batch at once. The sync thread first fsyncs the WAL file (one fsync covers every batch
+//! committed since the last one: the WAL is written in order), and only then publishes the outbox position
+//! and answers the jobs. So no write is acknowledged before it
 //! is on disk, and the writer never sits idle in an fsync (measured: the fsync wait was a quarter of the
 //! writer thread's time under a booking load). A write becomes visible to readers at COMMIT, up to one fsync
 //! before it is acknowledged; a power cut in that window loses only writes that were never acknowledged,
@@ -332,11 +332,9 @@ pub(crate) struct Writer {
     /// The last timestamp handed out: the writer's clock never goes backwards, so within a resource version
     /// order and `lastUpdated` order agree even if the system clock steps back.
     pub(crate) last_ms: i64,
-    /// The highest durable outbox seq, published after each COMMIT that appended events (after its fsync when
-    /// there is a syncer).
-    pub(crate) events: Arc<watch::Sender<i64>>,
-    /// Makes commits durable before they are answered ([`crate::Durability::Fsync`]); `None`: answer at COMMIT.
-    pub(crate) syncer: Option<Syncer>,
+    /// Answers committed batches (after making them durable, with [`crate::Durability::Fsync`]) and publishes
+    /// their outbox position.
+    pub(crate) syncer: Syncer,
 }
 
 /// A committed batch waiting for its fsync.
@@ -346,11 +344,12 @@ struct Committed {
     log: bool,
 }
 
-/// The syncer thread: fsyncs the WAL files behind the writer, then answers the committed jobs.
+/// The sync thread: makes committed batches durable (its [`SyncFn`]), then publishes their outbox position
+/// and answers their jobs.
 pub(crate) struct Syncer {
     batches: Option<std::sync::mpsc::Sender<Committed>>,
     thread: Option<JoinHandle<()>>,
-    /// Set when an fsync failed: what was committed may not be on disk, so the store takes no more writes.
+    /// Set when a sync failed: what was committed may not be on disk, so the store takes no more writes.
     failed: Arc<AtomicBool>,
 }
 
@@ -360,29 +359,22 @@ pub(crate) const SYNC_THREAD: &str = "carebridge-sqlite-sync";
 /// Makes the WAL files durable: the main one, and the log file's too when the flag is set.
 pub(crate) type SyncFn = Box<dyn FnMut(bool) -> std::io::Result<()> + Send>;
 
-impl Syncer {
-    /// Start the thread for the database at `main` and its log file `log`.
-    pub(crate) fn start(
-        main: PathBuf,
-        log: PathBuf,
-        events: Arc<watch::Sender<i64>>,
-    ) -> Result<Syncer> {
-        let (main_wal, log_wal) = (wal_path(&main), wal_path(&log));
-        let (mut main_file, mut log_file) = (None, None);
-        Syncer::with(
-            Box::new(move |log| {
-                sync_file(&mut main_file, &main_wal)?;
-                if log {
-                    sync_file(&mut log_file, &log_wal)?;
-                }
-                Ok(())
-            }),
-            events,
-        )
-    }
+/// fdatasync of the WAL files of the database at `main` and its log file `log` ([`crate::Durability::Fsync`]).
+pub(crate) fn fsync_wal(main: PathBuf, log: PathBuf) -> SyncFn {
+    let (main_wal, log_wal) = (wal_path(&main), wal_path(&log));
+    let (mut main_file, mut log_file) = (None, None);
+    Box::new(move |log| {
+        sync_file(&mut main_file, &main_wal)?;
+        if log {
+            sync_file(&mut log_file, &log_wal)?;
+        }
+        Ok(())
+    })
+}
 
+impl Syncer {
     /// Start the thread with `sync` as the way to make commits durable.
-    pub(crate) fn with(sync: SyncFn, events: Arc<watch::Sender<i64>>) -> Result<Syncer> {
+    pub(crate) fn start(sync: SyncFn, events: Arc<watch::Sender<i64>>) -> Result<Syncer> {
         let (tx, rx) = std::sync::mpsc::channel::<Committed>();
         let failed = Arc::new(AtomicBool::new(false));
         let flag = failed.clone();
@@ -431,13 +423,11 @@ fn wal_path(db: &std::path::Path) -> PathBuf {
 
 /// fdatasync the file at `path`, opening it on first use (it exists once a COMMIT has written to it).
 fn sync_file(file: &mut Option<File>, path: &std::path::Path) -> std::io::Result<()> {
-    if file.is_none() {
-        *file = Some(File::open(path)?);
-    }
-    match file {
-        Some(f) => f.sync_data(),
-        None => Ok(()),
-    }
+    let f = match file {
+        Some(f) => f,
+        None => file.insert(File::open(path)?),
+    };
+    f.sync_data()
 }
 
 fn sync_loop(
@@ -607,11 +597,7 @@ impl Writer {
 
     fn run_batch(&mut self, batch: &mut Vec<JobBox>) {
         let mut jobs = batch.drain(..);
-        if self
-            .syncer
-            .as_ref()
-            .is_some_and(|s| s.failed.load(Ordering::SeqCst))
-        {
+        if self.syncer.failed.load(Ordering::SeqCst) {
             // After a failed fsync the kernel may have dropped the unsynced pages: writing on could
             // acknowledge changes built on data that is not on disk.
             let err = StoreError::Unavailable(
@@ -730,25 +716,13 @@ impl Writer {
         }
         match self.exec("COMMIT") {
             Ok(()) => {
-                let last_seq = kept.iter().filter_map(|k| k.last_seq).max();
-                if let Some(syncer) = &self.syncer {
-                    if kept.is_empty() {
-                        // Every job of the batch was rolled back: nobody to answer, nothing to publish.
-                        return;
-                    }
-                    syncer.send(Committed {
+                // Every job rolled back: nobody to answer, nothing to publish.
+                if !kept.is_empty() {
+                    self.syncer.send(Committed {
                         log: kept.iter().any(|k| k.log),
+                        last_seq: kept.iter().filter_map(|k| k.last_seq).max(),
                         finishes: kept.into_iter().map(|k| k.finish).collect(),
-                        last_seq,
                     });
-                    return;
-                }
-                // Publish the new outbox position before anyone hears of the commit.
-                if let Some(seq) = last_seq {
-                    publish(&self.events, seq);
-                }
-                for k in kept {
-                    (k.finish)(None);
                 }
             }
             Err(e) => {

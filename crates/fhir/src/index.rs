@@ -45,8 +45,10 @@ pub enum IndexValue {
         system: Option<String>,
         code: String,
     },
-    /// Normalised with `normalize_string`.
-    String(String),
+    /// `value`: normalised with `normalize_string` (what a plain string search matches by prefix); `exact`:
+    /// the string as sent (what the `:exact` modifier matches). One row holds both, so a string costs the
+    /// store one index row, not one per form.
+    String { value: String, exact: String },
     /// Inclusive UTC range in ms since the epoch. An open end of a Period is `i64::MIN` / `i64::MAX`.
     Date { low_ms: i64, high_ms: i64 },
     /// `Type/id`: a relative reference as given (a `/_history/n` suffix dropped), or the `Type/id` tail of an
@@ -254,17 +256,6 @@ static APPOINTMENT: &[SearchParamDef] = &[
     ),
 ];
 
-/// The index name under which a string parameter's values are kept as sent, for the `:exact` modifier.
-pub fn exact_param(param: &str) -> Option<&'static str> {
-    match param {
-        "name" => Some("name:exact"),
-        "family" => Some("family:exact"),
-        "given" => Some("given:exact"),
-        "address-postalcode" => Some("address-postalcode:exact"),
-        _ => None,
-    }
-}
-
 static SUBSCRIPTION: &[SearchParamDef] = &[
     p("status", Token, "Subscription.status"),
     p("type", Token, "Subscription.channel.type"),
@@ -272,6 +263,17 @@ static SUBSCRIPTION: &[SearchParamDef] = &[
     p("criteria", Token, "Subscription.criteria"),
     p("payload", Token, "Subscription.channel.payload"),
 ];
+
+/// Other parameters whose index rows a search on `param` also reads. Patient and Practitioner `name` covers
+/// every part of a HumanName, and `family` and `given` index two of those parts already, so the name's
+/// family and given parts are indexed once, under `family` and `given`, and `name` itself holds only the
+/// prefix, suffix and text: a search, sort or subscription match on `name` reads all three.
+pub fn also_indexed_under(rtype: ResourceType, param: &str) -> &'static [&'static str] {
+    match (rtype, param) {
+        (RT::Patient | RT::Practitioner, "name") => &["family", "given"],
+        _ => &[],
+    }
+}
 
 /// All search parameters of a type (besides `_id` and `_lastUpdated`, which every type has).
 pub fn search_params(rtype: ResourceType) -> &'static [SearchParamDef] {
@@ -610,29 +612,29 @@ impl Out {
     }
 
     fn string(&mut self, param: &'static str, v: Option<&Value>) {
-        if let Some(s) = v.and_then(Value::as_str) {
-            let normalized = normalize_string(s);
-            if !normalized.is_empty() {
-                self.push(param, IndexValue::String(normalized));
-            }
-            // `:exact` matches case and accents, so the value is also indexed as sent.
-            if let Some(exact) = exact_param(param)
-                && !s.is_empty()
-            {
-                self.push(exact, IndexValue::String(s.to_string()));
-            }
+        // The normalised form for plain searches beside the form as sent for `:exact` (which matches case
+        // and accents).
+        if let Some(s) = v.and_then(Value::as_str)
+            && !s.is_empty()
+        {
+            self.push(
+                param,
+                IndexValue::String {
+                    value: normalize_string(s),
+                    exact: s.to_string(),
+                },
+            );
         }
     }
 
-    /// HumanName (0..*) → `name` (family, given, prefix, suffix, text), `family` and `given`.
+    /// HumanName (0..*) → `family`, `given`, and `name` for the other parts (prefix, suffix, text): a search
+    /// on `name` also reads `family` and `given` (see [`also_indexed_under`]).
     fn human_names(&mut self, v: Option<&Value>) {
         for name in each(v) {
             if let Some(family) = name.get("family") {
-                self.string("name", Some(family));
                 self.string("family", Some(family));
             }
             for given in each(name.get("given")) {
-                self.string("name", Some(given));
                 self.string("given", Some(given));
             }
             for prefix in each(name.get("prefix")) {
@@ -726,8 +728,24 @@ mod tests {
         }
     }
 
+    /// A string entry's normalised form (what `values` shows of string entries).
     fn s(v: &str) -> IndexValue {
-        IndexValue::String(v.to_string())
+        IndexValue::String {
+            value: v.to_string(),
+            exact: String::new(),
+        }
+    }
+
+    /// The forms as sent of a string parameter's entries.
+    fn exacts<'a>(entries: &'a [IndexEntry], param: &str) -> Vec<&'a str> {
+        entries
+            .iter()
+            .filter(|e| e.param == param)
+            .filter_map(|e| match &e.value {
+                IndexValue::String { exact, .. } => Some(exact.as_str()),
+                _ => None,
+            })
+            .collect()
     }
 
     fn rf(v: &str) -> IndexValue {
@@ -738,25 +756,38 @@ mod tests {
         parse_date_range(v).unwrap_or_else(|| unreachable!("{v}"))
     }
 
-    fn values<'a>(entries: &'a [IndexEntry], param: &str) -> Vec<&'a IndexValue> {
+    /// An entry's value as `values` shows it: string entries by their normalised form alone (see `exacts`).
+    #[derive(Debug)]
+    struct Shown(IndexValue);
+
+    impl PartialEq<&IndexValue> for Shown {
+        fn eq(&self, other: &&IndexValue) -> bool {
+            self.0 == **other
+        }
+    }
+
+    /// The values of one parameter.
+    fn values(entries: &[IndexEntry], param: &str) -> Vec<Shown> {
         entries
             .iter()
             .filter(|e| e.param == param)
-            .map(|e| &e.value)
+            .map(|e| match &e.value {
+                IndexValue::String { value, .. } => Shown(s(value)),
+                other => Shown(other.clone()),
+            })
             .collect()
     }
 
     /// Every entry's parameter is declared for the type, and no (param, value) pair repeats.
     fn check_consistency(rtype: ResourceType, entries: &[IndexEntry]) {
         for (i, e) in entries.iter().enumerate() {
-            let declared = e.param.strip_suffix(":exact").unwrap_or(e.param);
-            let Some(def) = search_param(rtype, declared) else {
+            let Some(def) = search_param(rtype, e.param) else {
                 unreachable!("{rtype}: undeclared {}", e.param)
             };
             let kind_ok = matches!(
                 (def.kind, &e.value),
                 (ParamKind::Token, IndexValue::Token { .. })
-                    | (ParamKind::String, IndexValue::String(_))
+                    | (ParamKind::String, IndexValue::String { .. })
                     | (ParamKind::Date, IndexValue::Date { .. })
                     | (ParamKind::Reference, IndexValue::Reference(_))
             );
@@ -853,16 +884,10 @@ mod tests {
         );
         assert_eq!(
             values(&e, "name"),
-            [
-                &s("smith"),
-                &s("jane"),
-                &s("zoe"),
-                &s("mrs"),
-                &s("obe"),
-                &s("mrs jane zoe smith"),
-                &s("bronte")
-            ]
+            [&s("mrs"), &s("obe"), &s("mrs jane zoe smith")],
+            "family and given parts are read from their own parameters"
         );
+        assert_eq!(also_indexed_under(RT::Patient, "name"), ["family", "given"]);
         assert_eq!(values(&e, "family"), [&s("smith"), &s("bronte")]);
         assert_eq!(values(&e, "given"), [&s("jane"), &s("zoe")]);
         let (low_ms, high_ms) = range("1980-02-29");
@@ -924,7 +949,12 @@ mod tests {
                 "1234567"
             )]
         );
-        assert_eq!(values(&e, "name"), [&s("gose"), &s("sandra"), &s("dr")]);
+        assert_eq!(values(&e, "name"), [&s("dr")]);
+        assert_eq!(
+            also_indexed_under(RT::Practitioner, "name"),
+            ["family", "given"]
+        );
+        assert!(also_indexed_under(RT::Organization, "name").is_empty());
         assert_eq!(values(&e, "family"), [&s("gose")]);
         assert_eq!(values(&e, "given"), [&s("sandra")]);
         assert_eq!(values(&e, "active"), [&tok(None, "true")]);
@@ -999,9 +1029,22 @@ mod tests {
                 "RR8"
             )]
         );
+        // The alias differing only in spacing is one more form as sent of the same normalised value.
         assert_eq!(
             values(&e, "name"),
-            [&s("leeds teaching hospitals nhs trust"), &s("ltht")]
+            [
+                &s("leeds teaching hospitals nhs trust"),
+                &s("ltht"),
+                &s("leeds teaching hospitals nhs trust")
+            ]
+        );
+        assert_eq!(
+            exacts(&e, "name"),
+            [
+                "Leeds Teaching Hospitals NHS Trust",
+                "LTHT",
+                "Leeds  Teaching Hospitals NHS Trust"
+            ]
         );
         assert_eq!(values(&e, "type"), [&tok(Some("urn:types"), "prov")]);
         assert_eq!(values(&e, "address-postalcode"), [&s("ls9 7tf")]);
@@ -1357,9 +1400,11 @@ mod tests {
                 "identifier": [{"system": "a", "value": "1"}, {"system": "a", "value": "1"}, {"system": "b", "value": "1"}]
             }),
         );
-        assert_eq!(values(&e, "name"), [&s("smith")]);
-        assert_eq!(values(&e, "family"), [&s("smith")]);
-        assert_eq!(values(&e, "given"), [&s("smith")]);
+        // One entry per distinct form as sent: `Smith` twice is one, `SMITH` is another.
+        assert_eq!(exacts(&e, "name"), ["smith"]);
+        assert_eq!(values(&e, "given"), [&s("smith"), &s("smith")]);
+        assert_eq!(exacts(&e, "family"), ["Smith"]);
+        assert_eq!(exacts(&e, "given"), ["Smith", "SMITH"]);
         assert_eq!(values(&e, "identifier").len(), 2);
     }
 

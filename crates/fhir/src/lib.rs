@@ -24,7 +24,7 @@ mod validate;
 pub use datetime::{format_instant_ms, parse_date_range, parse_instant_ms};
 pub use index::{
     DELIVERY_CHANNEL_EXTENSION_URL, DELIVERY_CHANNEL_SYSTEM, IndexEntry, IndexValue, ParamKind,
-    SearchParamDef, exact_param, index_entries, search_param, search_params, sortable,
+    SearchParamDef, also_indexed_under, index_entries, search_param, search_params, sortable,
 };
 pub use json::parse_json;
 pub use nhs_number::{NHS_NUMBER_SYSTEM, NhsNumber, NhsNumberError};

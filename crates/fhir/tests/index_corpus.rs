@@ -85,7 +85,7 @@ fn check(name: &str, rtype: ResourceType, r: &Value) -> Vec<IndexEntry> {
     let entries = index_entries(rtype, r);
     for (i, e) in entries.iter().enumerate() {
         assert!(
-            search_param(rtype, e.param.strip_suffix(":exact").unwrap_or(e.param)).is_some(),
+            search_param(rtype, e.param).is_some(),
             "{name}: undeclared parameter {}",
             e.param
         );

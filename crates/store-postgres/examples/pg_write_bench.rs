@@ -71,11 +71,17 @@ fn patient(n: usize) -> (Value, Vec<IndexEntry>) {
         ),
         IndexEntry {
             param: "family",
-            value: IndexValue::String(family),
+            value: IndexValue::String {
+                exact: family.to_uppercase(),
+                value: family,
+            },
         },
         IndexEntry {
             param: "given",
-            value: IndexValue::String("alexandra".into()),
+            value: IndexValue::String {
+                value: "alexandra".into(),
+                exact: "Alexandra".into(),
+            },
         },
         IndexEntry {
             param: "birthdate",
@@ -244,7 +250,7 @@ async fn bench(
             "family",
             Predicate::String {
                 value: format!("family{:05}", (i * 31) % (rows / 10)),
-                exact: false,
+                exact: None,
             },
         );
         assert_eq!(

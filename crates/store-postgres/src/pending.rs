@@ -193,8 +193,8 @@ INSERT INTO idx_token (rtype, param, code, system, rid)
 SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])";
 const REPLACE_STRINGS: &str = "
 WITH d AS (DELETE FROM idx_string WHERE rid = ANY($1::bigint[]))
-INSERT INTO idx_string (rtype, param, value, rid)
-SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[])";
+INSERT INTO idx_string (rtype, param, value, exact, rid)
+SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])";
 const REPLACE_DATES: &str = "
 WITH d AS (DELETE FROM idx_date WHERE rid = ANY($1::bigint[]))
 INSERT INTO idx_date (rtype, param, low_ms, high_ms, rid)
@@ -372,11 +372,12 @@ pub(crate) async fn flush(
         &idx.tok_system,
         &idx.tok_rid,
     ];
-    let p_replace_strings: [&(dyn ToSql + Sync); 5] = [
+    let p_replace_strings: [&(dyn ToSql + Sync); 6] = [
         &touched,
         &idx.str_rtype,
         &idx.str_param,
         &idx.str_value,
+        &idx.str_exact,
         &idx.str_rid,
     ];
     let p_replace_dates: [&(dyn ToSql + Sync); 6] = [
@@ -479,6 +480,7 @@ struct IndexCols<'a> {
     str_rtype: Vec<&'a str>,
     str_param: Vec<&'a str>,
     str_value: Vec<&'a str>,
+    str_exact: Vec<&'a str>,
     str_rid: Vec<i64>,
     date_rtype: Vec<&'a str>,
     date_param: Vec<&'a str>,
@@ -503,8 +505,8 @@ impl<'a> IndexCols<'a> {
                 IndexValue::Token { system, code } => {
                     tokens.insert((e.param, code.as_str(), system.as_deref().unwrap_or("")));
                 }
-                IndexValue::String(v) => {
-                    strings.insert((e.param, v.as_str()));
+                IndexValue::String { value, exact } => {
+                    strings.insert((e.param, value.as_str(), exact.as_str()));
                 }
                 IndexValue::Date { low_ms, high_ms } => {
                     dates.insert((e.param, *low_ms, *high_ms));
@@ -521,10 +523,11 @@ impl<'a> IndexCols<'a> {
             self.tok_system.push(system);
             self.tok_rid.push(rid);
         }
-        for (param, value) in strings {
+        for (param, value, exact) in strings {
             self.str_rtype.push(rt);
             self.str_param.push(param);
             self.str_value.push(value);
+            self.str_exact.push(exact);
             self.str_rid.push(rid);
         }
         for (param, low, high) in dates {

@@ -160,7 +160,64 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO store_clock (one, last_ms) VALUES (TRUE, 0);
     "#,
+    // 2: a string index row holds the normalised value and the value as sent (for `:exact`) together; before,
+    // each was a row of its own (the second under `param:exact`). `string_rows_v2` then rewrites the rows.
+    r#"
+    ALTER TABLE idx_string ADD COLUMN exact TEXT COLLATE "C" NOT NULL DEFAULT '';
+    DROP INDEX idx_string_lookup;
+    "#,
 ];
+
+/// Migration 2's data step: every old `param:exact` row (the value as sent) becomes one row of `param` with
+/// its normalised value beside it. Every string value was indexed in both forms (each string parameter had
+/// an `:exact` twin), so the old normalised rows are not needed: the same function derives them again. Then
+/// the rows of a parameter that repeat a row of one it also reads (`fhir::also_indexed_under`: Patient
+/// `name` and `family`/`given`) go; searches find the same resources without them.
+async fn string_rows_v2(conn: &Conn) -> Result<()> {
+    let rows = conn
+        .query(
+            "SELECT rtype, left(param, length(param) - 6), value, rid FROM idx_string
+             WHERE param LIKE '%:exact'",
+            &[],
+        )
+        .await?;
+    let mut rtypes: Vec<String> = Vec::with_capacity(rows.len());
+    let mut params: Vec<String> = Vec::with_capacity(rows.len());
+    let mut values: Vec<String> = Vec::with_capacity(rows.len());
+    let mut exacts: Vec<String> = Vec::with_capacity(rows.len());
+    let mut rids: Vec<i64> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let exact: String = r.try_get(2).map_err(crate::conn::db)?;
+        rtypes.push(r.try_get(0).map_err(crate::conn::db)?);
+        params.push(r.try_get(1).map_err(crate::conn::db)?);
+        values.push(fhir::normalize_string(&exact));
+        exacts.push(exact);
+        rids.push(r.try_get(3).map_err(crate::conn::db)?);
+    }
+    conn.batch("DELETE FROM idx_string").await?;
+    conn.execute(
+        "INSERT INTO idx_string (rtype, param, value, exact, rid)
+         SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])",
+        &[&rtypes, &params, &values, &exacts, &rids],
+    )
+    .await?;
+    for rtype in fhir::ResourceType::ALL {
+        for also in fhir::also_indexed_under(rtype, "name") {
+            conn.execute(
+                "DELETE FROM idx_string n WHERE n.rtype = $1 AND n.param = 'name' AND EXISTS (
+                     SELECT 1 FROM idx_string o WHERE o.rtype = $1 AND o.param = $2
+                     AND o.value = n.value AND o.exact = n.exact AND o.rid = n.rid)",
+                &[&rtype.as_str(), also],
+            )
+            .await?;
+        }
+    }
+    conn.batch(
+        "ALTER TABLE idx_string ALTER COLUMN exact DROP DEFAULT;
+         CREATE INDEX idx_string_lookup ON idx_string (rtype, param, value, exact, rid);",
+    )
+    .await
+}
 
 /// The schema version this binary writes.
 pub(crate) fn latest_version() -> i64 {
@@ -309,6 +366,11 @@ async fn migrate_locked(conn: &Conn) -> Result<MigrateReport> {
             conn.batch(sql)
                 .await
                 .map_err(|e| StoreError::Backend(format!("migration {version}: {e}")))?;
+            if version == 2 {
+                string_rows_v2(conn)
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("migration {version}: {e}")))?;
+            }
             conn.execute(
                 "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
                 &[&version, &now_ms()],

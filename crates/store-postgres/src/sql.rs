@@ -242,7 +242,11 @@ pub(crate) async fn put(
                 no_nul(e.param, code)?;
                 no_nul(e.param, system.as_deref().unwrap_or(""))?;
             }
-            IndexValue::String(s) | IndexValue::Reference(s) => no_nul(e.param, s)?,
+            IndexValue::String { value, exact } => {
+                no_nul(e.param, value)?;
+                no_nul(e.param, exact)?;
+            }
+            IndexValue::Reference(s) => no_nul(e.param, s)?,
             IndexValue::Date { .. } => {}
         }
     }
@@ -852,6 +856,21 @@ fn range_cmp(f: &mut Frag, low: &str, high: &str, cmp: Cmp, qlo: i64, qhi: i64) 
     }
 }
 
+/// ` = $n` or ` IN ($n, ...)`: the index rows a search on `param` reads (its own, and those of the
+/// parameters `fhir::also_indexed_under` names).
+fn param_is(f: &mut Frag, rtype: ResourceType, param: &str) {
+    let also = fhir::also_indexed_under(rtype, param);
+    if also.is_empty() {
+        f.arg(" = ", param.to_string());
+        return;
+    }
+    f.arg(" IN (", param.to_string());
+    for other in also {
+        f.arg(", ", other.to_string());
+    }
+    f.push(")");
+}
+
 /// `SELECT rid FROM idx_* WHERE ...` for an index-table predicate, appended to `f`; false for `Id` /
 /// `LastUpdated`.
 fn index_subquery(f: &mut Frag, rtype: ResourceType, param: &str, p: &Predicate) -> bool {
@@ -860,7 +879,8 @@ fn index_subquery(f: &mut Frag, rtype: ResourceType, param: &str, p: &Predicate)
             &format!("SELECT rid FROM {table} WHERE rtype = "),
             rtype.as_str(),
         );
-        f.arg(" AND param = ", param.to_string());
+        f.push(" AND param");
+        param_is(f, rtype, param);
     };
     match p {
         Predicate::Id(_) | Predicate::LastUpdated { .. } => return false,
@@ -875,8 +895,9 @@ fn index_subquery(f: &mut Frag, rtype: ResourceType, param: &str, p: &Predicate)
         }
         Predicate::String { value, exact } => {
             head(f, "idx_string");
-            if *exact {
+            if let Some(exact) = exact {
                 f.arg(" AND value = ", value.clone());
+                f.arg(" AND exact = ", exact.clone());
             } else if !value.is_empty() {
                 f.arg(" AND value >= ", value.clone());
                 if let Some(upper) = fhir::string_prefix_upper_bound(value) {
@@ -905,7 +926,7 @@ fn predicate_has_nul(p: &Predicate) -> bool {
     let nul = |s: &str| s.contains('\0');
     match p {
         Predicate::Id(s) | Predicate::Reference(s) => nul(s),
-        Predicate::String { value, .. } => nul(value),
+        Predicate::String { value, exact } => nul(value) || exact.as_deref().is_some_and(nul),
         Predicate::Token { system, code } => {
             system.as_deref().is_some_and(nul) || code.as_deref().is_some_and(nul)
         }
@@ -1004,10 +1025,10 @@ fn order_by(f: &mut Frag, q: &SearchQuery) {
                     None => None,
                 };
                 let keys = [
-                    "(SELECT MIN(s.value) FROM idx_string s WHERE s.rid = r.rid AND s.param = ",
-                    "(SELECT MIN(d.low_ms) FROM idx_date d WHERE d.rid = r.rid AND d.param = ",
-                    "(SELECT MIN(t.code) FROM idx_token t WHERE t.rid = r.rid AND t.param = ",
-                    "(SELECT MIN(x.target) FROM idx_reference x WHERE x.rid = r.rid AND x.param = ",
+                    "(SELECT MIN(s.value) FROM idx_string s WHERE s.rid = r.rid AND s.param",
+                    "(SELECT MIN(d.low_ms) FROM idx_date d WHERE d.rid = r.rid AND d.param",
+                    "(SELECT MIN(t.code) FROM idx_token t WHERE t.rid = r.rid AND t.param",
+                    "(SELECT MIN(x.target) FROM idx_reference x WHERE x.rid = r.rid AND x.param",
                 ];
                 let mut first = true;
                 for (i, key) in keys.iter().enumerate() {
@@ -1018,7 +1039,8 @@ fn order_by(f: &mut Frag, q: &SearchQuery) {
                         f.push(", ");
                     }
                     first = false;
-                    f.arg(key, name.clone());
+                    f.push(key);
+                    param_is(f, q.rtype, name);
                     f.push(")");
                     f.push(dir);
                     f.push(" NULLS LAST");

@@ -150,3 +150,8 @@ mod tests {
         );
     }
 }
+
+/// The SQL of schema migration `n` (1-based), for tests that build a database as an older binary left it.
+pub fn migration_sql(n: usize) -> Option<&'static str> {
+    crate::schema::MIGRATIONS.get(n.checked_sub(1)?).copied()
+}

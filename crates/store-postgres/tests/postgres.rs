@@ -663,3 +663,65 @@ async fn bulk_growth_refreshes_the_planner_statistics() {
         "the planner now knows the table's size: {estimate}"
     );
 }
+
+/// A database at schema version 1 (each string value indexed twice: normalised under `param`, as sent under
+/// `param:exact`; a Patient's family and given names under `name` too) is migrated to one row per value
+/// holding both forms, without the `name` rows that repeat `family` or `given`; searches of either kind
+/// still find the resource.
+#[test]
+fn migration_2_merges_exact_string_rows() {
+    let Some(db) = common::database("migrate2") else {
+        return;
+    };
+    let v1 = store_postgres::testing::migration_sql(1).unwrap();
+    common::exec(
+        db.url(),
+        &format!(
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL);
+             {v1};
+             INSERT INTO schema_migrations (version, applied_ms) VALUES (1, 0);
+             INSERT INTO resources (rid, rtype, id, version, last_updated_ms, deleted)
+                 VALUES (7, 'Patient', 'p1', 1, 1000, false);
+             INSERT INTO versions (rid, rtype, version, last_updated_ms, deleted, json)
+                 VALUES (7, 'Patient', 1, 1000, false, '{{\"resourceType\":\"Patient\",\"id\":\"p1\"}}');
+             INSERT INTO idx_string (rtype, param, value, rid) VALUES
+                 ('Patient', 'name', 'o''brien', 7), ('Patient', 'name:exact', 'O''Brien', 7),
+                 ('Patient', 'name', 'zoe', 7), ('Patient', 'name:exact', 'Zoë', 7),
+                 ('Patient', 'name', 'dr', 7), ('Patient', 'name:exact', 'Dr', 7),
+                 ('Patient', 'family', 'o''brien', 7), ('Patient', 'family:exact', 'O''Brien', 7),
+                 ('Patient', 'given', 'zoe', 7), ('Patient', 'given:exact', 'Zoë', 7);"
+        ),
+    );
+    let report = store_postgres::migrate(db.url()).unwrap();
+    assert_eq!((report.from, report.to), (1, PgStore::schema_version()));
+    assert_eq!(
+        common::query_i64(db.url(), "SELECT count(*) FROM idx_string"),
+        3,
+        "one row per value, none under name that repeats family or given"
+    );
+    assert_eq!(
+        common::query_i64(
+            db.url(),
+            "SELECT count(*) FROM idx_string WHERE param = 'given' AND value = 'zoe' AND exact = 'Zoë'"
+        ),
+        1
+    );
+    let store = PgStore::connect(db.url(), PgOptions::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let found = |param: &str, value: &str, exact: Option<&str>| {
+        let q = SearchQuery::new(ResourceType::Patient).with(
+            param,
+            Predicate::String {
+                value: value.into(),
+                exact: exact.map(str::to_string),
+            },
+        );
+        rt.block_on(store.search(&q)).unwrap().resources.len()
+    };
+    assert_eq!(found("family", "o'b", None), 1);
+    assert_eq!(found("given", "zoe", Some("Zoë")), 1);
+    assert_eq!(found("given", "zoe", Some("Zoe")), 0);
+    assert_eq!(found("name", "o'brien", Some("O'Brien")), 1);
+    assert_eq!(found("name", "zo", None), 1);
+    assert_eq!(found("name", "dr", Some("Dr")), 1);
+}

@@ -37,7 +37,10 @@
 //! `rid`), `versions` (every version's JSON, tombstones included, written once), `idx_token` / `idx_string`
 //! / `idx_date` / `idx_reference` (index rows of the live version, keyed for lookups by
 //! `(rtype, param, value)` and deletable by `rid`), `outbox` + `subjects` (events with a global `seq` and a
-//! gap-free per-subject `subject_seq`), `idempotency`.
+//! gap-free per-subject `subject_seq`), `idempotency`. Migration 4: a string row holds the normalised value
+//! and the value as sent (`exact`, for `:exact`) together, one row per string instead of two, and Patient /
+//! Practitioner `name` no longer repeats the rows of `family` and `given` (a `name` search reads all three,
+//! see `fhir::also_indexed_under`).
 //!
 //! Query planning: every connection enables SQLite's query planner stability guarantee (plans never depend
 //! on bound values; without it SQLite 3.54 re-plans every cached statement on every use), and migration 1

@@ -187,7 +187,73 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
         ('delivery_heads', 'delivery_heads_sub_due', '100000 1000 2 1');
     "#,
+    // 4: a string index row holds the normalised value and the value as sent (for `:exact`) together; before,
+    // each was a row of its own (the second under `param:exact`). `string_rows_v4` fills the new table from
+    // the old one's `:exact` rows before `idx_string_v3` is dropped, and drops the `name` rows that repeat a
+    // `family` or `given` row (a `name` search now reads those too).
+    r#"
+    DROP INDEX idx_string_rid;
+    ALTER TABLE idx_string RENAME TO idx_string_v3;
+    CREATE TABLE idx_string (
+        rtype TEXT    NOT NULL,
+        param TEXT    NOT NULL,
+        value TEXT    NOT NULL,
+        exact TEXT    NOT NULL,
+        rid   INTEGER NOT NULL,
+        PRIMARY KEY (rtype, param, value, exact, rid)
+    ) WITHOUT ROWID;
+    CREATE INDEX idx_string_rid ON idx_string (rid, param);
+    DELETE FROM sqlite_stat1 WHERE tbl IN ('idx_string', 'idx_string_v3');
+    INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
+        ('idx_string', 'idx_string', '3000000 300000 50000 3 2 1'),
+        ('idx_string', 'idx_string_rid', '3000000 3 2');
+    "#,
 ];
+
+/// Data steps of migrations that SQL alone cannot do, run in the migration's transaction after its SQL:
+/// `(schema version reached, step)`.
+const MIGRATION_STEPS: &[(i64, MigrationStep)] = &[(4, string_rows_v4)];
+
+type MigrationStep = fn(&Connection) -> rusqlite::Result<()>;
+
+/// Migration 4: every old `param:exact` row (the value as sent) becomes one row of `param` with its
+/// normalised value beside it. Every string value was indexed in both forms (each string parameter had an
+/// `:exact` twin), so the old normalised rows are not needed: the same function derives them again. Then
+/// the rows of a parameter that repeat a row of one it also reads (`fhir::also_indexed_under`: Patient
+/// `name` and `family`/`given`) go; searches find the same resources without them.
+fn string_rows_v4(conn: &Connection) -> rusqlite::Result<()> {
+    let mut read = conn.prepare(
+        "SELECT rtype, substr(param, 1, length(param) - 6), value, rid FROM idx_string_v3
+         WHERE param LIKE '%:exact'",
+    )?;
+    let mut insert = conn.prepare(
+        "INSERT OR IGNORE INTO idx_string (rtype, param, value, exact, rid) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut rows = read.query([])?;
+    while let Some(r) = rows.next()? {
+        let (rtype, param, exact, rid): (String, String, String, i64) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+        insert.execute(rusqlite::params![
+            rtype,
+            param,
+            fhir::normalize_string(&exact),
+            exact,
+            rid
+        ])?;
+    }
+    drop(rows);
+    for rtype in fhir::ResourceType::ALL {
+        for also in fhir::also_indexed_under(rtype, "name") {
+            conn.execute(
+                "DELETE FROM idx_string WHERE rtype = ?1 AND param = 'name' AND EXISTS (
+                     SELECT 1 FROM idx_string o WHERE o.rtype = ?1 AND o.param = ?2
+                     AND o.value = idx_string.value AND o.exact = idx_string.exact AND o.rid = idx_string.rid)",
+                rusqlite::params![rtype.as_str(), also],
+            )?;
+        }
+    }
+    conn.execute_batch("DROP TABLE idx_string_v3")
+}
 
 // PLANNER_STATS: migration 1 seeds `sqlite_stat1` with fixed numbers describing a large store (a million
 // resources, index lookups by (rtype, param, value) matching a handful of rows) instead of letting ANALYZE
@@ -334,14 +400,17 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
+        let version = i64::try_from(done + 1).unwrap_or(i64::MAX);
         tx.execute_batch(sql)
+            .and_then(|()| {
+                MIGRATION_STEPS
+                    .iter()
+                    .filter(|(v, _)| *v == version)
+                    .try_for_each(|(_, step)| step(&tx))
+            })
             .map_err(|e| StoreError::Backend(format!("migration {}: {e}", done + 1)))?;
-        tx.pragma_update(
-            None,
-            "user_version",
-            i64::try_from(done + 1).unwrap_or(i64::MAX),
-        )
-        .map_err(db)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(db)?;
         tx.commit().map_err(db)?;
     }
     Ok(())

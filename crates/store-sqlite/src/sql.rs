@@ -180,7 +180,7 @@ const ROWS_PER_INSERT: usize = 16;
 /// The four index tables: name, columns after `rtype`, and values bound per row (besides `rtype`, `rid`).
 const INDEX_TABLES: [(&str, &str, usize); 4] = [
     ("idx_token", "param, code, system", 3),
-    ("idx_string", "param, value", 2),
+    ("idx_string", "param, value, exact", 3),
     ("idx_date", "param, low_ms, high_ms", 3),
     ("idx_reference", "param, target", 2),
 ];
@@ -231,23 +231,23 @@ fn insert_index<'e>(
             IndexValue::Token { system, code } => (
                 0,
                 [
-                    ToSqlOutput::from(&*e.param),
+                    ToSqlOutput::from(e.param),
                     code.as_str().into(),
                     system.as_deref().unwrap_or("").into(),
                 ],
             ),
-            IndexValue::String(value) => (
+            IndexValue::String { value, exact } => (
                 1,
                 [
-                    ToSqlOutput::from(&*e.param),
+                    ToSqlOutput::from(e.param),
                     value.as_str().into(),
-                    ToSqlOutput::from(0),
+                    exact.as_str().into(),
                 ],
             ),
             IndexValue::Date { low_ms, high_ms } => (
                 2,
                 [
-                    ToSqlOutput::from(&*e.param),
+                    ToSqlOutput::from(e.param),
                     (*low_ms).into(),
                     (*high_ms).into(),
                 ],
@@ -255,7 +255,7 @@ fn insert_index<'e>(
             IndexValue::Reference(target) => (
                 3,
                 [
-                    ToSqlOutput::from(&*e.param),
+                    ToSqlOutput::from(e.param),
                     target.as_str().into(),
                     ToSqlOutput::from(0),
                 ],
@@ -281,7 +281,7 @@ fn insert_index<'e>(
 /// One index row of a resource as stored (the table is implied by the variant; `system` '' = none).
 enum IdxRow {
     Token(String, String, String),
-    String(String, String),
+    String(String, String, String),
     Date(String, i64, i64),
     Reference(String, String),
 }
@@ -293,7 +293,9 @@ impl IdxRow {
             (IdxRow::Token(p, c, s), IndexValue::Token { system, code }) => {
                 p == e.param && c == code && s == system.as_deref().unwrap_or("")
             }
-            (IdxRow::String(p, v), IndexValue::String(value)) => p == e.param && v == value,
+            (IdxRow::String(p, v, x), IndexValue::String { value, exact }) => {
+                p == e.param && v == value && x == exact
+            }
             (IdxRow::Date(p, l, h), IndexValue::Date { low_ms, high_ms }) => {
                 p == e.param && l == low_ms && h == high_ms
             }
@@ -309,7 +311,7 @@ fn index_rows(conn: &Connection, rid: i64) -> Result<Vec<IdxRow>> {
     let mut rows = Vec::new();
     conn.prepare_cached(
         "SELECT 0, param, code, system, 0, 0 FROM idx_token WHERE rid = ?1
-         UNION ALL SELECT 1, param, value, '', 0, 0 FROM idx_string WHERE rid = ?1
+         UNION ALL SELECT 1, param, value, exact, 0, 0 FROM idx_string WHERE rid = ?1
          UNION ALL SELECT 2, param, '', '', low_ms, high_ms FROM idx_date WHERE rid = ?1
          UNION ALL SELECT 3, param, target, '', 0, 0 FROM idx_reference WHERE rid = ?1",
     )
@@ -320,7 +322,7 @@ fn index_rows(conn: &Connection, rid: i64) -> Result<Vec<IdxRow>> {
             let (param, text): (String, String) = (r.get(1)?, r.get(2)?);
             rows.push(match table {
                 0 => IdxRow::Token(param, text, r.get(3)?),
-                1 => IdxRow::String(param, text),
+                1 => IdxRow::String(param, text, r.get(3)?),
                 2 => IdxRow::Date(param, r.get(4)?, r.get(5)?),
                 _ => IdxRow::Reference(param, text),
             });
@@ -359,11 +361,11 @@ fn update_index(
                     "DELETE FROM idx_token WHERE rtype = ?1 AND param = ?2 AND code = ?3 AND system = ?4 AND rid = ?5",
                 )
                 .and_then(|mut s| s.execute(params![rt, p, code, system, rid])),
-            IdxRow::String(p, v) => conn
+            IdxRow::String(p, v, x) => conn
                 .prepare_cached(
-                    "DELETE FROM idx_string WHERE rtype = ?1 AND param = ?2 AND value = ?3 AND rid = ?4",
+                    "DELETE FROM idx_string WHERE rtype = ?1 AND param = ?2 AND value = ?3 AND exact = ?4 AND rid = ?5",
                 )
-                .and_then(|mut s| s.execute(params![rt, p, v, rid])),
+                .and_then(|mut s| s.execute(params![rt, p, v, x, rid])),
             IdxRow::Date(p, low, high) => conn
                 .prepare_cached(
                     "DELETE FROM idx_date WHERE rtype = ?1 AND param = ?2 AND low_ms = ?3 AND high_ms = ?4 AND rid = ?5",
@@ -1072,6 +1074,21 @@ fn range_cmp(f: &mut Frag<'_>, low: &str, high: &str, cmp: Cmp, qlo: i64, qhi: i
     }
 }
 
+/// ` = ?` or ` IN (?, ...)`: the index rows a search on `param` reads (its own, and those of the parameters
+/// `fhir::also_indexed_under` names).
+fn param_is<'a>(f: &mut Frag<'a>, rtype: ResourceType, param: &'a str) {
+    let also = fhir::also_indexed_under(rtype, param);
+    if also.is_empty() {
+        f.arg(" = ?", param);
+        return;
+    }
+    f.arg(" IN (?", param);
+    for other in also {
+        f.arg(", ?", *other);
+    }
+    f.push(")");
+}
+
 /// `SELECT rid FROM idx_* WHERE ...` for an index-table predicate; `None` for `Id` / `LastUpdated`.
 fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> Option<Frag<'a>> {
     let mut f = Frag::default();
@@ -1080,7 +1097,8 @@ fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> 
             &format!("SELECT rid FROM {table} WHERE rtype = ?"),
             rtype.as_str(),
         );
-        f.arg(" AND param = ?", param);
+        f.push(" AND param");
+        param_is(f, rtype, param);
     };
     match p {
         Predicate::Id(_) | Predicate::LastUpdated { .. } => return None,
@@ -1095,8 +1113,9 @@ fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> 
         }
         Predicate::String { value, exact } => {
             head(&mut f, "idx_string");
-            if *exact {
+            if let Some(exact) = exact {
                 f.arg(" AND value = ?", value.as_str());
+                f.arg(" AND exact = ?", exact.as_str());
             } else if !value.is_empty() {
                 f.arg(" AND value >= ?", value.as_str());
                 if let Some(upper) = prefix_upper_bound(value) {
@@ -1180,7 +1199,7 @@ fn clause_sql(rtype: ResourceType, clause: &Clause) -> Frag<'_> {
 }
 
 /// `FROM resources r WHERE ...` of a search (live resources of the type matching every clause).
-fn from_where(q: &SearchQuery) -> Frag<'_> {
+pub(crate) fn from_where(q: &SearchQuery) -> Frag<'_> {
     let mut f = Frag::default();
     f.arg(" FROM resources r WHERE r.rtype = ?", q.rtype.as_str());
     f.push(" AND r.deleted = 0");
@@ -1206,7 +1225,9 @@ fn order_by(q: &SearchQuery) -> Frag<'_> {
                 f.push(dir);
             }
             SortField::Param(name) => {
-                f.arg("COALESCE((SELECT MIN(s.value) FROM idx_string s WHERE s.rid = r.rid AND s.param = ?)", name.as_str());
+                f.push("COALESCE((SELECT MIN(s.value) FROM idx_string s WHERE s.rid = r.rid AND s.param");
+                param_is(&mut f, q.rtype, name);
+                f.push(")");
                 f.arg(
                     ", (SELECT MIN(d.low_ms) FROM idx_date d WHERE d.rid = r.rid AND d.param = ?)",
                     name.as_str(),

@@ -388,6 +388,41 @@ fn plan(conn: &rusqlite::Connection, sql: &str) -> Vec<String> {
     .unwrap()
 }
 
+/// A Patient `name` search reads the `name`, `family` and `given` rows through the string index's primary key
+/// (one range per parameter), not by scanning the table.
+#[test]
+fn a_patient_name_search_uses_the_string_index() {
+    use store::{Predicate, SearchQuery};
+
+    let dir = TempDir::new("name-plan");
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+    let conn = crate::schema::open_reader(store.path()).unwrap();
+    for exact in [None, Some("Smith".to_string())] {
+        let q = SearchQuery::new(ResourceType::Patient).with(
+            "name",
+            Predicate::String {
+                value: "smith".into(),
+                exact: exact.clone(),
+            },
+        );
+        let filter = crate::sql::from_where(&q);
+        assert!(filter.sql.contains("param IN (?, ?, ?)"), "{}", filter.sql);
+        let steps = plan(&conn, &format!("SELECT r.rid{}", filter.sql));
+        assert!(
+            steps
+                .iter()
+                .any(|d| d.contains("idx_string USING PRIMARY KEY (rtype=? AND param=? AND value")),
+            "{exact:?}: {}",
+            steps.join(" | ")
+        );
+        assert!(
+            !steps.iter().any(|d| d.starts_with("SCAN")),
+            "{}",
+            steps.join(" | ")
+        );
+    }
+}
+
 /// Finding due work reads a range of the heads' index in order (no sort, no scan of `deliveries`), whatever
 /// the table sizes: with fixed planner statistics this holds at any data size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -864,4 +899,77 @@ async fn a_failed_sync_fails_the_write_and_the_store_takes_no_more() {
             .unwrap()
             .is_none()
     );
+}
+
+/// A database at schema version 3 (each string value indexed twice: normalised under `param`, as sent under
+/// `param:exact`; a Patient's family and given names under `name` too) is migrated to one row per value
+/// holding both forms, without the `name` rows that repeat `family` or `given`; searches of either kind
+/// still find the resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_4_merges_exact_string_rows() {
+    use store::{Predicate, SearchQuery};
+
+    let dir = TempDir::new("migrate4");
+    {
+        let mut conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let tx = conn.transaction().unwrap();
+        for sql in &crate::schema::MIGRATIONS[..3] {
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.execute_batch(
+            r#"INSERT INTO resources (rid, rtype, id, version, last_updated_ms, deleted)
+                 VALUES (7, 'Patient', 'p1', 1, 1000, 0);
+             INSERT INTO versions (rid, rtype, version, last_updated_ms, deleted, json)
+                 VALUES (7, 'Patient', 1, 1000, 0, '{"resourceType":"Patient","id":"p1","name":[{"family":"O''Brien","given":["Zoë"]}]}');
+             INSERT INTO idx_string (rtype, param, value, rid) VALUES
+                 ('Patient', 'name', 'o''brien', 7), ('Patient', 'name:exact', 'O''Brien', 7),
+                 ('Patient', 'name', 'zoe', 7), ('Patient', 'name:exact', 'Zoë', 7),
+                 ('Patient', 'name', 'dr', 7), ('Patient', 'name:exact', 'Dr', 7),
+                 ('Patient', 'family', 'o''brien', 7), ('Patient', 'family:exact', 'O''Brien', 7),
+                 ('Patient', 'given', 'zoe', 7), ('Patient', 'given:exact', 'Zoë', 7);
+             PRAGMA user_version = 3;"#,
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+    assert_eq!(user_version(dir.path()), SqliteStore::schema_version());
+    let rows: Vec<(String, String, String)> = {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let mut s = conn
+            .prepare(
+                "SELECT param, value, exact FROM idx_string WHERE rid = 7 ORDER BY param, value",
+            )
+            .unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    let row = |p: &str, v: &str, x: &str| (p.to_string(), v.to_string(), x.to_string());
+    assert_eq!(
+        rows,
+        vec![
+            row("family", "o'brien", "O'Brien"),
+            row("given", "zoe", "Zoë"),
+            row("name", "dr", "Dr"),
+        ]
+    );
+    let found = |param: &str, value: &str, exact: Option<&str>| {
+        let q = SearchQuery::new(ResourceType::Patient).with(
+            param,
+            Predicate::String {
+                value: value.into(),
+                exact: exact.map(str::to_string),
+            },
+        );
+        let store = &store;
+        async move { store.search(&q).await.unwrap().resources.len() }
+    };
+    assert_eq!(found("family", "o'b", None).await, 1);
+    assert_eq!(found("given", "zoe", Some("Zoë")).await, 1);
+    assert_eq!(found("given", "zoe", Some("Zoe")).await, 0);
+    assert_eq!(found("name", "o'brien", Some("O'Brien")).await, 1);
+    assert_eq!(found("name", "zo", None).await, 1);
+    assert_eq!(found("name", "dr", Some("Dr")).await, 1);
 }

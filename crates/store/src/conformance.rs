@@ -90,10 +90,18 @@ fn tok(param: &'static str, system: Option<&str>, code: &str) -> IndexEntry {
         },
     }
 }
+/// A string entry whose form as sent is its normalised value.
 fn string(param: &'static str, value: &str) -> IndexEntry {
+    string_sent(param, value, value)
+}
+/// A string entry: normalised `value`, `exact` as sent.
+fn string_sent(param: &'static str, value: &str, exact: &str) -> IndexEntry {
     IndexEntry {
         param,
-        value: IndexValue::String(value.to_string()),
+        value: IndexValue::String {
+            value: value.to_string(),
+            exact: exact.to_string(),
+        },
     }
 }
 fn date(param: &'static str, low_ms: i64, high_ms: i64) -> IndexEntry {
@@ -248,7 +256,7 @@ pub async fn index_follows_updates<S: Store>(store: &Arc<S>) {
     };
     let name = |v: &str| Predicate::String {
         value: v.to_string(),
-        exact: true,
+        exact: Some(v.to_string()),
     };
     let one = vec![id.clone()];
     let none: Vec<String> = Vec::new();
@@ -962,7 +970,12 @@ pub async fn search_predicates<S: Store>(store: &Arc<S>) {
         store,
         patient(
             &p4,
-            vec![tag(&scope), string("name", "smi"), string("name", "sm")],
+            vec![
+                tag(&scope),
+                string("name", "smi"),
+                string("name", "sm"),
+                string_sent("name", "o'brien", "O'Brien"),
+            ],
         ),
     )
     .await;
@@ -986,11 +999,11 @@ pub async fn search_predicates<S: Store>(store: &Arc<S>) {
     };
     let s = |v: &str| Predicate::String {
         value: v.to_string(),
-        exact: false,
+        exact: None,
     };
     let exact = |v: &str| Predicate::String {
         value: v.to_string(),
-        exact: true,
+        exact: Some(v.to_string()),
     };
 
     let cases: Vec<(&str, SearchQuery, BTreeSet<String>)> = vec![
@@ -1066,6 +1079,27 @@ pub async fn search_predicates<S: Store>(store: &Arc<S>) {
             set(&[&p3]),
         ),
         ("string exact", q("name", exact("smith")), set(&[&p1])),
+        (
+            "string exact matches the form as sent",
+            q(
+                "name",
+                Predicate::String {
+                    value: "o'brien".into(),
+                    exact: Some("O'Brien".into()),
+                },
+            ),
+            set(&[&p4]),
+        ),
+        (
+            "string exact is not the normalised value",
+            q("name", exact("o'brien")),
+            set(&[]),
+        ),
+        (
+            "string prefix matches the normalised value",
+            q("name", s("o'b")),
+            set(&[&p4]),
+        ),
         ("string exact no match", q("name", exact("smit")), set(&[])),
         ("string non-ASCII prefix", q("name", s("zo")), set(&[&p3])),
         (
@@ -1590,7 +1624,7 @@ pub async fn sorting_and_paging<S: Store>(store: &Arc<S>) {
         "name",
         Predicate::String {
             value: "miller".into(),
-            exact: true,
+            exact: Some("miller".into()),
         },
     );
     let r = store

@@ -2,7 +2,7 @@
 //! same semantics as the backends' SQL. Used where a single resource must be tested against a search (the
 //! criteria of a Subscription) without a round trip to the store.
 
-use crate::{Clause, Cmp, IndexEntry, IndexValue, Predicate, SearchQuery};
+use crate::{Clause, Cmp, IndexEntry, IndexValue, Predicate, ResourceType, SearchQuery};
 
 /// FHIR's date comparison of an indexed range `[low, high]` with a query range `[qlo, qhi]`.
 pub fn range_matches(cmp: Cmp, low: i64, high: i64, qlo: i64, qhi: i64) -> bool {
@@ -20,16 +20,18 @@ pub fn range_matches(cmp: Cmp, low: i64, high: i64, qlo: i64, qhi: i64) -> bool 
 }
 
 fn predicate_matches(
+    rtype: ResourceType,
     param: &str,
     p: &Predicate,
     id: &str,
     last_updated_ms: i64,
     entries: &[IndexEntry],
 ) -> bool {
+    let also = fhir::also_indexed_under(rtype, param);
     let of_param = || {
         entries
             .iter()
-            .filter(move |e| e.param == param)
+            .filter(move |e| e.param == param || also.contains(&e.param))
             .map(|e| &e.value)
     };
     match p {
@@ -51,13 +53,13 @@ fn predicate_matches(
             _ => false,
         }),
         Predicate::String { value, exact } => of_param().any(|v| match v {
-            IndexValue::String(s) => {
-                if *exact {
-                    s == value
-                } else {
-                    s.starts_with(value.as_str())
-                }
-            }
+            IndexValue::String {
+                value: normalized,
+                exact: as_sent,
+            } => match exact {
+                Some(want) => as_sent == want && normalized == value,
+                None => normalized.starts_with(value.as_str()),
+            },
             _ => false,
         }),
         Predicate::Date {
@@ -77,10 +79,16 @@ fn predicate_matches(
     }
 }
 
-fn clause_matches(c: &Clause, id: &str, last_updated_ms: i64, entries: &[IndexEntry]) -> bool {
+fn clause_matches(
+    rtype: ResourceType,
+    c: &Clause,
+    id: &str,
+    last_updated_ms: i64,
+    entries: &[IndexEntry],
+) -> bool {
     c.any_of
         .iter()
-        .any(|p| predicate_matches(&c.param, p, id, last_updated_ms, entries))
+        .any(|p| predicate_matches(rtype, &c.param, p, id, last_updated_ms, entries))
 }
 
 /// True when a live resource of `query.rtype` with this id, last-updated instant and index entries satisfies
@@ -94,13 +102,42 @@ pub fn matches(
     query
         .clauses
         .iter()
-        .all(|c| clause_matches(c, id, last_updated_ms, entries))
+        .all(|c| clause_matches(query.rtype, c, id, last_updated_ms, entries))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ResourceType;
+
+    /// A Patient `name` search also reads the `family` and `given` entries (where a HumanName's family and
+    /// given parts are indexed); other types' `name` does not.
+    #[test]
+    fn patient_name_reads_family_and_given() {
+        let entries = vec![IndexEntry {
+            param: "given",
+            value: IndexValue::String {
+                value: "zoe".into(),
+                exact: "Zoë".into(),
+            },
+        }];
+        let name = |rtype| {
+            SearchQuery::new(rtype).with(
+                "name",
+                Predicate::String {
+                    value: "zo".into(),
+                    exact: None,
+                },
+            )
+        };
+        assert!(matches(&name(ResourceType::Patient), "a", 0, &entries));
+        assert!(matches(&name(ResourceType::Practitioner), "a", 0, &entries));
+        assert!(!matches(
+            &name(ResourceType::Organization),
+            "a",
+            0,
+            &entries
+        ));
+    }
 
     fn entries() -> Vec<IndexEntry> {
         vec![
@@ -124,7 +161,10 @@ mod tests {
             },
             IndexEntry {
                 param: "name",
-                value: IndexValue::String("smith".into()),
+                value: IndexValue::String {
+                    value: "smith".into(),
+                    exact: "Smith".into(),
+                },
             },
         ]
     }
@@ -156,18 +196,22 @@ mod tests {
             "name",
             Predicate::String {
                 value: "smi".into(),
-                exact: false,
+                exact: None,
             },
         );
         assert!(matches(&q, "a", 0, &entries()));
-        let q = SearchQuery::new(ResourceType::Appointment).with(
-            "name",
-            Predicate::String {
-                value: "smi".into(),
-                exact: true,
-            },
-        );
-        assert!(!matches(&q, "a", 0, &entries()));
+        let exact = |v: &str| {
+            SearchQuery::new(ResourceType::Appointment).with(
+                "name",
+                Predicate::String {
+                    value: v.to_lowercase(),
+                    exact: Some(v.into()),
+                },
+            )
+        };
+        assert!(!matches(&exact("Smi"), "a", 0, &entries()));
+        assert!(!matches(&exact("smith"), "a", 0, &entries()), "case counts");
+        assert!(matches(&exact("Smith"), "a", 0, &entries()));
         let q = SearchQuery::new(ResourceType::Appointment).with(
             "date",
             Predicate::Date {

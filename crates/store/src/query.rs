@@ -31,8 +31,14 @@ pub enum Predicate {
         system: Option<String>,
         code: Option<String>,
     },
-    /// String parameter: normalised (see `fhir::normalize_string`) prefix match, or exact with `:exact`.
-    String { value: String, exact: bool },
+    /// String parameter. `value` is normalised (see `fhir::normalize_string`) and matched as a prefix of the
+    /// indexed normalised values; with `exact` (the `:exact` modifier: the string as sent), an entry matches
+    /// only when its form as sent equals it (and its normalised value equals `value`, the normalisation of
+    /// `exact`, which lets the backends use the same index).
+    String {
+        value: String,
+        exact: Option<String>,
+    },
     /// Date parameter: the indexed range `[low, high]` compared with the query range per FHIR's rules.
     Date { cmp: Cmp, low_ms: i64, high_ms: i64 },
     /// Reference parameter: `Type/id` exactly as indexed.

@@ -370,11 +370,11 @@ pub fn parse_search(
                         (ParamKind::Token, None) => any_of.push(token_predicate(&alt)),
                         (ParamKind::String, None) => any_of.push(Predicate::String {
                             value: fhir::normalize_string(&alt),
-                            exact: false,
+                            exact: None,
                         }),
                         (ParamKind::String, Some("exact")) => any_of.push(Predicate::String {
-                            value: alt.clone(),
-                            exact: true,
+                            value: fhir::normalize_string(&alt),
+                            exact: Some(alt.clone()),
                         }),
                         (ParamKind::Date, None) => any_of.push(date_predicate(n, &alt, false)?),
                         (ParamKind::Reference, m) => {
@@ -387,14 +387,8 @@ pub fn parse_search(
                         }
                     }
                 }
-                let param = match (def.kind, modifier) {
-                    (ParamKind::String, Some("exact")) => {
-                        fhir::exact_param(def.name).unwrap_or(def.name)
-                    }
-                    _ => def.name,
-                };
                 query.clauses.push(Clause {
-                    param: param.to_string(),
+                    param: def.name.to_string(),
                     any_of,
                 });
             }

@@ -264,6 +264,19 @@ static SUBSCRIPTION: &[SearchParamDef] = &[
     p("payload", Token, "Subscription.channel.payload"),
 ];
 
+/// The parameter whose index rows hold `param`'s values, when `param` is a reference parameter whose values
+/// are exactly another one's restricted to its target types: Appointment `patient`, `practitioner` and
+/// `location` are `actor` restricted to Patient, Practitioner and Location (an indexed reference is
+/// `Type/id`, so the restriction is in the value itself). [`index_entries`] still lists them (`_include` and
+/// subscription matching see every parameter); the stores keep only the `actor` rows and answer a search on
+/// these parameters from them.
+pub fn stored_as(rtype: ResourceType, param: &str) -> Option<&'static str> {
+    match (rtype, param) {
+        (RT::Appointment, "patient" | "practitioner" | "location") => Some("actor"),
+        _ => None,
+    }
+}
+
 /// Other parameters whose index rows a search on `param` also reads. Patient and Practitioner `name` covers
 /// every part of a HumanName, and `family` and `given` index two of those parts already, so the name's
 /// family and given parts are indexed once, under `family` and `given`, and `name` itself holds only the
@@ -955,6 +968,9 @@ mod tests {
             ["family", "given"]
         );
         assert!(also_indexed_under(RT::Organization, "name").is_empty());
+        assert_eq!(stored_as(RT::Appointment, "patient"), Some("actor"));
+        assert_eq!(stored_as(RT::Appointment, "slot"), None);
+        assert_eq!(stored_as(RT::Schedule, "actor"), None);
         assert_eq!(values(&e, "family"), [&s("gose")]);
         assert_eq!(values(&e, "given"), [&s("sandra")]);
         assert_eq!(values(&e, "active"), [&tok(None, "true")]);

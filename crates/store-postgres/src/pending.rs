@@ -500,7 +500,7 @@ impl<'a> IndexCols<'a> {
         let mut strings = std::collections::BTreeSet::new();
         let mut dates = std::collections::BTreeSet::new();
         let mut refs = std::collections::BTreeSet::new();
-        for e in entries {
+        for e in entries.iter().filter(|e| store::stored_row(rtype, e)) {
             match &e.value {
                 IndexValue::Token { system, code } => {
                     tokens.insert((e.param, code.as_str(), system.as_deref().unwrap_or("")));

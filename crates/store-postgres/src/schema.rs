@@ -161,7 +161,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     INSERT INTO store_clock (one, last_ms) VALUES (TRUE, 0);
     "#,
     // 2: a string index row holds the normalised value and the value as sent (for `:exact`) together; before,
-    // each was a row of its own (the second under `param:exact`). `string_rows_v2` then rewrites the rows.
+    // each was a row of its own (the second under `param:exact`). `string_rows_v2` then rewrites the rows
+    // and drops the ones now answered from others (Patient `name` parts, Appointment `patient`...).
     r#"
     ALTER TABLE idx_string ADD COLUMN exact TEXT COLLATE "C" NOT NULL DEFAULT '';
     DROP INDEX idx_string_lookup;
@@ -172,7 +173,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 /// its normalised value beside it. Every string value was indexed in both forms (each string parameter had
 /// an `:exact` twin), so the old normalised rows are not needed: the same function derives them again. Then
 /// the rows of a parameter that repeat a row of one it also reads (`fhir::also_indexed_under`: Patient
-/// `name` and `family`/`given`) go; searches find the same resources without them.
+/// `name` and `family`/`given`) go, and so do the rows of reference parameters now answered from another's
+/// (`fhir::stored_as`: Appointment `patient` from `actor`); searches find the same resources without them.
 async fn string_rows_v2(conn: &Conn) -> Result<()> {
     let rows = conn
         .query(
@@ -210,6 +212,17 @@ async fn string_rows_v2(conn: &Conn) -> Result<()> {
                 &[&rtype.as_str(), also],
             )
             .await?;
+        }
+    }
+    for rtype in fhir::ResourceType::ALL {
+        for def in fhir::search_params(rtype) {
+            if fhir::stored_as(rtype, def.name).is_some() {
+                conn.execute(
+                    "DELETE FROM idx_reference WHERE rtype = $1 AND param = $2",
+                    &[&rtype.as_str(), &def.name],
+                )
+                .await?;
+            }
         }
     }
     conn.batch(

@@ -874,7 +874,7 @@ fn param_is(f: &mut Frag, rtype: ResourceType, param: &str) {
 /// `SELECT rid FROM idx_* WHERE ...` for an index-table predicate, appended to `f`; false for `Id` /
 /// `LastUpdated`.
 fn index_subquery(f: &mut Frag, rtype: ResourceType, param: &str, p: &Predicate) -> bool {
-    let head = |f: &mut Frag, table: &str| {
+    let head = |f: &mut Frag, table: &str, param: &str| {
         f.arg(
             &format!("SELECT rid FROM {table} WHERE rtype = "),
             rtype.as_str(),
@@ -885,7 +885,7 @@ fn index_subquery(f: &mut Frag, rtype: ResourceType, param: &str, p: &Predicate)
     match p {
         Predicate::Id(_) | Predicate::LastUpdated { .. } => return false,
         Predicate::Token { system, code } => {
-            head(f, "idx_token");
+            head(f, "idx_token", param);
             if let Some(code) = code {
                 f.arg(" AND code = ", code.clone());
             }
@@ -894,7 +894,7 @@ fn index_subquery(f: &mut Frag, rtype: ResourceType, param: &str, p: &Predicate)
             }
         }
         Predicate::String { value, exact } => {
-            head(f, "idx_string");
+            head(f, "idx_string", param);
             if let Some(exact) = exact {
                 f.arg(" AND value = ", value.clone());
                 f.arg(" AND exact = ", exact.clone());
@@ -910,14 +910,17 @@ fn index_subquery(f: &mut Frag, rtype: ResourceType, param: &str, p: &Predicate)
             low_ms,
             high_ms,
         } => {
-            head(f, "idx_date");
+            head(f, "idx_date", param);
             f.push(" AND ");
             range_cmp(f, "low_ms", "high_ms", *cmp, *low_ms, *high_ms);
         }
-        Predicate::Reference(target) => {
-            head(f, "idx_reference");
-            f.arg(" AND target = ", target.clone());
-        }
+        Predicate::Reference(target) => match store::reference_rows(rtype, param, target) {
+            Some(rows) => {
+                head(f, "idx_reference", rows);
+                f.arg(" AND target = ", target.clone());
+            }
+            None => f.push("SELECT rid FROM idx_reference WHERE false"),
+        },
     }
     true
 }

@@ -40,7 +40,8 @@
 //! gap-free per-subject `subject_seq`), `idempotency`. Migration 4: a string row holds the normalised value
 //! and the value as sent (`exact`, for `:exact`) together, one row per string instead of two, and Patient /
 //! Practitioner `name` no longer repeats the rows of `family` and `given` (a `name` search reads all three,
-//! see `fhir::also_indexed_under`).
+//! see `fhir::also_indexed_under`); Appointment `patient` / `practitioner` / `location` are answered from the
+//! `actor` rows (`fhir::stored_as`) and not stored.
 //!
 //! Query planning: every connection enables SQLite's query planner stability guarantee (plans never depend
 //! on bound values; without it SQLite 3.54 re-plans every cached statement on every use), and migration 1

@@ -190,7 +190,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 4: a string index row holds the normalised value and the value as sent (for `:exact`) together; before,
     // each was a row of its own (the second under `param:exact`). `string_rows_v4` fills the new table from
     // the old one's `:exact` rows before `idx_string_v3` is dropped, and drops the `name` rows that repeat a
-    // `family` or `given` row (a `name` search now reads those too).
+    // `family` or `given` row (a `name` search now reads those too) and the Appointment `patient`,
+    // `practitioner` and `location` rows (answered from `actor`).
     r#"
     DROP INDEX idx_string_rid;
     ALTER TABLE idx_string RENAME TO idx_string_v3;
@@ -220,7 +221,8 @@ type MigrationStep = fn(&Connection) -> rusqlite::Result<()>;
 /// normalised value beside it. Every string value was indexed in both forms (each string parameter had an
 /// `:exact` twin), so the old normalised rows are not needed: the same function derives them again. Then
 /// the rows of a parameter that repeat a row of one it also reads (`fhir::also_indexed_under`: Patient
-/// `name` and `family`/`given`) go; searches find the same resources without them.
+/// `name` and `family`/`given`) go, and so do the rows of reference parameters now answered from another's
+/// (`fhir::stored_as`: Appointment `patient` from `actor`); searches find the same resources without them.
 fn string_rows_v4(conn: &Connection) -> rusqlite::Result<()> {
     let mut read = conn.prepare(
         "SELECT rtype, substr(param, 1, length(param) - 6), value, rid FROM idx_string_v3
@@ -250,6 +252,16 @@ fn string_rows_v4(conn: &Connection) -> rusqlite::Result<()> {
                      AND o.value = idx_string.value AND o.exact = idx_string.exact AND o.rid = idx_string.rid)",
                 rusqlite::params![rtype.as_str(), also],
             )?;
+        }
+    }
+    for rtype in fhir::ResourceType::ALL {
+        for def in fhir::search_params(rtype) {
+            if fhir::stored_as(rtype, def.name).is_some() {
+                conn.execute(
+                    "DELETE FROM idx_reference WHERE rtype = ?1 AND param = ?2",
+                    rusqlite::params![rtype.as_str(), def.name],
+                )?;
+            }
         }
     }
     conn.execute_batch("DROP TABLE idx_string_v3")

@@ -227,6 +227,9 @@ fn insert_index<'e>(
 ) -> Result<()> {
     let mut by_table: [Vec<ToSqlOutput<'e>>; 4] = Default::default();
     for e in entries {
+        if !store::stored_row(rtype, e) {
+            continue;
+        }
         let (table, values): (usize, [ToSqlOutput<'e>; 3]) = match &e.value {
             IndexValue::Token { system, code } => (
                 0,
@@ -344,7 +347,7 @@ fn update_index(
 ) -> Result<()> {
     let mut old = index_rows(conn, rid)?;
     let mut added = Vec::new();
-    for e in entries {
+    for e in entries.iter().filter(|e| store::stored_row(rtype, e)) {
         match old.iter().position(|o| o.is(e)) {
             // Kept: it stays in the table (a duplicate entry finds no second row and is inserted, ignored).
             Some(i) => {
@@ -1092,7 +1095,7 @@ fn param_is<'a>(f: &mut Frag<'a>, rtype: ResourceType, param: &'a str) {
 /// `SELECT rid FROM idx_* WHERE ...` for an index-table predicate; `None` for `Id` / `LastUpdated`.
 fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> Option<Frag<'a>> {
     let mut f = Frag::default();
-    let head = |f: &mut Frag<'a>, table: &str| {
+    let head = |f: &mut Frag<'a>, table: &str, param: &'a str| {
         f.arg(
             &format!("SELECT rid FROM {table} WHERE rtype = ?"),
             rtype.as_str(),
@@ -1103,7 +1106,7 @@ fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> 
     match p {
         Predicate::Id(_) | Predicate::LastUpdated { .. } => return None,
         Predicate::Token { system, code } => {
-            head(&mut f, "idx_token");
+            head(&mut f, "idx_token", param);
             if let Some(code) = code {
                 f.arg(" AND code = ?", code.as_str());
             }
@@ -1112,7 +1115,7 @@ fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> 
             }
         }
         Predicate::String { value, exact } => {
-            head(&mut f, "idx_string");
+            head(&mut f, "idx_string", param);
             if let Some(exact) = exact {
                 f.arg(" AND value = ?", value.as_str());
                 f.arg(" AND exact = ?", exact.as_str());
@@ -1128,14 +1131,17 @@ fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> 
             low_ms,
             high_ms,
         } => {
-            head(&mut f, "idx_date");
+            head(&mut f, "idx_date", param);
             f.push(" AND ");
             range_cmp(&mut f, "low_ms", "high_ms", *cmp, *low_ms, *high_ms);
         }
-        Predicate::Reference(target) => {
-            head(&mut f, "idx_reference");
-            f.arg(" AND target = ?", target.as_str());
-        }
+        Predicate::Reference(target) => match store::reference_rows(rtype, param, target) {
+            Some(rows) => {
+                head(&mut f, "idx_reference", rows);
+                f.arg(" AND target = ?", target.as_str());
+            }
+            None => f.push("SELECT rid FROM idx_reference WHERE 0"),
+        },
     }
     Some(f)
 }

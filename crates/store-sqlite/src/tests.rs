@@ -927,6 +927,8 @@ async fn migration_4_merges_exact_string_rows() {
                  ('Patient', 'name', 'dr', 7), ('Patient', 'name:exact', 'Dr', 7),
                  ('Patient', 'family', 'o''brien', 7), ('Patient', 'family:exact', 'O''Brien', 7),
                  ('Patient', 'given', 'zoe', 7), ('Patient', 'given:exact', 'Zoë', 7);
+             INSERT INTO idx_reference (rtype, param, target, rid) VALUES
+                 ('Appointment', 'patient', 'Patient/p1', 8), ('Appointment', 'actor', 'Patient/p1', 8);
              PRAGMA user_version = 3;"#,
         )
         .unwrap();
@@ -946,6 +948,21 @@ async fn migration_4_merges_exact_string_rows() {
             .collect::<rusqlite::Result<_>>()
             .unwrap()
     };
+    let references: Vec<String> = {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let mut s = conn
+            .prepare("SELECT param FROM idx_reference WHERE rid = 8")
+            .unwrap();
+        s.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    assert_eq!(
+        references,
+        ["actor"],
+        "Appointment patient is answered from actor"
+    );
     let row = |p: &str, v: &str, x: &str| (p.to_string(), v.to_string(), x.to_string());
     assert_eq!(
         rows,

@@ -38,6 +38,7 @@ check!(
     delete_and_recreate,
     history,
     search_predicates,
+    references_stored_as_another,
     date_and_last_updated_prefixes,
     sorting_and_paging,
     savepoint_isolation,

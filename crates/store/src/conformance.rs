@@ -49,6 +49,7 @@ pub async fn run_all<S: Store>(store: Arc<S>) {
     delete_and_recreate(&store).await;
     history(&store).await;
     search_predicates(&store).await;
+    references_stored_as_another(&store).await;
     date_and_last_updated_prefixes(&store).await;
     sorting_and_paging(&store).await;
     savepoint_isolation(&store).await;
@@ -1312,6 +1313,71 @@ pub fn date_matches(cmp: Cmp, low: i64, high: i64, qlo: i64, qhi: i64) -> bool {
 }
 
 /// Every comparison prefix on a date parameter (resources with one or several ranges) and on `_lastUpdated`.
+/// Appointment `patient` and `practitioner` are answered from the `actor` rows (`fhir::stored_as`), after
+/// an update too, and only for targets of their own type.
+pub async fn references_stored_as_another<S: Store>(store: &Arc<S>) {
+    let scope = unique_id("stored-as");
+    let a = unique_id("sa-appt");
+    let (pat, prac) = (unique_id("sa-pat"), unique_id("sa-prac"));
+    let entries = |patient: &str| {
+        vec![
+            tag(&scope),
+            reference("patient", &format!("Patient/{patient}")),
+            reference("practitioner", &format!("Practitioner/{prac}")),
+            reference("actor", &format!("Patient/{patient}")),
+            reference("actor", &format!("Practitioner/{prac}")),
+        ]
+    };
+    create(
+        store,
+        put(ResourceType::Appointment, &a, json!({}), entries(&pat)),
+    )
+    .await;
+    let q = |param: &str, target: String| {
+        scoped(ResourceType::Appointment, &scope).with(param, Predicate::Reference(target))
+    };
+    let one = vec![a.clone()];
+    let none: Vec<String> = Vec::new();
+    assert_eq!(
+        search_ids(store, &q("patient", format!("Patient/{pat}"))).await,
+        one
+    );
+    assert_eq!(
+        search_ids(store, &q("practitioner", format!("Practitioner/{prac}"))).await,
+        one
+    );
+    assert_eq!(
+        search_ids(store, &q("actor", format!("Practitioner/{prac}"))).await,
+        one
+    );
+    assert_eq!(
+        search_ids(store, &q("patient", format!("Practitioner/{prac}"))).await,
+        none,
+        "patient never finds a practitioner actor"
+    );
+    assert_eq!(
+        search_ids(store, &q("location", format!("Practitioner/{prac}"))).await,
+        none
+    );
+    // The patient changes: the old one no longer finds it, the new one does.
+    let other = unique_id("sa-pat2");
+    store
+        .write({
+            let p = put(ResourceType::Appointment, &a, json!({}), entries(&other));
+            move |tx| tx.put(p)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("update: {e}"));
+    assert_eq!(
+        search_ids(store, &q("patient", format!("Patient/{pat}"))).await,
+        none
+    );
+    assert_eq!(
+        search_ids(store, &q("patient", format!("Patient/{other}"))).await,
+        one
+    );
+}
+
 pub async fn date_and_last_updated_prefixes<S: Store>(store: &Arc<S>) {
     let scope = unique_id("dt");
     let ranges: Vec<Vec<(i64, i64)>> = vec![

@@ -113,3 +113,23 @@ pub struct HistoryQuery {
     pub count: usize,
     pub offset: usize,
 }
+
+/// Whether a backend stores `entry` as an index row of a `rtype` resource: not when its parameter's values
+/// are another parameter's rows (see `fhir::stored_as`).
+pub fn stored_row(rtype: ResourceType, entry: &crate::IndexEntry) -> bool {
+    fhir::stored_as(rtype, entry.param).is_none()
+}
+
+/// The parameter whose rows a reference search on `param` for `target` (`Type/id`) reads: `param` itself, or
+/// the parameter it is stored as (`fhir::stored_as`). `None` when no row can match: a stored-as parameter
+/// asked for a target of a type it does not cover (`patient=Practitioner/1` must not find the practitioner's
+/// appointments through `actor`).
+pub fn reference_rows<'p>(rtype: ResourceType, param: &'p str, target: &str) -> Option<&'p str> {
+    let Some(base) = fhir::stored_as(rtype, param) else {
+        return Some(param);
+    };
+    let ty = target.split_once('/').map(|(t, _)| t)?;
+    fhir::search_param(rtype, param)
+        .is_some_and(|def| def.targets.iter().any(|t| t.as_str() == ty))
+        .then_some(base)
+}

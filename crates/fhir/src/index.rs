@@ -532,7 +532,7 @@ fn reference_string_key(s: &str) -> Option<String> {
     if relative && segs.next().is_some() {
         return None;
     }
-    (is_type_name(rtype) && is_fhir_id(id)).then(|| format!("{rtype}/{id}"))
+    (is_type_name(rtype) && is_fhir_id(id)).then(|| [rtype, "/", id].concat())
 }
 
 /// A plausible FHIR resource type name: an ASCII upper-case letter then ASCII letters/digits.

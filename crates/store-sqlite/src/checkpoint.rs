@@ -1,8 +1,9 @@
 //! WAL checkpoints off the writer's path. With SQLite's automatic checkpoint, the commit that crosses the
 //! threshold copies the WAL into the database file (and fsyncs it) on the writer thread, stalling every write
-//! queued behind it (measured: about an eighth of the writer's time under a steady create load). The writer
-//! connection therefore has `wal_autocheckpoint = 0`, and this thread, with a connection of its own, runs a
-//! PASSIVE checkpoint (which never blocks readers or the writer) every `INTERVAL`. If the WAL still grows
+//! queued behind it (measured: about an eighth of the writer's time under a steady create load). The writer's
+//! automatic checkpoint is therefore only a rare backstop that restarts the WAL file (`WAL_RESTART_PAGES` in
+//! schema.rs), and this thread, with a connection of its own, runs a PASSIVE checkpoint (which never blocks
+//! readers or the writer) every `INTERVAL`. If the WAL still grows
 //! past `TRUNCATE_FRAMES` (checkpoints could not catch up), it asks for a TRUNCATE checkpoint, which waits
 //! briefly for the writer and resets the file. The log file (`carebridge-log.db`, attached) is checkpointed the
 //! same way.

@@ -16,6 +16,11 @@ use rusqlite::{Connection, OpenFlags};
 
 const INTERVAL: Duration = Duration::from_millis(50);
 const TRUNCATE_FRAMES: i64 = 200_000;
+/// Within this many frames of the writer's WAL restart (`schema::WAL_RESTART_PAGES`), checkpoint every
+/// `NEAR_INTERVAL` instead: the restart copies on the writer thread whatever this thread has not copied yet,
+/// while every queued write waits, so the less is left the shorter the stall.
+const NEAR_FRAMES: i64 = 4_096;
+const NEAR_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Run until `stop` is signalled or dropped, then make a last checkpoint.
 pub(crate) fn run(path: &Path, stop: Receiver<()>) {
@@ -30,8 +35,9 @@ pub(crate) fn run(path: &Path, stop: Receiver<()>) {
     // every attached database.
     let log = path.with_file_name(crate::LOG_FILE);
     let _ = conn.execute("ATTACH DATABASE ?1 AS log", [log.to_string_lossy()]);
+    let mut wait = INTERVAL;
     loop {
-        let stopping = match stop.recv_timeout(INTERVAL) {
+        let stopping = match stop.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => false,
             Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
         };
@@ -40,6 +46,12 @@ pub(crate) fn run(path: &Path, stop: Receiver<()>) {
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             });
+        wait = match passive {
+            Ok((_, frames, _)) if frames >= crate::schema::WAL_RESTART_PAGES - NEAR_FRAMES => {
+                NEAR_INTERVAL
+            }
+            _ => INTERVAL,
+        };
         if let Ok((_, frames, _)) = passive
             && frames > TRUNCATE_FRAMES
         {

@@ -293,7 +293,7 @@ const WRITER_CACHE_KIB: i64 = 8 * 1024;
 /// fsyncs both files, stalling every queued write for a few milliseconds, so they should be rare: at 4,096
 /// frames they came several times a second under load; 32,768 gave 3,485-3,844 Patient creates/s (p90
 /// 11-13 ms) against 2,614-3,127/s (p90 22-24 ms) in alternating runs, and more bookings/s with a lower p99.
-const WAL_RESTART_PAGES: i64 = 32_768;
+pub(crate) const WAL_RESTART_PAGES: i64 = 32_768;
 /// Largest part of the database file read through a memory map (beyond it, SQLite reads with pread).
 const MMAP_BYTES: i64 = 1 << 30;
 

@@ -77,34 +77,29 @@ pub fn format_instant_ms(ms: i64) -> String {
     let mm = (in_day % MS_PER_HOUR) / MS_PER_MINUTE;
     let ss = (in_day % MS_PER_MINUTE) / MS_PER_SECOND;
     let frac = in_day % MS_PER_SECOND;
+    // Written digit by digit: `format!` cost about 1,600 instructions per call, and the store's writer formats
+    // several instants per booking.
+    let mut out = String::with_capacity(24);
     if (0..=9999).contains(&y) {
-        // The common case, written digit by digit: `format!` cost about 1,600 instructions per call, and the
-        // writer formats several instants per booking.
-        let mut out = String::with_capacity(24);
         push_digits(&mut out, y, 4);
-        out.push('-');
-        push_digits(&mut out, i64::from(m), 2);
-        out.push('-');
-        push_digits(&mut out, i64::from(d), 2);
-        out.push('T');
-        push_digits(&mut out, hh, 2);
-        out.push(':');
-        push_digits(&mut out, mm, 2);
-        out.push(':');
-        push_digits(&mut out, ss, 2);
-        out.push('.');
-        push_digits(&mut out, frac, 3);
-        out.push('Z');
-        return out;
-    }
-    let year = if (0..=9999).contains(&y) {
-        format!("{y:04}")
     } else if y < 0 {
-        format!("-{:04}", y.unsigned_abs())
+        out.push_str(&format!("-{:04}", y.unsigned_abs()));
     } else {
-        format!("+{y:04}")
-    };
-    format!("{year}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{frac:03}Z")
+        out.push_str(&format!("+{y:04}"));
+    }
+    for (n, width, before) in [
+        (i64::from(m), 2, '-'),
+        (i64::from(d), 2, '-'),
+        (hh, 2, 'T'),
+        (mm, 2, ':'),
+        (ss, 2, ':'),
+        (frac, 3, '.'),
+    ] {
+        out.push(before);
+        push_digits(&mut out, n, width);
+    }
+    out.push('Z');
+    out
 }
 
 /// Append the last `width` decimal digits of `n` (0 <= n), zero-padded.

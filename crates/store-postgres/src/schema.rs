@@ -204,22 +204,21 @@ async fn string_rows_v2(conn: &Conn) -> Result<()> {
     )
     .await?;
     for rtype in fhir::ResourceType::ALL {
-        for also in fhir::also_indexed_under(rtype, "name") {
-            conn.execute(
-                "DELETE FROM idx_string n WHERE n.rtype = $1 AND n.param = 'name' AND EXISTS (
-                     SELECT 1 FROM idx_string o WHERE o.rtype = $1 AND o.param = $2
-                     AND o.value = n.value AND o.exact = n.exact AND o.rid = n.rid)",
-                &[&rtype.as_str(), also],
-            )
-            .await?;
-        }
-    }
-    for rtype in fhir::ResourceType::ALL {
+        let rt = rtype.as_str();
         for def in fhir::search_params(rtype) {
+            for also in fhir::also_indexed_under(rtype, def.name) {
+                conn.execute(
+                    "DELETE FROM idx_string n WHERE n.rtype = $1 AND n.param = $2 AND EXISTS (
+                         SELECT 1 FROM idx_string o WHERE o.rtype = $1 AND o.param = $3
+                         AND o.value = n.value AND o.exact = n.exact AND o.rid = n.rid)",
+                    &[&rt, &def.name, also],
+                )
+                .await?;
+            }
             if fhir::stored_as(rtype, def.name).is_some() {
                 conn.execute(
                     "DELETE FROM idx_reference WHERE rtype = $1 AND param = $2",
-                    &[&rtype.as_str(), &def.name],
+                    &[&rt, &def.name],
                 )
                 .await?;
             }

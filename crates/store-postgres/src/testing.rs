@@ -126,6 +126,11 @@ fn admin(url: &str, sql: &str) -> Result<()> {
     })
 }
 
+/// The SQL of schema migration `n` (1-based), for tests that build a database as an older binary left it.
+pub fn migration_sql(n: usize) -> Option<&'static str> {
+    crate::schema::MIGRATIONS.get(n.checked_sub(1)?).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::database_url;
@@ -149,9 +154,4 @@ mod tests {
             "host=/run/pg user=u dbname=postgres dbname='x\\'y'"
         );
     }
-}
-
-/// The SQL of schema migration `n` (1-based), for tests that build a database as an older binary left it.
-pub fn migration_sql(n: usize) -> Option<&'static str> {
-    crate::schema::MIGRATIONS.get(n.checked_sub(1)?).copied()
 }

@@ -41,20 +41,16 @@ pub(crate) fn run(path: &Path, stop: Receiver<()>) {
             Err(RecvTimeoutError::Timeout) => false,
             Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
         };
-        // (busy, frames in the WAL, frames checkpointed)
-        let passive: rusqlite::Result<(i64, i64, i64)> =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            });
-        wait = match passive {
-            Ok((_, frames, _)) if frames >= crate::schema::WAL_RESTART_PAGES - NEAR_FRAMES => {
-                NEAR_INTERVAL
-            }
-            _ => INTERVAL,
+        // The second column: frames in the WAL (the first is `busy`, the third the frames checkpointed).
+        let frames = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+            .unwrap_or(0);
+        wait = if frames >= crate::schema::WAL_RESTART_PAGES - NEAR_FRAMES {
+            NEAR_INTERVAL
+        } else {
+            INTERVAL
         };
-        if let Ok((_, frames, _)) = passive
-            && frames > TRUNCATE_FRAMES
-        {
+        if frames > TRUNCATE_FRAMES {
             let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 r.get::<_, i64>(0)
             });

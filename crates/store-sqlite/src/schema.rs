@@ -245,21 +245,20 @@ fn string_rows_v4(conn: &Connection) -> rusqlite::Result<()> {
     }
     drop(rows);
     for rtype in fhir::ResourceType::ALL {
-        for also in fhir::also_indexed_under(rtype, "name") {
-            conn.execute(
-                "DELETE FROM idx_string WHERE rtype = ?1 AND param = 'name' AND EXISTS (
-                     SELECT 1 FROM idx_string o WHERE o.rtype = ?1 AND o.param = ?2
-                     AND o.value = idx_string.value AND o.exact = idx_string.exact AND o.rid = idx_string.rid)",
-                rusqlite::params![rtype.as_str(), also],
-            )?;
-        }
-    }
-    for rtype in fhir::ResourceType::ALL {
+        let rt = rtype.as_str();
         for def in fhir::search_params(rtype) {
+            for also in fhir::also_indexed_under(rtype, def.name) {
+                conn.execute(
+                    "DELETE FROM idx_string WHERE rtype = ?1 AND param = ?2 AND EXISTS (
+                         SELECT 1 FROM idx_string o WHERE o.rtype = ?1 AND o.param = ?3 AND o.value = idx_string.value
+                         AND o.exact = idx_string.exact AND o.rid = idx_string.rid)",
+                    rusqlite::params![rt, def.name, also],
+                )?;
+            }
             if fhir::stored_as(rtype, def.name).is_some() {
                 conn.execute(
                     "DELETE FROM idx_reference WHERE rtype = ?1 AND param = ?2",
-                    rusqlite::params![rtype.as_str(), def.name],
+                    rusqlite::params![rt, def.name],
                 )?;
             }
         }

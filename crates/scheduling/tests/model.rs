@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use scheduling::{
-    AppointmentStatus, AppointmentView, Coding, DecisionErrorKind, EventKind, LocalDate,
-    OpeningPeriod, OpeningRule, SlotTemplate, WallTime, Weekday, decide, format_instant_utc,
-    generate_slots, local_offset_minutes, parse_instant_ms,
+    AppointmentStatus, AppointmentView, Coding, DecisionErrorKind, EventKind, LocalDate, MAX_SLOTS,
+    OpeningPeriod, OpeningRule, SlotTemplate, TemplateError, WallTime, Weekday, decide,
+    format_instant_utc, generate_slots, local_offset_minutes, parse_instant_ms,
 };
 
 const MIN: i64 = 60_000;
@@ -364,7 +364,22 @@ proptest! {
             end_date: date(start_day + span),
             max_slots: None,
         };
-        let slots = generate_slots(&template).unwrap();
+        // An upper bound on the count: every day of the range, every period filled. A template over the
+        // ceiling must be refused, and only then (daylight-saving days can only lose or gain an hour).
+        let per_day: i64 = periods.iter().map(|p| i64::from((p.end.minutes() - p.start.minutes()) / slot_minutes)).sum();
+        let bound = (span + 1) * per_day;
+        let slots = match generate_slots(&template) {
+            Ok(slots) => slots,
+            Err(TemplateError::TooManySlots { limit }) => {
+                prop_assert_eq!(limit, MAX_SLOTS);
+                let dst_slack = i64::from(60 / slot_minutes) * i64::try_from(periods.len()).unwrap();
+                prop_assert!(bound + dst_slack > i64::try_from(limit).unwrap(),
+                    "refused a template of at most {} slots", bound);
+                return Ok(());
+            }
+            Err(e) => return Err(TestCaseError::fail(format!("unexpected error {e:?}"))),
+        };
+        prop_assert!(slots.len() <= MAX_SLOTS);
         prop_assert_eq!(&generate_slots(&template).unwrap(), &slots);
         for s in &slots {
             prop_assert_eq!(s.end_ms - s.start_ms, i64::from(slot_minutes) * MIN);
@@ -381,4 +396,33 @@ proptest! {
             prop_assert!(pair[0].key < pair[1].key);
         }
     }
+}
+
+/// Found by `generated_slots_are_sane`: Monday to Saturday, 00:00-23:15 in five-minute slots, over the 41 days
+/// from 2024-01-01 is 36 x 279 = 10,044 slots, more than the ceiling, so the template is refused whole.
+#[test]
+fn a_template_over_the_ceiling_is_refused_not_truncated() {
+    let template = SlotTemplate {
+        schedule_id: "s".into(),
+        rules: vec![OpeningRule {
+            days: Weekday::ALL[..6].to_vec(),
+            periods: vec![OpeningPeriod {
+                start: WallTime::new(0, 0).unwrap(),
+                end: WallTime::new(23, 15).unwrap(),
+            }],
+        }],
+        slot_minutes: 5,
+        start_date: LocalDate::parse("2024-01-01").unwrap(),
+        end_date: LocalDate::parse("2024-02-10").unwrap(),
+        max_slots: None,
+    };
+    assert_eq!(
+        generate_slots(&template),
+        Err(TemplateError::TooManySlots { limit: MAX_SLOTS })
+    );
+    let shorter = SlotTemplate {
+        end_date: LocalDate::parse("2024-01-31").unwrap(),
+        ..template
+    };
+    assert_eq!(generate_slots(&shorter).unwrap().len(), 279 * 27);
 }

@@ -347,6 +347,7 @@ pub async fn create<S: Store>(
         obj.insert("id".into(), Value::String(id.clone()));
     }
     let base = app.fhir_base();
+    let resource = booking::Incoming::prepare(rtype, &id, resource);
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
         if let Some(q) = &condition {
             let mut found = tx.search(q)?;
@@ -367,7 +368,7 @@ pub async fn create<S: Store>(
             }
         }
         if let Some(f) = &mut filter
-            && let Err(e) = f.tx_check_write(tx, rtype, &id, &resource)?
+            && let Err(e) = f.tx_check_write(tx, rtype, &id, resource.value())?
         {
             return Ok(Err(e));
         }
@@ -385,16 +386,17 @@ pub(crate) fn put_resource(
     base: &str,
     rtype: ResourceType,
     id: String,
-    resource: Value,
+    resource: impl Into<booking::Incoming>,
     expected: Option<u64>,
     ret: Return,
     filter: Option<&mut OrgFilter>,
 ) -> store::Result<Result<Reply, ApiError>> {
+    let resource = resource.into();
     if let Some(f) = filter {
         if let Err(e) = f.tx_check_current(tx, rtype, &id)? {
             return Ok(Err(e));
         }
-        if let Err(e) = f.tx_check_write(tx, rtype, &id, &resource)? {
+        if let Err(e) = f.tx_check_write(tx, rtype, &id, resource.value())? {
             return Ok(Err(e));
         }
     }
@@ -447,6 +449,7 @@ pub async fn update<S: Store>(
     let hash = request_hash("PUT", &format!("{rtype}/{id}"), None, &body);
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
+    let resource = booking::Incoming::prepare(rtype, &id, resource);
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
         put_resource(
             tx,

@@ -10,8 +10,8 @@ use store::{StoreError, Stored, Tx};
 
 use crate::error::BookingError;
 use crate::util::{
-    check_expected, event, holders, is_active, json_of, live, local_id, put, reference, refs,
-    shared_json_of, status_of,
+    Incoming, check_expected, event, holders, is_active, json_of, live, local_id, put, reference,
+    refs, shared_json_of, status_of,
 };
 use crate::{Outcome, Refusal};
 
@@ -19,10 +19,10 @@ use crate::{Outcome, Refusal};
 pub(crate) fn write_appointment(
     tx: &mut dyn Tx,
     id: &str,
-    resource: Value,
+    resource: impl Into<Incoming>,
     expected: Option<u64>,
 ) -> Refusal<Outcome> {
-    write_appointment_known(tx, id, resource, expected, None)
+    write_appointment_known(tx, id, resource.into(), expected, None)
 }
 
 /// [`write_appointment`], given the current live version and its view when the caller has just read them in
@@ -30,7 +30,7 @@ pub(crate) fn write_appointment(
 fn write_appointment_known(
     tx: &mut dyn Tx,
     id: &str,
-    resource: Value,
+    resource: Incoming,
     expected: Option<u64>,
     known: Option<(Stored, AppointmentView)>,
 ) -> Refusal<Outcome> {
@@ -41,7 +41,7 @@ fn write_appointment_known(
     let live_version = current.as_ref().map_or(0, |c| c.version);
     check_expected(RT::Appointment, id, expected, live_version)?;
 
-    let proposed = match AppointmentView::from_json(&resource) {
+    let proposed = match AppointmentView::from_json(resource.value()) {
         Ok(v) => v,
         Err(errors) => return Ok(Err(field_errors(&errors))),
     };
@@ -82,7 +82,7 @@ fn write_appointment_known(
     if let Err(e) = check(
         tx,
         id,
-        &resource,
+        resource.value(),
         current_view.as_ref(),
         &proposed,
         &decision,
@@ -420,7 +420,10 @@ pub(crate) fn transition(
     }
     let version = current.version;
     let known = view.map(|v| (current, v));
-    Ok(write_appointment_known(tx, id, resource, Some(version), known)?.map(Outcome::into_stored))
+    Ok(
+        write_appointment_known(tx, id, resource.into(), Some(version), known)?
+            .map(Outcome::into_stored),
+    )
 }
 
 /// The FHIRPath of the first `slot` entry referencing `slot_ref`.

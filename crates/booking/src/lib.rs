@@ -37,6 +37,7 @@ use store::{Stored, Tx};
 pub use error::BookingError;
 pub use scheduling;
 pub use scheduling::{Coding, SlotTemplate};
+pub use util::Incoming;
 
 /// What a service function returns inside the write closure: `Err` = storage failure (or a late conflict
 /// that must roll back), `Ok(Err)` = a refusal decided before anything was written.
@@ -121,9 +122,10 @@ pub fn write_resource(
     tx: &mut dyn Tx,
     rtype: ResourceType,
     id: String,
-    resource: Value,
+    resource: impl Into<Incoming>,
     expected_version: Option<u64>,
 ) -> Refusal<Outcome> {
+    let resource = resource.into();
     if !util::valid_id(&id) {
         return Ok(Err(BookingError::invalid(
             format!("'{id}' is not a valid FHIR id"),
@@ -135,9 +137,9 @@ pub fn write_resource(
             appointment::write_appointment(tx, &id, resource, expected_version)
         }
         ResourceType::Patient => patient::write_patient(tx, &id, resource, expected_version),
-        ResourceType::Slot => slot::write_slot(tx, &id, resource, expected_version),
+        ResourceType::Slot => slot::write_slot(tx, &id, resource.into_value(), expected_version),
         ResourceType::Subscription => {
-            subscription::write_subscription(tx, &id, resource, expected_version)
+            subscription::write_subscription(tx, &id, resource.into_value(), expected_version)
         }
         _ => {
             let current = util::live(tx, rtype, &id)?;

@@ -7,21 +7,23 @@ use store::{Clause, Predicate, SearchQuery, Stored, Tx};
 
 use crate::appointment::replaced_by;
 use crate::error::BookingError;
-use crate::util::{check_expected, event, is_active, json_of, live, put, reference, search_all};
+use crate::util::{
+    Incoming, check_expected, event, is_active, json_of, live, put, reference, search_all,
+};
 use crate::{MergeResult, Outcome, Refusal, event_kind};
 
 /// Create or update `Patient/{id}`, refusing an NHS number held by another active Patient.
 pub(crate) fn write_patient(
     tx: &mut dyn Tx,
     id: &str,
-    resource: Value,
+    resource: Incoming,
     expected: Option<u64>,
 ) -> Refusal<Outcome> {
     let current = live(tx, RT::Patient, id)?;
     let live_version = current.as_ref().map_or(0, |c| c.version);
     check_expected(RT::Patient, id, expected, live_version)?;
-    if is_active(&resource) {
-        for number in nhs_numbers(&resource) {
+    if is_active(resource.value()) {
+        for number in nhs_numbers(resource.value()) {
             if let Some(other) = active_holder(tx, &number, id)? {
                 let existing = reference(RT::Patient, &other.id);
                 return Ok(Err(BookingError::Duplicate {

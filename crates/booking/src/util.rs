@@ -7,6 +7,59 @@ use store::{
     Clause, NewEvent, Predicate, Put, SearchQuery, Sort, SortField, StoreError, Stored, Tx,
 };
 
+/// A resource to write, possibly with what the store derives from it (its search index rows and its
+/// serialised body) computed ahead, outside the write transaction: see [`Incoming::prepare`].
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    value: Value,
+    prepared: Option<Prepared>,
+}
+
+#[derive(Debug, Clone)]
+struct Prepared {
+    rtype: ResourceType,
+    id: String,
+    index: Vec<store::IndexEntry>,
+    body: store::Body,
+}
+
+impl Incoming {
+    /// `value`, to be written as `rtype/id`, with its index rows and stored body computed now. Call it before
+    /// [`store::Store::write`]: the single writer then skips that work for every write that stores the
+    /// resource as given (creates and updates of Patient, Appointment and the types without rules of their
+    /// own). A write that changes the resource, or stores it under another id, computes them again.
+    pub fn prepare(rtype: ResourceType, id: &str, value: Value) -> Incoming {
+        let prepared = store::Body::new(rtype, id, &value)
+            .ok()
+            .map(|body| Prepared {
+                rtype,
+                id: id.to_owned(),
+                index: fhir::index_entries(rtype, &value),
+                body,
+            });
+        Incoming { value, prepared }
+    }
+
+    /// The resource.
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// The resource, dropping anything prepared.
+    pub fn into_value(self) -> Value {
+        self.value
+    }
+}
+
+impl From<Value> for Incoming {
+    fn from(value: Value) -> Incoming {
+        Incoming {
+            value,
+            prepared: None,
+        }
+    }
+}
+
 /// Page size used when a service function needs every match of a search.
 const PAGE: usize = 500;
 
@@ -90,19 +143,30 @@ pub(crate) fn put(
     tx: &mut dyn Tx,
     rtype: ResourceType,
     id: &str,
-    mut resource: Value,
+    resource: impl Into<Incoming>,
     expected_version: Option<u64>,
 ) -> store::Result<Stored> {
-    if let Some(obj) = resource.as_object_mut() {
-        obj.insert("id".into(), Value::String(id.to_owned()));
-    }
-    let index = fhir::index_entries(rtype, &resource);
+    let Incoming {
+        value: mut resource,
+        prepared,
+    } = resource.into();
+    let (index, body) = match prepared {
+        // Prepared for this very write: the index and body were computed before the transaction.
+        Some(p) if p.rtype == rtype && p.id == id => (p.index, Some(p.body)),
+        _ => {
+            if let Some(obj) = resource.as_object_mut() {
+                obj.insert("id".into(), Value::String(id.to_owned()));
+            }
+            (fhir::index_entries(rtype, &resource), None)
+        }
+    };
     tx.put(Put {
         rtype,
         id: id.to_owned(),
         resource,
         index,
         expected_version,
+        body,
     })
 }
 

@@ -378,6 +378,7 @@ async fn apply(store: &std::sync::Arc<AnyStore>, lines: Vec<Line>) -> Result<(u6
                     resource,
                     index,
                     expected_version: None,
+                    body: None,
                 };
                 match l.last_updated_ms {
                     Some(ms) => tx.put_at(put, ms)?,

@@ -147,6 +147,7 @@ async fn bench(
                         resource,
                         index,
                         expected_version: None,
+                        body: None,
                     };
                     let t0 = Instant::now();
                     store
@@ -174,6 +175,7 @@ async fn bench(
                                     resource,
                                     index,
                                     expected_version: None,
+                                    body: None,
                                 })?;
                                 Err(store::StoreError::Conflict("refused".into()))
                             })

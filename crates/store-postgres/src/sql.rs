@@ -225,18 +225,12 @@ pub(crate) async fn put(
     now_ms: i64,
     put: Put,
 ) -> Result<Stored> {
-    let Put {
-        rtype,
-        id,
-        resource,
-        index,
-        expected_version,
-    } = put;
-    if id.is_empty() {
+    let rtype = put.rtype;
+    if put.id.is_empty() {
         return Err(StoreError::Invalid(format!("{rtype}: empty id")));
     }
-    no_nul("id", &id)?;
-    for e in &index {
+    no_nul("id", &put.id)?;
+    for e in &put.index {
         match &e.value {
             IndexValue::Token { system, code } => {
                 no_nul(e.param, code)?;
@@ -250,16 +244,16 @@ pub(crate) async fn put(
             IndexValue::Date { .. } => {}
         }
     }
-    let (rid, current, live) = state_in_tx(c, own, kept, seen, rtype, &id).await?;
-    check_expected(rtype, &id, expected_version, if live { current } else { 0 })?;
-    let version = current + 1;
-    let json = store::stamp(
+    let (rid, current, live) = state_in_tx(c, own, kept, seen, rtype, &put.id).await?;
+    check_expected(
         rtype,
-        &id,
-        version,
-        &fhir::format_instant_ms(now_ms),
-        &resource,
+        &put.id,
+        put.expected_version,
+        if live { current } else { 0 },
     )?;
+    let version = current + 1;
+    let json = put.stamp(version, &fhir::format_instant_ms(now_ms))?;
+    let Put { id, index, .. } = put;
     let stored = Stored {
         rtype,
         id,

@@ -35,6 +35,7 @@ fn patient(id: &str, identifier: &str) -> Put {
             },
         }],
         expected_version: None,
+        body: None,
     }
 }
 

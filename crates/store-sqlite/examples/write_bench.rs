@@ -141,6 +141,7 @@ async fn bench(durability: Durability, puts: usize, tasks: usize, fail_every: us
                         resource,
                         index,
                         expected_version: None,
+                        body: None,
                     };
                     let t0 = Instant::now();
                     store
@@ -169,6 +170,7 @@ async fn bench(durability: Durability, puts: usize, tasks: usize, fail_every: us
                                     resource,
                                     index,
                                     expected_version: None,
+                                    body: None,
                                 })?;
                                 Err(store::StoreError::Conflict("refused".into()))
                             })

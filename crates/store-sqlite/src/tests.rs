@@ -55,6 +55,7 @@ fn patient(id: &str) -> Put {
         resource: json!({"resourceType": "Patient", "active": true}),
         index: Vec::new(),
         expected_version: None,
+        body: None,
     }
 }
 
@@ -989,4 +990,117 @@ async fn migration_4_merges_exact_string_rows() {
     assert_eq!(found("name", "o'brien", Some("O'Brien")).await, 1);
     assert_eq!(found("name", "zo", None).await, 1);
     assert_eq!(found("name", "dr", Some("Dr")).await, 1);
+}
+
+/// The lookup fast path of `search` answers exactly as the single statement does: same matches, same order,
+/// same page and total, deleted and other-type resources left out, a resource matched by two alternatives
+/// listed once, and past `LOOKUP_LIMIT` index rows the statement answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_searches_answer_as_the_statement_does() {
+    use store::{Clause, IndexEntry, IndexValue, Predicate, SearchQuery, Sort, SortField};
+
+    let dir = TempDir::new("lookup");
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+    let token = |code: &str| IndexEntry {
+        param: "identifier",
+        value: IndexValue::Token {
+            system: Some("urn:s".into()),
+            code: code.into(),
+        },
+    };
+    // 400 Patients share the code "many" (past the limit); ids are written out of order, and each also holds a
+    // code of its own; some hold a second shared code; one Organization holds "many" too.
+    store
+        .write(move |tx| {
+            for n in 0..400u32 {
+                let id = format!("p{}", (n * 7919) % 400);
+                let mut index = vec![token("many"), token(&format!("own{n}"))];
+                if n % 3 == 0 {
+                    index.push(token("third"));
+                }
+                tx.put(Put {
+                    index,
+                    ..patient(&id)
+                })?;
+            }
+            tx.put(Put {
+                rtype: ResourceType::Organization,
+                id: "o1".into(),
+                resource: json!({"resourceType": "Organization"}),
+                index: vec![token("many"), token("own1")],
+                expected_version: None,
+                body: None,
+            })?;
+            for id in ["p5", "p6"] {
+                tx.delete(ResourceType::Patient, id, None)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let conn = crate::schema::open_reader(store.path()).unwrap();
+    let one = |codes: &[&str]| Clause {
+        param: "identifier".into(),
+        any_of: codes
+            .iter()
+            .map(|c| Predicate::Token {
+                system: Some("urn:s".into()),
+                code: Some((*c).into()),
+            })
+            .collect(),
+    };
+    let mut queries = Vec::new();
+    for codes in [
+        &["own1"][..],
+        &["own5"],
+        &["own1", "own2", "own1"],
+        &["third"],
+        &["third", "own3", "own4"],
+        &["many"],
+        &["nothing"],
+    ] {
+        for (count, offset) in [(100, 0), (2, 1), (0, 0), (50, 120)] {
+            for want_total in [false, true] {
+                let mut q = SearchQuery::new(ResourceType::Patient);
+                q.clauses.push(one(codes));
+                q.count = count;
+                q.offset = offset;
+                q.want_total = want_total;
+                queries.push(q);
+            }
+        }
+    }
+    let mut sorted = SearchQuery::new(ResourceType::Patient);
+    sorted.clauses.push(one(&["third"]));
+    sorted.sort = vec![Sort {
+        field: SortField::Id,
+        descending: false,
+    }];
+    queries.push(sorted);
+    let ids = |r: &store::SearchResult| {
+        r.resources
+            .iter()
+            .map(|s| (s.id.clone(), s.version, s.json.clone()))
+            .collect::<Vec<_>>()
+    };
+    let mut fast = 0;
+    for q in &queries {
+        for with_total in [false, true] {
+            let a = crate::sql::search(&conn, q, with_total).unwrap();
+            let b = crate::sql::search_statement(&conn, q, with_total).unwrap();
+            assert_eq!(ids(&a), ids(&b), "{:?}", q.clauses[0].any_of);
+            assert_eq!(a.total, b.total, "{:?}", q.clauses[0].any_of);
+            if crate::sql::search_by_lookup(&conn, q, with_total)
+                .unwrap()
+                .is_some()
+            {
+                fast += 1;
+            }
+        }
+    }
+    // Every query but those on "many" (past the limit) took the fast path.
+    assert_eq!(fast, queries.len() * 2 - 16);
+    let third = crate::sql::search(&conn, &queries[24], false).unwrap();
+    assert_eq!(third.resources.len(), 100);
+    assert!(third.resources.windows(2).all(|w| w[0].id < w[1].id));
 }

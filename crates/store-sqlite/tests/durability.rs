@@ -54,6 +54,7 @@ fn durability_child() {
                                 value: IndexValue::Token { system: Some("urn:kill9".into()), code: id.clone() },
                             }],
                             expected_version: Some(0),
+                            body: None,
                         };
                         let event_id = id.clone();
                         store

@@ -128,6 +128,7 @@ fn put(rtype: ResourceType, id: &str, resource: Value, index: Vec<IndexEntry>) -
         resource,
         index,
         expected_version: None,
+        body: None,
     }
 }
 

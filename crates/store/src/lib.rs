@@ -24,7 +24,7 @@ mod stamp;
 pub mod url;
 pub use matching::{matches, range_matches};
 pub use query::*;
-pub use stamp::stamp;
+pub use stamp::{Body, stamp};
 
 /// Key-value namespaces that hold append-only logs (the audit trail and its page counter). A backend may keep
 /// them apart from everything else: the embedded store puts them in a database file of their own, so that
@@ -66,6 +66,25 @@ pub struct Put {
     /// If set, the current version must be exactly this, else [`StoreError::VersionConflict`].
     /// `Some(0)` means "must not exist yet (or be deleted)".
     pub expected_version: Option<u64>,
+    /// `Body::new` of `resource`, when the caller built it before the write (off the single writer); the
+    /// backend then stores it instead of serialising `resource` again.
+    pub body: Option<Body>,
+}
+
+impl Put {
+    /// The text to store as `version` of this resource, last updated at `last_updated`.
+    pub fn stamp(&self, version: u64, last_updated: &str) -> Result<String> {
+        match &self.body {
+            Some(body) if body.rtype() == self.rtype => body.stamp(&self.id, version, last_updated),
+            Some(body) => Err(StoreError::Invalid(format!(
+                "{}/{}: the prepared body is of a {}",
+                self.rtype,
+                self.id,
+                body.rtype()
+            ))),
+            None => stamp(self.rtype, &self.id, version, last_updated, &self.resource),
+        }
+    }
 }
 
 /// A domain event to append to the outbox inside the current transaction.

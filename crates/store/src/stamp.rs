@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::{ResourceType, Result, StoreError};
 
@@ -16,53 +16,90 @@ pub fn stamp(
     last_updated: &str,
     resource: &Value,
 ) -> Result<String> {
-    let Value::Object(obj) = resource else {
-        return Err(StoreError::Invalid(format!(
-            "{rtype}/{id}: a resource must be a JSON object"
-        )));
-    };
-    match obj.get("resourceType") {
-        None => {}
-        Some(Value::String(s)) if s == rtype.as_str() => {}
-        Some(other) => {
+    Body::new(rtype, id, resource)?.stamp(id, version, last_updated)
+}
+
+/// The part of a resource's stored text that does not depend on its version: its `meta` and, already
+/// serialised, every member other than `resourceType`, `id` and `meta`. Built off the writer (see
+/// [`crate::Put::body`]) so that the single writer only joins the pieces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Body {
+    rtype: ResourceType,
+    meta: Option<Map<String, Value>>,
+    /// `,"key":value` for each member, in order.
+    rest: String,
+}
+
+impl Body {
+    /// The body of `resource`, to be stored as `rtype/id`. Refuses what [`stamp`] refuses: something other than
+    /// an object, another `resourceType`, a `meta` that is not an object.
+    pub fn new(rtype: ResourceType, id: &str, resource: &Value) -> Result<Body> {
+        let Value::Object(obj) = resource else {
             return Err(StoreError::Invalid(format!(
-                "{rtype}/{id}: resourceType is {other}, expected \"{rtype}\""
+                "{rtype}/{id}: a resource must be a JSON object"
             )));
+        };
+        match obj.get("resourceType") {
+            None => {}
+            Some(Value::String(s)) if s == rtype.as_str() => {}
+            Some(other) => {
+                return Err(StoreError::Invalid(format!(
+                    "{rtype}/{id}: resourceType is {other}, expected \"{rtype}\""
+                )));
+            }
         }
+        let meta = match obj.get("meta") {
+            None => None,
+            Some(Value::Object(m)) => Some(m.clone()),
+            Some(_) => {
+                return Err(StoreError::Invalid(format!(
+                    "{rtype}/{id}: meta must be a JSON object"
+                )));
+            }
+        };
+        let fail = |e: serde_json::Error| StoreError::Invalid(format!("{rtype}/{id}: {e}"));
+        let mut rest = Vec::with_capacity(1024);
+        for (k, v) in obj {
+            if !matches!(k.as_str(), "resourceType" | "id" | "meta") {
+                rest.push(b',');
+                serde_json::to_writer(&mut rest, k).map_err(fail)?;
+                rest.push(b':');
+                serde_json::to_writer(&mut rest, v).map_err(fail)?;
+            }
+        }
+        let rest = String::from_utf8(rest)
+            .map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))?;
+        Ok(Body { rtype, meta, rest })
     }
-    let meta = match obj.get("meta") {
-        None => None,
-        Some(Value::Object(m)) => Some(m),
-        Some(_) => {
-            return Err(StoreError::Invalid(format!(
-                "{rtype}/{id}: meta must be a JSON object"
-            )));
-        }
-    };
-    let version = version.to_string();
-    let fail = |e: serde_json::Error| StoreError::Invalid(format!("{rtype}/{id}: {e}"));
-    let mut out = Vec::with_capacity(1024);
-    let mut ser = serde_json::Serializer::new(&mut out);
-    let mut map = ser.serialize_map(None).map_err(fail)?;
-    map.serialize_entry("resourceType", rtype.as_str())
-        .map_err(fail)?;
-    map.serialize_entry("id", id).map_err(fail)?;
-    map.serialize_entry(
-        "meta",
-        &Meta {
-            meta,
+
+    /// The type the body was built for.
+    pub fn rtype(&self) -> ResourceType {
+        self.rtype
+    }
+
+    /// The stored text of version `version` of `{type}/{id}`, last updated at `last_updated`.
+    pub fn stamp(&self, id: &str, version: u64, last_updated: &str) -> Result<String> {
+        let rtype = self.rtype;
+        let fail = |e: serde_json::Error| StoreError::Invalid(format!("{rtype}/{id}: {e}"));
+        let version = version.to_string();
+        let meta = serde_json::to_string(&Meta {
+            meta: self.meta.as_ref(),
             version: &version,
             last_updated,
-        },
-    )
-    .map_err(fail)?;
-    for (k, v) in obj {
-        if !matches!(k.as_str(), "resourceType" | "id" | "meta") {
-            map.serialize_entry(k, v).map_err(fail)?;
-        }
+        })
+        .map_err(fail)?;
+        let id_text = serde_json::to_string(id).map_err(fail)?;
+        let mut out = String::with_capacity(self.rest.len() + meta.len() + id_text.len() + 40);
+        out.push_str("{\"resourceType\":\"");
+        out.push_str(rtype.as_str());
+        out.push_str("\",\"id\":");
+        out.push_str(&id_text);
+        out.push_str(",\"meta\":");
+        out.push_str(&meta);
+        out.push_str(&self.rest);
+        out.push('}');
+        Ok(out)
     }
-    map.end().map_err(fail)?;
-    String::from_utf8(out).map_err(|e| StoreError::Invalid(format!("{rtype}/{id}: {e}")))
 }
 
 /// `meta` with the version members set.

@@ -159,16 +159,31 @@ fn record(
     touched: &[String],
     ack: &str,
 ) -> store::Result<()> {
-    let rec = json!({
-        "receivedMs": tx.now_ms(),
-        "type": msg_type,
-        "outcome": outcome.as_str(),
-        "detail": detail,
-        "touched": touched,
-        "ack": ack,
-        "message": raw,
-    });
-    tx.kv_put(NS_INBOUND, key, Some(&rec.to_string()))
+    let rec = InboundRecord {
+        received_ms: tx.now_ms(),
+        msg_type,
+        outcome: outcome.as_str(),
+        detail,
+        touched,
+        ack,
+        message: raw,
+    };
+    let text = serde_json::to_string(&rec).map_err(|e| StoreError::Backend(e.to_string()))?;
+    tx.kv_put(NS_INBOUND, key, Some(&text))
+}
+
+/// What is kept of each inbound message (serialised straight to text: no map of its members is built).
+#[derive(serde::Serialize)]
+struct InboundRecord<'a> {
+    #[serde(rename = "receivedMs")]
+    received_ms: i64,
+    #[serde(rename = "type")]
+    msg_type: &'a str,
+    outcome: &'a str,
+    detail: Option<&'a str>,
+    touched: &'a [String],
+    ack: &'a str,
+    message: &'a str,
 }
 
 /// The stored record of a message, if it was seen: (outcome, ACK).
@@ -1064,4 +1079,39 @@ pub fn dead_letter_parked(tx: &mut dyn Tx, ident: &str, refusal: &Refusal) -> st
         Err(_) => vec![ident.to_owned()],
     };
     remove_everywhere(tx, &entry.key, &idents)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    /// The inbound record is written member for member as the JSON object it replaced (records written before
+    /// and after read the same way).
+    #[test]
+    fn the_inbound_record_keeps_its_text() {
+        let touched = vec!["Patient/1".to_owned(), "Patient/\"2\"".to_owned()];
+        for detail in [None, Some("stale: older than Patient/1")] {
+            let rec = InboundRecord {
+                received_ms: 1_767_225_600_123,
+                msg_type: "ADT^A28",
+                outcome: Outcome::Applied.as_str(),
+                detail,
+                touched: &touched,
+                ack: "MSH|^~\\&|B|A\rMSA|AA|1\r",
+                message: "MSH|^~\\&|A|B\rPID|1||9449305552^^^NHS^NH\r",
+            };
+            let expected = json!({
+                "receivedMs": rec.received_ms,
+                "type": rec.msg_type,
+                "outcome": rec.outcome,
+                "detail": rec.detail,
+                "touched": rec.touched,
+                "ack": rec.ack,
+                "message": rec.message,
+            });
+            assert_eq!(serde_json::to_string(&rec).unwrap(), expected.to_string());
+        }
+    }
 }

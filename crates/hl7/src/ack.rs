@@ -1,8 +1,9 @@
 //! Acknowledgements: the reply a receiver owes for every message (MSH + MSA + optional ERR), in original mode
 //! (AA/AE/AR) or enhanced mode (CA/CE/CR), and a minimal reject for input too broken to parse.
 
-use crate::delimiters::{Delimiters, is_delimiter_char};
+use crate::delimiters::{Charset, Delimiters, is_delimiter_char};
 use crate::error::{ErrorCode, ParseError};
+use crate::escape::escape;
 use crate::message::{Message, nth_piece};
 
 /// MSA-1, the acknowledgement code.
@@ -110,28 +111,52 @@ pub fn ack(
     let d = *msg.delimiters();
     let msh = msg.segment("MSH");
     let raw = |n: usize| msh.and_then(|s| s.raw_field(n)).unwrap_or_default();
-    let mut m = Message::header_only(d, msh.and_then(|s| s.raw_field(2)));
-    // Copies of raw fields from a parsed message with the same delimiters cannot hold a field separator or a
-    // line break, so these sets cannot fail; errors are ignored rather than unwrapped.
-    let _ = m.set_raw("MSH-3", raw(5));
-    let _ = m.set_raw("MSH-4", raw(6));
-    let _ = m.set_raw("MSH-5", raw(3));
-    let _ = m.set_raw("MSH-6", raw(4));
-    let _ = m.set("MSH-7", timestamp);
-    let _ = m.set("MSH-9.1", "ACK");
+    // The MSH is written as text in one go (it is the ACK of every message the listener takes, so it is on
+    // the single writer's path); `ack_by_paths` in the tests builds the same message field by field.
     let trigger = nth_piece(
         nth_piece(raw(9), d.repetition, 1).unwrap_or_default(),
         d.component,
         2,
     )
     .unwrap_or_default();
-    let _ = m.set_raw("MSH-9.2", trigger);
-    let _ = m.set("MSH-9.3", "ACK");
-    let _ = m.set("MSH-10", control_id);
-    let _ = m.set_raw("MSH-11", raw(11));
-    let _ = m.set_raw("MSH-12", raw(12));
+    let mut msh9 = String::with_capacity(8 + trigger.len());
+    msh9.push_str("ACK");
+    msh9.push(d.component);
+    msh9.push_str(trigger);
+    msh9.push(d.component);
+    msh9.push_str("ACK");
+    let stamp = escape(timestamp, &d);
+    let control = escape(control_id, &d);
+    let mut fields = [
+        raw(5),
+        raw(6),
+        raw(3),
+        raw(4),
+        &stamp,
+        "",
+        &msh9,
+        &control,
+        raw(11),
+        raw(12),
+        "",
+        "",
+        "",
+        "",
+        "",
+        raw(18),
+    ];
+    let msh2 = msh.and_then(|s| s.raw_field(2));
+    let mut m = Message::with_msh_fields(d, msh2, &fields);
     if !raw(18).is_empty() {
-        let _ = m.set_raw("MSH-18", raw(18));
+        // As setting MSH-18 does: a supported character set becomes the message's, any other is left out.
+        let name = m.get("MSH-18").unwrap_or_default();
+        match Charset::from_msh18(&name) {
+            Some(cs) => m.set_charset(cs),
+            None => {
+                fields[15] = "";
+                m = Message::with_msh_fields(d, msh2, &fields);
+            }
+        }
     }
     fill_msa_err(&mut m, code, raw(10), msg.version().as_deref(), error);
     m
@@ -463,5 +488,112 @@ ERR|MSH^1^18^103&Table value not found&HL70357|MSH^1^18|103^Table value not foun
         assert_eq!(version_number("2.4"), Some((2, 4)));
         assert_eq!(version_number("2"), Some((2, 0)));
         assert_eq!(version_number("v2"), None);
+    }
+
+    /// The ACK built field by field through the path setters: what `ack` wrote before it wrote the MSH as
+    /// text, kept as the oracle of `ack_is_the_same_as_by_paths`.
+    fn ack_by_paths(
+        msg: &Message,
+        code: AckCode,
+        control_id: &str,
+        timestamp: &str,
+        error: Option<&AckError>,
+    ) -> Message {
+        let d = *msg.delimiters();
+        let msh = msg.segment("MSH");
+        let raw = |n: usize| msh.and_then(|s| s.raw_field(n)).unwrap_or_default();
+        let mut m = Message::header_only(d, msh.and_then(|s| s.raw_field(2)));
+        let _ = m.set_raw("MSH-3", raw(5));
+        let _ = m.set_raw("MSH-4", raw(6));
+        let _ = m.set_raw("MSH-5", raw(3));
+        let _ = m.set_raw("MSH-6", raw(4));
+        let _ = m.set("MSH-7", timestamp);
+        let _ = m.set("MSH-9.1", "ACK");
+        let trigger = nth_piece(
+            nth_piece(raw(9), d.repetition, 1).unwrap_or_default(),
+            d.component,
+            2,
+        )
+        .unwrap_or_default();
+        let _ = m.set_raw("MSH-9.2", trigger);
+        let _ = m.set("MSH-9.3", "ACK");
+        let _ = m.set("MSH-10", control_id);
+        let _ = m.set_raw("MSH-11", raw(11));
+        let _ = m.set_raw("MSH-12", raw(12));
+        if !raw(18).is_empty() {
+            let _ = m.set_raw("MSH-18", raw(18));
+        }
+        fill_msa_err(&mut m, code, raw(10), msg.version().as_deref(), error);
+        m
+    }
+
+    /// `ack` writes, byte for byte and in the same character set, what the path setters wrote: for every
+    /// fixture, and for headers with other delimiters, empty and missing fields, several versions, supported and
+    /// unsupported character sets, every code, with and without an error.
+    #[test]
+    fn ack_is_the_same_as_by_paths() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut messages: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(messages.len() >= 10, "fixtures in {}", dir.display());
+        for header in [
+            "MSH|^~\\&|A|B|C|D|20260101||ADT^A28^ADT_A05|X1|P|2.5.1",
+            "MSH|^~\\&|A|B|C|D|20260101||ADT^A28|X2|P|2.3||||||8859/1",
+            "MSH|^~\\&|A|B|C|D|20260101||ADT^A28|X3|P|2.8||||||KLINGON",
+            "MSH|^~\\&|A|B|C|D|20260101||ADT^A28|X3b|P|2.4||||||UNICODE UTF-8",
+            "MSH|^~\\&||||||SIU~ADT^S12|X4",
+            "MSH|^~\\&",
+            "MSH|^~\\&|||||||",
+            "MSH#*!@%#A^x#B#C#D#20260101##ADT*1!A28!X#X5#P#2.7",
+            "MSH|^~\\&#|A|B|C|D|20260101||ADT^A28|X6|T|2.7.1|||AL|NE",
+            "MSH|^~\\&|A&a|B|C|D|20260101||ADT^A28&s^ADT_A05|X\\F\\7||2.6",
+        ] {
+            messages.push(format!("{header}\rPID|1||9449305552^^^NHS^NH\r").into_bytes());
+        }
+        let errors = [
+            None,
+            Some(AckError::new(
+                ErrorCode::UnknownKeyIdentifier,
+                "no such appointment",
+            )),
+            Some(AckError {
+                code: ErrorCode::RequiredFieldMissing,
+                segment: Some(("PID".into(), 1)),
+                field: Some(3),
+                message: "PID-3 | holds ^ no NHS number \\ here".into(),
+            }),
+        ];
+        let mut compared = 0;
+        for bytes in &messages {
+            let Ok(msg) = Message::parse(bytes) else {
+                continue;
+            };
+            for code in [
+                AckCode::AA,
+                AckCode::AE,
+                AckCode::AR,
+                AckCode::CA,
+                AckCode::CE,
+            ] {
+                for error in &errors {
+                    for (control, stamp) in [("ACK1", "20260301093001"), ("a|b^c", "2026\n03")] {
+                        let new = ack(&msg, code, control, stamp, error.as_ref());
+                        let old = ack_by_paths(&msg, code, control, stamp, error.as_ref());
+                        assert_eq!(
+                            new.encode_bytes(),
+                            old.encode_bytes(),
+                            "{}",
+                            String::from_utf8_lossy(bytes)
+                        );
+                        assert_eq!(new.charset(), old.charset());
+                        assert_eq!(new, old);
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert!(compared >= 20 * 30, "{compared}");
     }
 }

@@ -62,6 +62,31 @@ impl Message {
         }
     }
 
+    /// A message of one MSH segment whose fields from MSH-3 on are `fields` (raw text), written as the path
+    /// setters would leave them: trailing empty fields dropped. `msh2`: the encoding characters (else those of
+    /// `d`).
+    pub(crate) fn with_msh_fields(d: Delimiters, msh2: Option<&str>, fields: &[&str]) -> Message {
+        let enc = msh2.map_or_else(|| d.encoding_characters(), str::to_string);
+        let used = fields
+            .iter()
+            .rposition(|f| !f.is_empty())
+            .map_or(0, |i| i + 1);
+        let mut line =
+            String::with_capacity(64 + fields.iter().map(|f| f.len() + 1).sum::<usize>());
+        line.push_str("MSH");
+        line.push(d.field);
+        line.push_str(&enc);
+        for f in &fields[..used] {
+            line.push(d.field);
+            line.push_str(f);
+        }
+        Message {
+            segments: vec![Segment::from_line(&line, d, Charset::Utf8)],
+            delimiters: d,
+            charset: Charset::Utf8,
+        }
+    }
+
     /// Sets the value at `path` (see the module docs for which level is replaced), escaping it. Setting MSH-18
     /// changes the message's character set, and must name a supported one.
     pub fn set(&mut self, path: &str, value: &str) -> Result<(), PathError> {
@@ -195,7 +220,7 @@ impl Message {
         }
     }
 
-    fn set_charset(&mut self, cs: Charset) {
+    pub(crate) fn set_charset(&mut self, cs: Charset) {
         self.charset = cs;
         for s in &mut self.segments {
             *s = Segment::from_line(s.raw(), self.delimiters, cs);

@@ -207,6 +207,7 @@ pub fn process(
     msg: &Message,
     raw: &str,
     mapped: &Result<Mapped, Refusal>,
+    prepared: Prepared,
     opts: &Options,
     slot: &RefusalSlot,
 ) -> store::Result<Processed> {
@@ -278,7 +279,10 @@ pub fn process(
             });
         }
     };
-    let mut effect = Effect::default();
+    let mut effect = Effect {
+        new_patient: prepared.new_patient,
+        ..Effect::default()
+    };
     match apply_intent(tx, mapped, &mut effect) {
         Ok(()) => {}
         Err(Fail::Store(e)) => return Err(e),
@@ -396,6 +400,44 @@ struct Effect {
     note: Option<String>,
     touched: Vec<String>,
     unpark: Vec<String>,
+    /// See [`Prepared`]; taken by the write that uses it.
+    new_patient: Option<NewPatient>,
+}
+
+/// Work on a message done before its write transaction, so that the single writer does not do it: for an
+/// ADT message that registers or updates a patient, the Patient it creates when no live Patient holds its
+/// identifiers (the id and resource depend only on the message), validated, with its index rows and stored
+/// body ([`booking::Incoming::prepare`]). Unused when the patient exists.
+#[derive(Default)]
+pub struct Prepared {
+    new_patient: Option<NewPatient>,
+}
+
+/// The Patient a message would create: its id, and the validated resource or what is wrong with it.
+type NewPatient = (String, Result<booking::Incoming, Vec<fhir::Issue>>);
+
+impl Prepared {
+    /// What can be done for `mapped` before the transaction.
+    pub fn of(mapped: &Result<Mapped, Refusal>) -> Prepared {
+        let Ok(Mapped {
+            intent: Intent::Patient(facts),
+            ..
+        }) = mapped
+        else {
+            return Prepared::default();
+        };
+        let id = resources::patient_id(facts);
+        let mut resource = resources::new_patient(facts);
+        let issues = fhir::validate(RT::Patient, &mut resource);
+        let checked = if issues.iter().any(|i| i.severity == fhir::Severity::Error) {
+            Err(issues)
+        } else {
+            Ok(booking::Incoming::prepare(RT::Patient, &id, resource))
+        };
+        Prepared {
+            new_patient: Some((id, checked)),
+        }
+    }
 }
 
 impl Effect {
@@ -445,6 +487,18 @@ fn write(
     if issues.iter().any(|i| i.severity == fhir::Severity::Error) {
         return Err(invalid_resource(rtype, &issues));
     }
+    write_valid(tx, rtype, id, resource, expected, effect)
+}
+
+/// [`write`] of a resource already validated.
+fn write_valid(
+    tx: &mut dyn Tx,
+    rtype: RT,
+    id: &str,
+    resource: impl Into<booking::Incoming>,
+    expected: Option<u64>,
+    effect: &mut Effect,
+) -> Result<Stored, Fail> {
     match booking::write_resource(tx, rtype, id.to_owned(), resource, expected)? {
         Ok(out) => {
             let s = out.into_stored();
@@ -587,14 +641,21 @@ fn upsert_patient(
         }
         None => {
             let id = resources::patient_id(facts);
-            let s = write(
-                tx,
-                RT::Patient,
-                &id,
-                resources::new_patient(facts),
-                None,
-                effect,
-            )?;
+            let prepared = effect.new_patient.take().filter(|(pid, _)| *pid == id);
+            let s = match prepared {
+                Some((_, Ok(incoming))) => {
+                    write_valid(tx, RT::Patient, &id, incoming, None, effect)?
+                }
+                Some((_, Err(issues))) => return Err(invalid_resource(RT::Patient, &issues)),
+                None => write(
+                    tx,
+                    RT::Patient,
+                    &id,
+                    resources::new_patient(facts),
+                    None,
+                    effect,
+                )?,
+            };
             advance_clock(tx, &format!("Patient/{id}"), time)?;
             Ok(s)
         }

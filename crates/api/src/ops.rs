@@ -389,18 +389,13 @@ pub async fn transition<S: Store>(
     );
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
-    // The new version built from a read now, off the single writer; used only if nothing changed it since.
-    let plan = match app.store.read(ResourceType::Appointment, &id).await {
-        Ok(Some(current)) => booking::plan_transition(&current, &to, reason.as_ref()),
-        _ => None,
-    };
     idempotent_write(app.store.as_ref(), key, hash, move |tx| {
         if let Some(f) = &mut filter
             && let Err(e) = f.tx_check_current(tx, ResourceType::Appointment, &id)?
         {
             return Ok(Err(e));
         }
-        Ok(booking::transition_planned(tx, &id, &to, reason, plan)?
+        Ok(booking::transition(tx, &id, &to, reason)?
             .map(|s| stored_reply(&base, &s, 200, ret, false))
             .map_err(refused))
     })

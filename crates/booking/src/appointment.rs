@@ -383,7 +383,6 @@ pub(crate) fn transition(
     id: &str,
     to: &str,
     reason: Option<Coding>,
-    plan: Option<TransitionPlan>,
 ) -> Refusal<Stored> {
     let Some(current) = live(tx, RT::Appointment, id)? else {
         return Ok(Err(BookingError::not_found(RT::Appointment, id)));
@@ -400,24 +399,9 @@ pub(crate) fn transition(
             Some("reason".into()),
         )));
     }
-    // A plan made from this very version (versions never change) holds what would be built here.
-    let (resource, view) = match plan.filter(|p| p.version == current.version && p.id == id) {
-        Some(p) => (p.resource, p.view),
-        None => {
-            let mut resource = json_of(&current)?;
-            // The current version's view, for write_appointment (which would otherwise read and parse it again).
-            let view = AppointmentView::from_json(&resource).ok();
-            set_status(&mut resource, status, reason);
-            (resource.into(), view)
-        }
-    };
-    let version = current.version;
-    let known = view.map(|v| (current, v));
-    Ok(write_appointment_known(tx, id, resource, Some(version), known)?.map(Outcome::into_stored))
-}
-
-/// `status`, and the cancellation reason when given, set in an Appointment.
-fn set_status(resource: &mut Value, status: AppointmentStatus, reason: Option<Coding>) {
+    let mut resource = json_of(&current)?;
+    // The current version's view, for write_appointment (which would otherwise read and parse it again).
+    let view = AppointmentView::from_json(&resource).ok();
     if let Some(obj) = resource.as_object_mut() {
         obj.insert("status".into(), json!(status.as_str()));
         if let Some(r) = reason {
@@ -434,40 +418,12 @@ fn set_status(resource: &mut Value, status: AppointmentStatus, reason: Option<Co
             );
         }
     }
-}
-
-/// The version a `$transition` would write, built (with its index rows and stored body) from a read of the
-/// appointment made before the write transaction. See [`crate::plan_transition`].
-#[derive(Debug, Clone)]
-pub struct TransitionPlan {
-    id: String,
-    version: u64,
-    resource: Incoming,
-    view: Option<AppointmentView>,
-}
-
-/// See [`crate::plan_transition`].
-pub(crate) fn plan_transition(
-    current: &Stored,
-    to: &str,
-    reason: Option<&Coding>,
-) -> Option<TransitionPlan> {
-    if current.deleted || current.rtype != RT::Appointment {
-        return None;
-    }
-    let status = AppointmentStatus::parse(to)?;
-    if reason.is_some() && status != AppointmentStatus::Cancelled {
-        return None;
-    }
-    let mut resource = fhir::parse_json(&current.json).ok()?;
-    let view = AppointmentView::from_json(&resource).ok();
-    set_status(&mut resource, status, reason.cloned());
-    Some(TransitionPlan {
-        id: current.id.clone(),
-        version: current.version,
-        resource: Incoming::prepare(RT::Appointment, &current.id, resource),
-        view,
-    })
+    let version = current.version;
+    let known = view.map(|v| (current, v));
+    Ok(
+        write_appointment_known(tx, id, resource.into(), Some(version), known)?
+            .map(Outcome::into_stored),
+    )
 }
 
 /// The FHIRPath of the first `slot` entry referencing `slot_ref`.

@@ -34,7 +34,6 @@ use fhir::ResourceType;
 use serde_json::Value;
 use store::{Stored, Tx};
 
-pub use appointment::TransitionPlan;
 pub use error::BookingError;
 pub use scheduling;
 pub use scheduling::{Coding, SlotTemplate};
@@ -260,30 +259,5 @@ pub fn transition(
     to: &str,
     reason: Option<Coding>,
 ) -> Refusal<Stored> {
-    appointment::transition(tx, appointment_id, to, reason, None)
-}
-
-/// [`transition`] with its new version built ahead by [`plan_transition`]. The plan is used only when the
-/// appointment's live version is still the one it was made from; otherwise the version is built here, as
-/// [`transition`] does. Either way the result is the same.
-pub fn transition_planned(
-    tx: &mut dyn Tx,
-    appointment_id: &str,
-    to: &str,
-    reason: Option<Coding>,
-    plan: Option<TransitionPlan>,
-) -> Refusal<Stored> {
-    appointment::transition(tx, appointment_id, to, reason, plan)
-}
-
-/// Build, outside the write transaction, what `$transition` to `to` would write over `current` (a read of the
-/// appointment): the new version with its index rows and stored body, so that the single writer does not
-/// parse, change, index and serialise it. `None` when the transition would be refused anyway, or `current` is
-/// not a live Appointment.
-pub fn plan_transition(
-    current: &Stored,
-    to: &str,
-    reason: Option<&Coding>,
-) -> Option<TransitionPlan> {
-    appointment::plan_transition(current, to, reason)
+    appointment::transition(tx, appointment_id, to, reason)
 }

@@ -12,11 +12,11 @@ mod common;
 use std::sync::Arc;
 
 use booking::scheduling::{LocalDate, OpeningPeriod, OpeningRule, SlotTemplate, Weekday};
-use booking::{BookingError, Coding, Outcome, event_kind};
+use booking::{BookingError, Outcome, event_kind};
 use common::*;
 use fhir::ResourceType as RT;
 use serde_json::{Value, json};
-use store::{Store, StoreError, Stored};
+use store::{Store, StoreError};
 use store_sqlite::SqliteStore;
 
 /// Schedule `sch` (active) with four contiguous 15-minute slots `s1`..`s4` starting an hour from now, an
@@ -1072,71 +1072,4 @@ async fn concurrent_bookings_of_one_slot_book_it_once() {
     assert_eq!(new[0].subject, format!("Appointment/{}", ok[0]));
     assert_eq!(new[1].kind, "slot.claimed");
     check_invariants(store).await.unwrap();
-}
-
-/// A `$transition` planned outside the transaction (`plan_transition` from a read, then `transition_planned`)
-/// writes what the unplanned one writes; a plan made from an older version is not used, so a change made since
-/// the read is kept.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn planned_transitions_write_what_unplanned_ones_do() {
-    let without_meta = |mut v: Value| {
-        v.as_object_mut().unwrap().remove("meta");
-        v
-    };
-    let planned = |store: Arc<SqliteStore>, plan_from: Stored| async move {
-        let reason = Some(Coding::cancellation_reason("pat"));
-        let plan = booking::plan_transition(&plan_from, "cancelled", reason.as_ref());
-        assert!(plan.is_some());
-        store
-            .write(move |tx| booking::transition_planned(tx, "a", "cancelled", reason, plan))
-            .await
-            .unwrap()
-            .unwrap()
-    };
-    let mut results = Vec::new();
-    for use_plan in [false, true] {
-        let e = env(if use_plan { "planned" } else { "unplanned" });
-        let store = &e.store;
-        write(store, RT::Patient, "p", patient_json(&nhs(1)))
-            .await
-            .unwrap();
-        let mut a = appointment_json("proposed", Some("p"), &[], Some(at(60)), Some(at(75)));
-        a["description"] = json!("first");
-        write(store, RT::Appointment, "a", a).await.unwrap();
-        let stored = if use_plan {
-            let current = store.read(RT::Appointment, "a").await.unwrap().unwrap();
-            planned(store.clone(), current).await
-        } else {
-            transition(store, "a", "cancelled", Some("pat"))
-                .await
-                .unwrap()
-        };
-        assert_eq!(stored.version, 2);
-        let kinds: Vec<String> = events(store).await.into_iter().map(|e| e.kind).collect();
-        results.push((
-            without_meta(read_json(store, RT::Appointment, "a").await),
-            kinds,
-        ));
-    }
-    assert_eq!(results[0], results[1]);
-    assert_eq!(results[0].0["status"], "cancelled");
-
-    // A plan from version 1 after an update to version 2: the update's description survives.
-    let e = env("stale-plan");
-    let store = &e.store;
-    write(store, RT::Patient, "p", patient_json(&nhs(1)))
-        .await
-        .unwrap();
-    let mut a = appointment_json("proposed", Some("p"), &[], Some(at(60)), Some(at(75)));
-    a["description"] = json!("first");
-    write(store, RT::Appointment, "a", a.clone()).await.unwrap();
-    let old = store.read(RT::Appointment, "a").await.unwrap().unwrap();
-    a["description"] = json!("second");
-    a["id"] = json!("a");
-    write(store, RT::Appointment, "a", a).await.unwrap();
-    let stored = planned(store.clone(), old).await;
-    assert_eq!(stored.version, 3);
-    let now = read_json(store, RT::Appointment, "a").await;
-    assert_eq!(now["description"], "second");
-    assert_eq!(now["status"], "cancelled");
 }

@@ -405,7 +405,7 @@ struct Effect {
 }
 
 /// Work on a message done before its write transaction, so that the single writer does not do it: for an
-/// ADT message that registers or updates a patient, the Patient it creates when no live Patient holds its
+/// ADT message that registers a patient (A01, A04, A05, A28), the Patient it creates when no live Patient holds its
 /// identifiers (the id and resource depend only on the message), validated, with its index rows and stored
 /// body ([`booking::Incoming::prepare`]). Unused when the patient exists.
 #[derive(Default)]
@@ -421,11 +421,16 @@ impl Prepared {
     pub fn of(mapped: &Result<Mapped, Refusal>) -> Prepared {
         let Ok(Mapped {
             intent: Intent::Patient(facts),
+            message_type,
             ..
         }) = mapped
         else {
             return Prepared::default();
         };
+        // A08/A31 update a patient the receiver already holds: a Patient built for them would go unused.
+        if message_type.ends_with("^A08") || message_type.ends_with("^A31") {
+            return Prepared::default();
+        }
         let id = resources::patient_id(facts);
         let mut resource = resources::new_patient(facts);
         let issues = fhir::validate(RT::Patient, &mut resource);

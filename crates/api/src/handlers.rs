@@ -268,8 +268,23 @@ where
     S: Store,
     F: FnOnce(&mut dyn Tx) -> store::Result<Result<Reply, ApiError>> + Send + 'static,
 {
+    idempotent_write_reading(store, store::ReadAhead::default(), key, hash, f).await
+}
+
+/// [`idempotent_write`], telling the store what `f` will read ([`store::ReadAhead`]).
+pub(crate) async fn idempotent_write_reading<S, F>(
+    store: &S,
+    ahead: store::ReadAhead,
+    key: Option<IdemKey>,
+    hash: String,
+    f: F,
+) -> Result<Reply, ApiError>
+where
+    S: Store,
+    F: FnOnce(&mut dyn Tx) -> store::Result<Result<Reply, ApiError>> + Send + 'static,
+{
     store
-        .write(move |tx| {
+        .write_reading(ahead, move |tx| {
             if let Some(key) = &key
                 && let Some(rec) = tx.idempotency_get(&key.stored)? {
                     if rec.request_hash != hash {
@@ -347,8 +362,9 @@ pub async fn create<S: Store>(
         obj.insert("id".into(), Value::String(id.clone()));
     }
     let base = app.fhir_base();
+    let ahead = booking::ahead::for_write(rtype, &id, &resource);
     let resource = booking::Incoming::prepare(rtype, &id, resource);
-    idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+    idempotent_write_reading(app.store.as_ref(), ahead, key, hash, move |tx| {
         if let Some(q) = &condition {
             let mut found = tx.search(q)?;
             if let Some(f) = &mut filter {
@@ -449,8 +465,9 @@ pub async fn update<S: Store>(
     let hash = request_hash("PUT", &format!("{rtype}/{id}"), None, &body);
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
+    let ahead = booking::ahead::for_write(rtype, &id, &resource);
     let resource = booking::Incoming::prepare(rtype, &id, resource);
-    idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+    idempotent_write_reading(app.store.as_ref(), ahead, key, hash, move |tx| {
         put_resource(
             tx,
             &base,

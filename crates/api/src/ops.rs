@@ -4,8 +4,8 @@
 use crate::App;
 use crate::error::{ApiError, FHIR_JSON};
 use crate::handlers::{
-    MaybeCaller, Reply, check_id, idempotency_key, idempotent_write, if_match, parse_type,
-    prefer_return, put_resource, refused, request_hash, stored_reply,
+    MaybeCaller, Reply, check_id, idempotency_key, idempotent_write, idempotent_write_reading,
+    if_match, parse_type, prefer_return, put_resource, refused, request_hash, stored_reply,
 };
 use crate::org;
 use axum::body::Bytes;
@@ -389,7 +389,8 @@ pub async fn transition<S: Store>(
     );
     let ret = prefer_return(&headers);
     let base = app.fhir_base();
-    idempotent_write(app.store.as_ref(), key, hash, move |tx| {
+    let ahead = booking::ahead::for_transition(&id);
+    idempotent_write_reading(app.store.as_ref(), ahead, key, hash, move |tx| {
         if let Some(f) = &mut filter
             && let Err(e) = f.tx_check_current(tx, ResourceType::Appointment, &id)?
         {

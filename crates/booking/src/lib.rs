@@ -23,6 +23,7 @@
 //! match out { Ok(outcome) => /* 201/200 */, Err(refusal) => /* refusal.http_status(), refusal.issues() */ }
 //! ```
 
+pub mod ahead;
 mod appointment;
 mod error;
 mod patient;

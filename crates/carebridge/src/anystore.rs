@@ -83,6 +83,18 @@ impl Store for AnyStore {
         async move { delegate!(self, s => s.write(f).await) }
     }
 
+    fn write_reading<T, F>(
+        &self,
+        ahead: store::ReadAhead,
+        f: F,
+    ) -> impl Future<Output = store::Result<T>> + Send
+    where
+        F: FnOnce(&mut dyn Tx) -> store::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        async move { delegate!(self, s => s.write_reading(ahead, f).await) }
+    }
+
     fn read(
         &self,
         rtype: ResourceType,

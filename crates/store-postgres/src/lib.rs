@@ -47,7 +47,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use store::{
-    Delivery, DeliveryCounts, DeliveryQuery, Event, HistoryQuery, ResourceType, Result,
+    Delivery, DeliveryCounts, DeliveryQuery, Event, HistoryQuery, ReadAhead, ResourceType, Result,
     SearchQuery, SearchResult, Store, StoreError, Stored, Tx,
 };
 use tokio::sync::{mpsc, oneshot, watch};
@@ -317,8 +317,16 @@ impl Store for PgStore {
         F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
+        self.write_reading(ReadAhead::default(), f)
+    }
+
+    fn write_reading<T, F>(&self, ahead: ReadAhead, f: F) -> impl Future<Output = Result<T>> + Send
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
-        let job: JobBox = Box::new(WriteJob { f, reply });
+        let job: JobBox = Box::new(WriteJob { f, reply, ahead });
         let jobs = self.jobs.clone();
         async move {
             let Some(jobs) = jobs else {

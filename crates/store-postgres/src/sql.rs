@@ -131,9 +131,21 @@ async fn read_for_write(
     let row = c
         .query_one(READ_FOR_WRITE, &[&rtype.as_str(), &id, &subject])
         .await?;
-    let rid: i64 = get(&row, 0)?;
-    let version: Option<i64> = get(&row, 1)?;
-    let last_seq: i64 = get(&row, 5)?;
+    remember(seen, rtype, id, subject, &row, 0)
+}
+
+/// Record a row of [`READ_FOR_WRITE`]'s shape (from column `at` on) as what the database holds.
+fn remember(
+    seen: &mut Seen,
+    rtype: ResourceType,
+    id: &str,
+    subject: String,
+    row: &Row,
+    at: usize,
+) -> Result<(i64, Option<Stored>)> {
+    let rid: i64 = get(row, at)?;
+    let version: Option<i64> = get(row, at + 1)?;
+    let last_seq: i64 = get(row, at + 5)?;
     seen.subjects.entry(subject).or_insert(last_seq);
     let stored = match version {
         None => None,
@@ -141,14 +153,54 @@ async fn read_for_write(
             rtype,
             id: id.to_string(),
             version: to_u64(version),
-            last_updated_ms: get(&row, 2)?,
-            deleted: get(&row, 3)?,
-            json: get(&row, 4)?,
+            last_updated_ms: get(row, at + 2)?,
+            deleted: get(row, at + 3)?,
+            json: get(row, at + 4)?,
         }),
     };
     seen.resources
         .insert((rtype, id.to_string()), (rid, stored.clone()));
     Ok((rid, stored))
+}
+
+/// [`READ_FOR_WRITE`] for many resources at once: one row per key, led by its position (from 1).
+const READ_AHEAD: &str = "
+SELECT k.n, COALESCE(r.rid, nextval(pg_get_serial_sequence('resources', 'rid'))), v.version,
+       v.last_updated_ms, v.deleted, v.json, COALESCE(s.last_seq, 0)
+FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(rtype, id, subject, n)
+LEFT JOIN resources r ON r.rtype = k.rtype COLLATE \"C\" AND r.id = k.id COLLATE \"C\"
+LEFT JOIN versions v ON v.rid = r.rid AND v.version = r.version
+LEFT JOIN subjects s ON s.subject = k.subject COLLATE \"C\"";
+
+/// Read `keys` (none of them in `seen` yet) from the database in one round trip, remembering each as
+/// [`read_for_write`] would. Keys that cannot be stored (a NUL in the id) are left out: a read of one
+/// reports the error as usual.
+pub(crate) async fn read_ahead(
+    c: &Conn,
+    seen: &mut Seen,
+    keys: &[(ResourceType, String)],
+) -> Result<()> {
+    let keys: Vec<&(ResourceType, String)> =
+        keys.iter().filter(|(_, id)| !id.contains('\0')).collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let rtypes: Vec<&str> = keys.iter().map(|(t, _)| t.as_str()).collect();
+    let ids: Vec<&str> = keys.iter().map(|(_, id)| id.as_str()).collect();
+    let subjects: Vec<String> = keys.iter().map(|(t, id)| format!("{t}/{id}")).collect();
+    let rows = c.query(READ_AHEAD, &[&rtypes, &ids, &subjects]).await?;
+    for row in &rows {
+        let n: i64 = get(row, 0)?;
+        let i = usize::try_from(n - 1).unwrap_or(usize::MAX);
+        let (Some(key), Some(subject)) = (keys.get(i), subjects.get(i)) else {
+            return Err(StoreError::Backend(format!(
+                "read-ahead answered row {n} of {}",
+                keys.len()
+            )));
+        };
+        remember(seen, key.0, &key.1, subject.clone(), row, 1)?;
+    }
+    Ok(())
 }
 
 /// The rid and current version of a resource in the database as of the batch's start: what the batch

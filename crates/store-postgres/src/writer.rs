@@ -36,13 +36,14 @@
 //! own current-thread runtime, which also drives the connection (what the synchronous `postgres` crate does
 //! internally), so reads and writes share one set of SQL functions.
 
+use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use store::{
-    DeliveryUpdate, Event, IdempotencyRecord, NewEvent, Put, ResourceType, Result, SearchQuery,
-    StoreError, Stored, Tx,
+    DeliveryUpdate, Event, IdempotencyRecord, NewEvent, Put, ReadAhead, ResourceType, Result,
+    SearchQuery, StoreError, Stored, Tx,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -54,6 +55,9 @@ use crate::{schema, sql};
 
 /// Transaction advisory lock serialising write batches of every process ("CBWRITE").
 pub(crate) const WRITE_LOCK: i64 = 0x4342_5752_4954_4500;
+/// At most this many resources are read ahead per round (a bound on the statement, not on correctness: a
+/// resource left out is read when the job asks for it).
+const READ_AHEAD_MAX: usize = 1024;
 /// The channel other processes' stores LISTEN on; the payload is the batch's highest outbox seq.
 pub(crate) const EVENTS_CHANNEL: &str = "carebridge_events";
 
@@ -73,11 +77,14 @@ pub(crate) trait Job: Send {
     fn run(self: Box<Self>, tx: &mut dyn Tx) -> Outcome;
     /// Answer without running (the transaction could not even start).
     fn fail(self: Box<Self>, err: StoreError);
+    /// What the closure said it will read.
+    fn ahead(&self) -> &ReadAhead;
 }
 
 pub(crate) struct WriteJob<F, T> {
     pub(crate) f: F,
     pub(crate) reply: oneshot::Sender<Result<T>>,
+    pub(crate) ahead: ReadAhead,
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -96,7 +103,7 @@ where
     T: Send + 'static,
 {
     fn run(self: Box<Self>, tx: &mut dyn Tx) -> Outcome {
-        let WriteJob { f, reply } = *self;
+        let WriteJob { f, reply, .. } = *self;
         let result = catch_unwind(AssertUnwindSafe(move || f(tx))).unwrap_or_else(|payload| {
             Err(StoreError::Backend(format!(
                 "write closure panicked: {}",
@@ -114,6 +121,10 @@ where
             let _ = reply.send(answer);
         });
         Outcome { ok, finish }
+    }
+
+    fn ahead(&self) -> &ReadAhead {
+        &self.ahead
     }
 
     fn fail(self: Box<Self>, err: StoreError) {
@@ -623,6 +634,51 @@ impl Writer {
         }
     }
 
+    /// Fetch what the batch's jobs said they will read ([`ReadAhead`]) into `seen`, in two round trips (the
+    /// keys, then where the found resources lead) instead of one per read inside the jobs. Right after
+    /// `begin`, so `seen` holds the database as of the batch's start, as a job's own first read would.
+    fn read_ahead(&self, seen: &mut Seen, aheads: &[&ReadAhead]) -> Result<()> {
+        let mut asked: HashSet<(ResourceType, String)> = HashSet::new();
+        let mut round: Vec<(ResourceType, String)> = Vec::new();
+        for key in aheads.iter().flat_map(|a| a.keys.iter()) {
+            if round.len() < READ_AHEAD_MAX
+                && !seen.resources.contains_key(key)
+                && asked.insert(key.clone())
+            {
+                round.push(key.clone());
+            }
+        }
+        if round.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn()?;
+        self.rt.block_on(sql::read_ahead(conn, seen, &round))?;
+        round.clear();
+        for ahead in aheads {
+            let Some(follow) = ahead.follow else { continue };
+            for key in &ahead.keys {
+                let Some((_, Some(found))) = seen.resources.get(key) else {
+                    continue;
+                };
+                if found.deleted {
+                    continue;
+                }
+                for next in follow(found) {
+                    if round.len() < READ_AHEAD_MAX
+                        && !seen.resources.contains_key(&next)
+                        && asked.insert(next.clone())
+                    {
+                        round.push(next);
+                    }
+                }
+            }
+        }
+        if round.is_empty() {
+            return Ok(());
+        }
+        self.rt.block_on(sql::read_ahead(conn, seen, &round))
+    }
+
     /// Roll back whatever is open, ignoring errors.
     fn rollback_all(&self) {
         if let Some(conn) = &self.conn
@@ -717,6 +773,19 @@ impl Writer {
                     return;
                 }
                 open = true;
+                let aheads: Vec<&ReadAhead> = std::iter::once(job.ahead())
+                    .chain(jobs.as_slice().iter().map(|j| j.ahead()))
+                    .collect();
+                if let Err(e) = self.read_ahead(&mut seen, &aheads) {
+                    // Only a SELECT failed, but the transaction is unusable: give up on the batch, as
+                    // when it could not begin.
+                    self.rollback_all();
+                    job.fail(e.clone());
+                    for job in jobs.by_ref() {
+                        job.fail(e.clone());
+                    }
+                    return;
+                }
             }
             if savepoints && let Err(e) = self.exec("SAVEPOINT job") {
                 // The transaction is unusable: give up on the batch so far.

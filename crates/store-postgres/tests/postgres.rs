@@ -726,3 +726,95 @@ fn migration_2_merges_exact_string_rows() {
     assert_eq!(found("name", "zo", None), 1);
     assert_eq!(found("name", "dr", Some("Dr")), 1);
 }
+
+/// What a counter resource leads to (for [`store::ReadAhead::follow`]): the Patient named in its `next`.
+fn counter_leads(found: &store::Stored) -> Vec<(ResourceType, String)> {
+    serde_json::from_str::<Value>(&found.json)
+        .ok()
+        .and_then(|v| v.get("next").and_then(Value::as_str).map(str::to_string))
+        .map(|id| vec![(ResourceType::Patient, id)])
+        .unwrap_or_default()
+}
+
+/// Writes that tell their reads ahead (fetched for the whole group commit at the batch's start) still see
+/// what earlier writes of the same batch, and of the other process, changed: 64 increments of one counter
+/// through two stores, each read-modify-write with its expected version, all succeed in turn; resources
+/// read ahead that do not exist yet are created with the rid handed out ahead; the follow-up round does
+/// not change what is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_told_ahead_see_earlier_writes_of_the_batch() {
+    let Some((a, b, _f)) = two_stores("ahead", PgOptions::default()) else {
+        return;
+    };
+    let counter = |n: i64| Put {
+        rtype: ResourceType::Patient,
+        id: "counter".into(),
+        resource: json!({"resourceType": "Patient", "n": n, "next": format!("p{}", n + 1)}),
+        index: Vec::new(),
+        expected_version: None,
+        body: None,
+    };
+    a.write(move |tx| tx.put(counter(0))).await.unwrap();
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let ahead = store::ReadAhead {
+                keys: vec![
+                    (ResourceType::Patient, "counter".to_string()),
+                    (ResourceType::Patient, format!("new{i}")),
+                    (ResourceType::Patient, "never".to_string()),
+                ],
+                follow: Some(counter_leads),
+            };
+            tokio::spawn(async move {
+                store
+                    .write_reading(ahead, move |tx| {
+                        let current = tx.read(ResourceType::Patient, "counter")?.unwrap();
+                        let n = serde_json::from_str::<Value>(&current.json).unwrap()["n"]
+                            .as_i64()
+                            .unwrap();
+                        // What the follow-up round fetched reads the same as an unforeseen read.
+                        let next = format!("p{}", n + 1);
+                        let led_to = tx.read(ResourceType::Patient, &next)?;
+                        let mut put = counter(n + 1);
+                        put.expected_version = Some(current.version);
+                        let stored = tx.put(put)?;
+                        assert!(tx.read(ResourceType::Patient, "never")?.is_none());
+                        tx.put(patient(&format!("new{i}"), &format!("n{i}")))?;
+                        tx.put(patient(&next, &next))?;
+                        Ok((stored.version, led_to.map(|s| s.version)))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut versions = BTreeSet::new();
+    for h in handles {
+        let (version, led_to) = h.await.unwrap().unwrap();
+        assert_eq!(
+            led_to, None,
+            "p{{n+1}} is created only by the write that reads n"
+        );
+        versions.insert(version);
+    }
+    assert_eq!(versions, (2..=65).collect::<BTreeSet<u64>>());
+    let current = b
+        .read(ResourceType::Patient, "counter")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.version, 65);
+    let n = serde_json::from_str::<Value>(&current.json).unwrap()["n"].clone();
+    assert_eq!(n, json!(64));
+    for i in 0..64 {
+        let found = a.search(&by_identifier(&format!("n{i}"))).await.unwrap();
+        assert_eq!(found.resources.len(), 1, "new{i} was created once");
+        assert_eq!(found.resources[0].id, format!("new{i}"));
+    }
+    assert!(
+        a.read(ResourceType::Patient, "never")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

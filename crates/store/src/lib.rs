@@ -264,6 +264,28 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Resources a write is going to read, told before it runs ([`Store::write_reading`]). A backend that pays
+/// a round trip per read inside a write (PostgreSQL) fetches them for a whole group commit at once; one
+/// that does not (SQLite) ignores them. Only a hint: it never changes what a read inside the write returns,
+/// and a read it did not foresee works as usual.
+#[derive(Debug, Clone, Default)]
+pub struct ReadAhead {
+    /// Resources (`Type`, id) to fetch; a missing one is fine.
+    pub keys: Vec<(ResourceType, String)>,
+    /// A second round: given each resource of `keys` that was found, the ones it leads to (its references
+    /// the write will follow, such as an Appointment's Slots).
+    pub follow: Option<Follow>,
+}
+
+/// Where a resource read ahead leads ([`ReadAhead::follow`]).
+pub type Follow = fn(&Stored) -> Vec<(ResourceType, String)>;
+
+impl ReadAhead {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
 /// Operations available inside one write transaction. Synchronous on purpose: the closure runs on the
 /// backend's writer (a dedicated thread for SQLite), so domain logic never awaits while holding locks.
 pub trait Tx {
@@ -333,6 +355,16 @@ pub trait Store: Send + Sync + 'static {
     where
         F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
         T: Send + 'static;
+
+    /// [`Store::write`], telling the backend ahead what `f` will read (see [`ReadAhead`]).
+    fn write_reading<T, F>(&self, ahead: ReadAhead, f: F) -> impl Future<Output = Result<T>> + Send
+    where
+        F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let _ = ahead;
+        self.write(f)
+    }
 
     /// Current version, tombstones included.
     fn read(

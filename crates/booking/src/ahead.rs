@@ -33,42 +33,44 @@ pub fn for_transition(id: &str) -> ReadAhead {
 /// Where a stored resource leads a booking write: an Appointment to its Slots and Patients, a Slot to its
 /// Schedule.
 fn follow(found: &Stored) -> Vec<(RT, String)> {
-    if !matches!(found.rtype, RT::Appointment | RT::Slot) {
-        return Vec::new();
-    }
-    let Ok(value) = serde_json::from_str::<Value>(&found.json) else {
-        return Vec::new();
-    };
+    let parsed = || serde_json::from_str::<Value>(&found.json).ok();
     match found.rtype {
-        RT::Appointment => named_by_appointment(&value),
-        _ => value
-            .pointer("/schedule/reference")
-            .and_then(Value::as_str)
-            .and_then(|r| local_id(r, RT::Schedule))
-            .map(|id| vec![(RT::Schedule, id.to_string())])
-            .unwrap_or_default(),
+        RT::Appointment => parsed().map(|v| named_by_appointment(&v)),
+        RT::Slot => {
+            parsed().map(|v| named(v.get("schedule"), "/reference", RT::Schedule).collect())
+        }
+        _ => None,
     }
+    .unwrap_or_default()
 }
 
 /// The Slots and the Patient participants an Appointment names by relative reference.
 fn named_by_appointment(appointment: &Value) -> Vec<(RT, String)> {
-    let slots = appointment
-        .get("slot")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.get("reference").and_then(Value::as_str))
-        .filter_map(|r| local_id(r, RT::Slot))
-        .map(|id| (RT::Slot, id.to_string()));
-    let patients = appointment
-        .get("participant")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.pointer("/actor/reference").and_then(Value::as_str))
-        .filter_map(|r| local_id(r, RT::Patient))
-        .map(|id| (RT::Patient, id.to_string()));
-    slots.chain(patients).collect()
+    named(appointment.get("slot"), "/reference", RT::Slot)
+        .chain(named(
+            appointment.get("participant"),
+            "/actor/reference",
+            RT::Patient,
+        ))
+        .collect()
+}
+
+/// The `rtype` ids referenced (as `Type/id`) at `pointer` in `element`, or in each item when it is a list.
+fn named<'a>(
+    element: Option<&'a Value>,
+    pointer: &'a str,
+    rtype: RT,
+) -> impl Iterator<Item = (RT, String)> + 'a {
+    let items: &'a [Value] = match element {
+        Some(Value::Array(list)) => list,
+        Some(one) => std::slice::from_ref(one),
+        None => &[],
+    };
+    items
+        .iter()
+        .filter_map(move |item| item.pointer(pointer).and_then(Value::as_str))
+        .filter_map(move |r| local_id(r, rtype))
+        .map(move |id| (rtype, id.to_string()))
 }
 
 #[cfg(test)]

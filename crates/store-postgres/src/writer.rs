@@ -639,36 +639,33 @@ impl Writer {
     /// `begin`, so `seen` holds the database as of the batch's start, as a job's own first read would.
     fn read_ahead(&self, seen: &mut Seen, aheads: &[&ReadAhead]) -> Result<()> {
         let mut asked: HashSet<(ResourceType, String)> = HashSet::new();
-        let mut round: Vec<(ResourceType, String)> = Vec::new();
-        for key in aheads.iter().flat_map(|a| a.keys.iter()) {
+        // Adds to the round what is neither known nor asked for yet (up to the bound).
+        let mut want = |round: &mut Vec<_>, seen: &Seen, key: &(ResourceType, String)| {
             if round.len() < READ_AHEAD_MAX
                 && !seen.resources.contains_key(key)
                 && asked.insert(key.clone())
             {
                 round.push(key.clone());
             }
+        };
+        let conn = self.conn()?;
+        let mut round: Vec<(ResourceType, String)> = Vec::new();
+        for key in aheads.iter().flat_map(|a| a.keys.iter()) {
+            want(&mut round, seen, key);
         }
         if round.is_empty() {
             return Ok(());
         }
-        let conn = self.conn()?;
         self.rt.block_on(sql::read_ahead(conn, seen, &round))?;
         round.clear();
         for ahead in aheads {
             let Some(follow) = ahead.follow else { continue };
             for key in &ahead.keys {
-                let Some((_, Some(found))) = seen.resources.get(key) else {
-                    continue;
-                };
-                if found.deleted {
-                    continue;
-                }
-                for next in follow(found) {
-                    if round.len() < READ_AHEAD_MAX
-                        && !seen.resources.contains_key(&next)
-                        && asked.insert(next.clone())
-                    {
-                        round.push(next);
+                if let Some((_, Some(found))) = seen.resources.get(key)
+                    && !found.deleted
+                {
+                    for next in follow(found) {
+                        want(&mut round, seen, &next);
                     }
                 }
             }

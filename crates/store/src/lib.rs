@@ -280,12 +280,6 @@ pub struct ReadAhead {
 /// Where a resource read ahead leads ([`ReadAhead::follow`]).
 pub type Follow = fn(&Stored) -> Vec<(ResourceType, String)>;
 
-impl ReadAhead {
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
-
 /// Operations available inside one write transaction. Synchronous on purpose: the closure runs on the
 /// backend's writer (a dedicated thread for SQLite), so domain logic never awaits while holding locks.
 pub trait Tx {

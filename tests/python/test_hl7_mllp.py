@@ -162,6 +162,45 @@ def test_resend_gets_the_original_ack_and_changes_nothing(hub):
     assert len(found) == 1 and found[0]["resource"]["meta"]["versionId"] == "1"
 
 
+def a31(control, nhs, family, time_="20310101120100"):
+    return (
+        f"MSH|^~\\&|PAS|RXX|HUB|RXX|{time_}||ADT^A31^ADT_A05|{control}|P|2.4\r"
+        f"EVN|A31|{time_}\rPID|1||{nhs}^^^NHS^NH||{family}^Ann||19800101|F\rPV1|1|N\r"
+    ).encode()
+
+
+def test_messages_sent_ahead_are_applied_and_acknowledged_in_order(hub):
+    """A sender that does not wait for each ACK: forty messages in one write, then a half-close. Every one is
+    acknowledged, in order, and applied in order: each patient's A28 is version 1 and its later A31 version 2
+    (applied the other way round, the A28 would be older than the patient and change nothing)."""
+    host, port = hub.mllp
+    sent = []
+    numbers = [new_nhs_number() for _ in range(20)]
+    for i, nhs in enumerate(numbers):
+        sent.append((f"AHEAD{i}A", a28(f"AHEAD{i}A", nhs, family="First")))
+        sent.append((f"AHEAD{i}B", a31(f"AHEAD{i}B", nhs, family="Second")))
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(b"".join(frame(m) for _, m in sent))
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    acks = [a for a in data.split(b"\x1c\r") if a.strip()]
+    assert [ack_fields(a)[1] for a in acks] == [control for control, _ in sent]
+    assert [ack_fields(a)[0] for a in acks] == ["AA"] * len(sent)
+    for nhs in numbers:
+        found = patients_with(hub, nhs)
+        assert len(found) == 1, nhs
+        patient = found[0]["resource"]
+        assert patient["meta"]["versionId"] == "2", patient["meta"]
+        assert patient["name"][0]["family"] == "Second"
+        history = fhir_get(hub, f"Patient/{patient['id']}/_history")
+        families = sorted(
+            (int(e["resource"]["meta"]["versionId"]), e["resource"]["name"][0]["family"]) for e in history["entry"]
+        )
+        assert families == [(1, "First"), (2, "Second")]
+
+
 def test_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(tmp_path_factory):
     srv = start_server(tmp_path_factory, name="hl7kill", extra_args=["--mllp", "127.0.0.1:0"])
     numbers = [new_nhs_number() for _ in range(400)]

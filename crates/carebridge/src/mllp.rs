@@ -117,6 +117,96 @@ pub async fn serve<S: Store>(
     }
 }
 
+/// Messages of one connection that may be in flight at once: read and handed to the store while earlier
+/// ones are still being committed. A sender that waits for each ACK (most engines) has one in flight; one
+/// that sends ahead gets its messages committed in the same write batches. Beyond this many the connection
+/// stops reading until the oldest is acknowledged.
+const PIPELINE: usize = 32;
+
+/// One message's way from frame to ACK text.
+type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>>;
+
+/// The messages of a connection in arrival order, each still running or finished with its ACK.
+enum InFlight<'a> {
+    Running(Pending<'a>),
+    Done(Result<String>),
+}
+
+/// Poll every running message, oldest first, and return the ACKs (or the failure) that are now ready at the
+/// front of the queue, in order. Ready when at least one is.
+///
+/// Order: a message's future is first polled only after every earlier one has been polled at least once
+/// (new ones are pushed at the back, and each pass polls front to back). Its first poll runs up to handing
+/// its write to the store's writer queue, which is first come first served, so messages of one connection
+/// are applied in the order they arrived even when several are in flight. Cancel-safe: the futures stay in
+/// the queue.
+fn ready_acks<'q, 'a>(
+    queue: &'q mut std::collections::VecDeque<InFlight<'a>>,
+) -> impl std::future::Future<Output = Vec<Result<String>>> + 'q {
+    std::future::poll_fn(move |cx| {
+        for item in queue.iter_mut() {
+            if let InFlight::Running(f) = item
+                && let std::task::Poll::Ready(r) = f.as_mut().poll(cx)
+            {
+                *item = InFlight::Done(r);
+            }
+        }
+        let mut out = Vec::new();
+        while matches!(queue.front(), Some(InFlight::Done(_))) {
+            if let Some(InFlight::Done(r)) = queue.pop_front() {
+                out.push(r);
+            }
+        }
+        if out.is_empty() {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(out)
+        }
+    })
+}
+
+/// Handle one decoded frame (or a framing error): the ACK to send once the message's effect is durable.
+async fn one_message<S: Store>(
+    frame: std::result::Result<Vec<u8>, hl7::mllp::FrameError>,
+    ingest: &Ingest<S>,
+    audit: Option<&api::auth::AuditLog>,
+) -> Result<String> {
+    match frame {
+        Ok(bytes) => {
+            let started = std::time::Instant::now();
+            let handled = ingest
+                .handle(&bytes)
+                .await
+                .map_err(|e| anyhow!("store failure, message not acknowledged: {e}"))?;
+            tracing::debug!(
+                message_type = %handled.message_type,
+                outcome = handled.outcome.as_str(),
+                duplicate = handled.duplicate,
+                micros = started.elapsed().as_micros() as u64,
+                "HL7 message"
+            );
+            if let Some(log) = audit {
+                audit_message(log, &handled).await;
+            }
+            Ok(handled.ack)
+        }
+        Err(e) => {
+            let err = hl7::ParseError {
+                code: hl7::ErrorCode::SegmentSequence,
+                segment: None,
+                field: None,
+                message: format!("MLLP frame refused: {e}"),
+            };
+            Ok(hl7::reject_unparseable(
+                b"",
+                "ACKFRAME",
+                &hl7_adapter::dtm::format_ms(now_ms()),
+                &err,
+            ))
+        }
+    }
+}
+
 async fn connection<S: Store, IO: AsyncRead + AsyncWrite + Unpin>(
     mut stream: IO,
     ingest: Arc<Ingest<S>>,
@@ -126,53 +216,53 @@ async fn connection<S: Store, IO: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<()> {
     let mut decoder = hl7::mllp::Decoder::new(cfg.max_message_size);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut queue: std::collections::VecDeque<InFlight<'_>> = std::collections::VecDeque::new();
+    // `stopping`: the hub is shutting down, start nothing new. `eof`: the sender closed its side, so start what
+    // it sent and read no more. Either way, what is in flight is finished and acknowledged before returning.
+    let (mut stopping, mut eof) = (false, false);
     loop {
-        while let Some(frame) = decoder.next_frame() {
-            let ack = match frame {
-                Ok(bytes) => {
-                    let started = std::time::Instant::now();
-                    let handled = ingest
-                        .handle(&bytes)
-                        .await
-                        .map_err(|e| anyhow!("store failure, message not acknowledged: {e}"))?;
-                    tracing::debug!(
-                        message_type = %handled.message_type,
-                        outcome = handled.outcome.as_str(),
-                        duplicate = handled.duplicate,
-                        micros = started.elapsed().as_micros() as u64,
-                        "HL7 message"
-                    );
-                    if let Some(log) = &audit {
-                        audit_message(log, &handled).await;
-                    }
-                    handled.ack
-                }
-                Err(e) => {
-                    let err = hl7::ParseError {
-                        code: hl7::ErrorCode::SegmentSequence,
-                        segment: None,
-                        field: None,
-                        message: format!("MLLP frame refused: {e}"),
-                    };
-                    hl7::reject_unparseable(
-                        b"",
-                        "ACKFRAME",
-                        &hl7_adapter::dtm::format_ms(now_ms()),
-                        &err,
-                    )
-                }
-            };
-            stream.write_all(&hl7::mllp::frame(ack.as_bytes())).await?;
+        while !stopping
+            && queue.len() < PIPELINE
+            && let Some(frame) = decoder.next_frame()
+        {
+            queue.push_back(InFlight::Running(Box::pin(one_message(
+                frame,
+                &ingest,
+                audit.as_deref(),
+            ))));
         }
-        let read = tokio::select! {
-            r = tokio::time::timeout(cfg.idle_timeout, stream.read(&mut buf)) => r,
-            _ = stop.changed() => return Ok(()),
-        };
-        match read {
-            Err(_) => bail!("idle for {} s", cfg.idle_timeout.as_secs()),
-            Ok(Ok(0)) => return Ok(()),
-            Ok(Ok(n)) => decoder.feed(buf.get(..n).unwrap_or_default()),
-            Ok(Err(e)) => return Err(e.into()),
+        if queue.is_empty() {
+            if stopping || eof {
+                return Ok(());
+            }
+            // Nothing in flight: wait for bytes, the idle timeout or the stop signal.
+            let read = tokio::select! {
+                r = tokio::time::timeout(cfg.idle_timeout, stream.read(&mut buf)) => r,
+                _ = stop.changed() => return Ok(()),
+            };
+            match read {
+                Err(_) => bail!("idle for {} s", cfg.idle_timeout.as_secs()),
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(n)) => decoder.feed(buf.get(..n).unwrap_or_default()),
+                Ok(Err(e)) => return Err(e.into()),
+            }
+            continue;
+        }
+        // Messages in flight: send ACKs as the oldest finish; meanwhile keep reading while there is room, so
+        // that messages sent ahead join the store's next write batch.
+        let reading = !stopping && !eof && queue.len() < PIPELINE;
+        tokio::select! {
+            acks = ready_acks(&mut queue) => {
+                for ack in acks {
+                    stream.write_all(&hl7::mllp::frame(ack?.as_bytes())).await?;
+                }
+            }
+            r = stream.read(&mut buf), if reading => match r {
+                Ok(0) => eof = true,
+                Ok(n) => decoder.feed(buf.get(..n).unwrap_or_default()),
+                Err(e) => return Err(e.into()),
+            },
+            _ = stop.changed(), if !stopping => stopping = true,
         }
     }
 }

@@ -289,12 +289,17 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
         md,
         "| server | kind | window | msgs/s | ACK p50 | ACK p99 | not AA/CA |\n|---|---|---|---|---|---|---|"
     );
-    let mut best = 0f64;
+    // Judged at window 1, what MLLP release 2 asks of a sender (wait for each ACK); sending ahead is reported
+    // beside it.
+    let (mut best, mut ahead) = (0f64, 0f64);
     for (name, lines) in &runs {
         for l in lines {
             let rate = num(l, "msgs_per_s");
+            let a28 = json_field(l, "kind").map(|k| k.trim_matches('"')) == Some("a28");
             if name.starts_with("carebridge") && json_field(l, "window") == Some("1") {
                 best = best.max(rate);
+            } else if name.starts_with("carebridge") && a28 {
+                ahead = ahead.max(rate);
             }
             let _ = writeln!(
                 md,
@@ -309,7 +314,7 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
     }
     let _ = writeln!(
         md,
-        "\nTarget: at least {INGEST_TARGET:.0} messages/s with durable ACKs over 4 connections: **{}** (best carebridge run at window 1: {best:.0}/s).\n",
+        "\nTarget: at least {INGEST_TARGET:.0} messages/s with durable ACKs over 4 connections: **{}** (best carebridge run at window 1: {best:.0}/s; A28 sent ahead, window 8: {ahead:.0}/s).\n",
         if best >= INGEST_TARGET {
             "met"
         } else {

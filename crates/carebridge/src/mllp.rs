@@ -3,8 +3,10 @@
 //! Listener: every connection is read through `hl7::mllp::Decoder` (bounded by the maximum message size);
 //! each message is handed to `hl7_adapter::Ingest`, which commits its effect and record before returning the
 //! ACK, so an ACK is written to the socket only after the commit is durable. Messages of one connection are
-//! applied in the order they arrive. A store failure closes the connection without an ACK (the sender
-//! resends; the resend is deduplicated). Idle connections are closed after the idle timeout.
+//! applied in the order they arrive, also when the sender sends ahead of its ACKs: up to [`PIPELINE`] of them
+//! are then in flight and share the store's write batches, and their ACKs go back in the same order. A store
+//! failure closes the connection without an ACK (the sender resends; the resend is deduplicated); a sender that
+//! closes its side still gets the ACKs of what it sent. Idle connections are closed after the idle timeout.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -395,7 +395,8 @@ pub(crate) struct PutRecord {
     pub(crate) index: Vec<store::IndexEntry>,
 }
 
-pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<(Stored, PutRecord)> {
+/// Also hands back the resource's `Value`, so the writer can have it freed off its own thread.
+pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<(Stored, PutRecord, Value)> {
     if put.id.is_empty() {
         return Err(StoreError::Invalid(format!("{}: empty id", put.rtype)));
     }
@@ -408,7 +409,11 @@ pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<(Stored, P
     let version = current.map_or(0, |(_, v, _)| v) + 1;
     let json = put.stamp(version, &fhir::format_instant_ms(now_ms))?;
     let Put {
-        rtype, id, index, ..
+        rtype,
+        id,
+        index,
+        resource,
+        ..
     } = put;
     let record = PutRecord {
         rtype,
@@ -427,7 +432,7 @@ pub(crate) fn put(conn: &Connection, now_ms: i64, put: Put) -> Result<(Stored, P
         deleted: false,
         json: record.json.clone(),
     };
-    Ok((stored, record))
+    Ok((stored, record, resource))
 }
 
 /// Write a put again, in a transaction whose state is the one the original put saw.

@@ -189,13 +189,8 @@ impl Tx for WriteTx<'_> {
         Ok(stored)
     }
     fn put(&mut self, put: Put) -> Result<Stored> {
-        let r = sql::put(self.conn, self.now_ms, put);
-        let (stored, record, resource) = self.watch(r)?;
-        self.spent.push(resource);
-        if self.record {
-            self.changes.push(Change::Put(record));
-        }
-        Ok(stored)
+        let now_ms = self.now_ms;
+        self.put_at(put, now_ms)
     }
     fn delete(
         &mut self,

@@ -10,7 +10,7 @@
 //! `fhir::validate_json` with `cb-validate-bench` against Python's fhir.resources on the same Patient, and writes
 //! Markdown to stdout and `target/bench/results.md`. The HFS binary comes from `--hfs`, `$HFS_BIN` or `hfs` on
 //! PATH; without it (or without its search-parameter bundle) the peer is skipped with the reason printed.
-//! Booking (`cb-loadgen --scenario book` and `contention`) runs last, on a fresh Carebridge of its own;
+//! Booking (`cb-loadgen --scenario book`, `contention` and `free-slots`) runs last, on a fresh Carebridge of its own;
 //! `--only booking` runs just that part (and writes `target/bench/results-booking.md`).
 //!
 //! Invariants: std only (xtask must build in seconds); every server it starts is stopped by pid, and its
@@ -900,12 +900,27 @@ struct ContentionRun {
     problem: Option<String>,
 }
 
+/// One `free-slots` result: searches of one day's free slots of a large schedule.
+struct FreeSlotsRun {
+    per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    responses: f64,
+    errors: f64,
+    non_2xx: f64,
+    problem: Option<String>,
+}
+
+/// Slots of the schedule `free-slots` searches (about 520 days of 15-minute slots).
+const FREE_SLOTS: u32 = 50_000;
+
 /// What the booking part measured.
 struct Booking {
     /// The server's start-up problem, if it did not start.
     server: Result<(), String>,
     book: Vec<(u32, Result<BookRun, String>)>,
     contention: Option<Result<ContentionRun, String>>,
+    free_slots: Vec<(u32, Result<FreeSlotsRun, String>)>,
 }
 
 /// Start a fresh Carebridge (fsync, the default) and run `book` at each of the settings' concurrencies, then
@@ -915,6 +930,7 @@ fn run_booking(carebridge: &Path, loadgen: &Path, tmp: &Path, s: &Settings) -> B
         server: Ok(()),
         book: Vec::new(),
         contention: None,
+        free_slots: Vec::new(),
     };
     let mut server = match start_carebridge(carebridge, &tmp.join("cb-booking"), "fsync", tmp) {
         Ok(st) => st.server,
@@ -993,6 +1009,39 @@ fn run_booking(carebridge: &Path, loadgen: &Path, tmp: &Path, s: &Settings) -> B
         },
     );
     out.contention = Some(r);
+    progress(&format!(
+        "free-slots c=1,{BOOKING_TARGET_C} over a schedule of {FREE_SLOTS} slots against Carebridge"
+    ));
+    let mut fs_args = args("free-slots", 1);
+    if let Some(i) = fs_args.iter().position(|a| a == "--concurrency") {
+        fs_args[i + 1] = format!("1,{BOOKING_TARGET_C}");
+    }
+    fs_args.extend(["--slots".to_string(), FREE_SLOTS.to_string()]);
+    match loadgen_json_lines(loadgen, &url, &fs_args) {
+        Ok(lines) => {
+            for l in lines
+                .iter()
+                .filter(|l| json_field(l, "scenario") == Some("\"free-slots\""))
+            {
+                out.free_slots.push((
+                    json_num(l, "concurrency") as u32,
+                    Ok(FreeSlotsRun {
+                        per_s: json_num(l, "ok_per_s"),
+                        p50_us: json_num(l, "p50_us"),
+                        p99_us: json_num(l, "p99_us"),
+                        responses: json_num(l, "responses"),
+                        errors: json_num(l, "errors"),
+                        non_2xx: json_num(l, "non_2xx"),
+                        problem: json_problem(l),
+                    }),
+                ));
+            }
+            if out.free_slots.is_empty() {
+                out.free_slots.push((0, Err("no free-slots result".into())));
+            }
+        }
+        Err(e) => out.free_slots.push((0, Err(e))),
+    }
     server.stop();
     out
 }
@@ -1501,6 +1550,45 @@ impl Report {
                 self.problems.push(format!("contention: {e}"));
             }
             None => {}
+        }
+        if !b.free_slots.is_empty() {
+            let _ = writeln!(
+                self.out,
+                "\n### free-slots: one day's free slots of a schedule of {FREE_SLOTS} slots\n\n\
+                 Each request is `GET Slot?schedule=..&status=free&start=ge{{day}}&start=lt{{next day}}` for a random \
+                 day of the schedule (about 520 days of 15-minute slots); a 200 that lists no Slot counts as non-2xx. \
+                 Reported, no target.\n\n\
+                 | C | searches/s | p50 | p99 | responses | errors | non-2xx |\n|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for (c, r) in &b.free_slots {
+                match r {
+                    Ok(r) => {
+                        let _ = writeln!(
+                            self.out,
+                            "| {c} | {:.0} | {} | {} | {} | {} | {} |",
+                            r.per_s,
+                            ms(r.p50_us),
+                            ms(r.p99_us),
+                            r.responses,
+                            r.errors,
+                            r.non_2xx
+                        );
+                        if r.errors > 0.0 || r.non_2xx > 0.0 {
+                            self.problems.push(format!(
+                                "free-slots c={c}: {} errors, {} non-2xx",
+                                r.errors, r.non_2xx
+                            ));
+                        }
+                        if let Some(p) = &r.problem {
+                            self.problems.push(format!("free-slots c={c}: {p}"));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = writeln!(self.out, "| {c} | failed | | | | | |");
+                        self.problems.push(format!("free-slots: {e}"));
+                    }
+                }
+            }
         }
         let _ = writeln!(self.out);
     }

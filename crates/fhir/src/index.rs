@@ -308,6 +308,40 @@ pub fn search_param(rtype: ResourceType, name: &str) -> Option<&'static SearchPa
     search_params(rtype).iter().find(|p| p.name == name)
 }
 
+/// True when a resource of `rtype` can hold at most one value of parameter `name`: a date parameter whose
+/// expression is one element of the resource (`Slot.start`) that the R4 definition allows only once. A search
+/// may then treat two range clauses on it (`start=ge..&start=lt..`) as one range over a single index row.
+pub fn single_valued(rtype: ResourceType, name: &str) -> bool {
+    let Some(def) = search_param(rtype, name) else {
+        return false;
+    };
+    if def.kind != ParamKind::Date {
+        return false;
+    }
+    let Some(element) = def
+        .expression
+        .strip_prefix(rtype.as_str())
+        .and_then(|rest| rest.strip_prefix('.'))
+        .filter(|e| !e.contains('.'))
+    else {
+        return false;
+    };
+    crate::schema::resource_def(rtype)
+        .lookup(element)
+        .is_some_and(|(_, elem, _)| !elem.many)
+}
+
+/// Widest index range, in ms, of a value of an [`instant_param`]: an instant is indexed as the range of its
+/// precision, at most one second (`2026-12-09T10:00:00Z` is `[10:00:00.000, 10:00:00.999]`).
+pub const INSTANT_WIDTH_MS: i64 = 999;
+
+/// True when parameter `name` of `rtype` is [`single_valued`] and indexed as one FHIR `instant` (`Slot.start`),
+/// so each of its index rows spans at most [`INSTANT_WIDTH_MS`]. (Appointment `date` is not: its row spans
+/// the appointment from start to end.)
+pub fn instant_param(rtype: ResourceType, name: &str) -> bool {
+    matches!((rtype, name), (RT::Slot, "start")) && single_valued(rtype, name)
+}
+
 /// True when `_sort` may use this parameter: string and date parameters (besides `_id` / `_lastUpdated`, which
 /// the caller handles itself).
 pub fn sortable(rtype: ResourceType, name: &str) -> bool {
@@ -847,6 +881,37 @@ mod tests {
         assert!(!sortable(RT::Patient, "gender"));
         assert!(!sortable(RT::Patient, "nope"));
         assert!(sortable(RT::Slot, "start"));
+        for (rtype, name) in [
+            (RT::Slot, "start"),
+            (RT::Appointment, "date"),
+            (RT::Patient, "birthdate"),
+            (RT::Schedule, "date"),
+        ] {
+            assert!(single_valued(rtype, name), "{rtype}.{name}");
+        }
+        assert!(instant_param(RT::Slot, "start"));
+        assert!(!instant_param(RT::Appointment, "date"));
+        let slot = index_entries(
+            RT::Slot,
+            &json!({"start": "2026-12-09T10:00:00Z", "end": "2026-12-09T10:15:00Z"}),
+        );
+        let starts: Vec<(i64, i64)> = slot
+            .iter()
+            .filter(|e| e.param == "start")
+            .filter_map(|e| match e.value {
+                IndexValue::Date { low_ms, high_ms } => Some((low_ms, high_ms)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts.len(), 1, "{slot:?}");
+        assert!(
+            starts.iter().all(|(lo, hi)| hi - lo <= INSTANT_WIDTH_MS),
+            "{starts:?}"
+        );
+        // Not dates, or not one element: never treated as single-valued.
+        assert!(!single_valued(RT::Slot, "status"));
+        assert!(!single_valued(RT::Patient, "family"));
+        assert!(!single_valued(RT::Patient, "nothing"));
         assert_eq!(
             search_param(RT::Appointment, "patient").map(|p| p.targets),
             Some(&[RT::Patient][..])

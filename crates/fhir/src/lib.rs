@@ -23,9 +23,9 @@ mod validate;
 
 pub use datetime::{format_instant_ms, parse_date_range, parse_instant_ms};
 pub use index::{
-    DELIVERY_CHANNEL_EXTENSION_URL, DELIVERY_CHANNEL_SYSTEM, IndexEntry, IndexValue, ParamKind,
-    SearchParamDef, also_indexed_under, index_entries, search_param, search_params, sortable,
-    stored_as,
+    DELIVERY_CHANNEL_EXTENSION_URL, DELIVERY_CHANNEL_SYSTEM, INSTANT_WIDTH_MS, IndexEntry,
+    IndexValue, ParamKind, SearchParamDef, also_indexed_under, index_entries, instant_param,
+    search_param, search_params, single_valued, sortable, stored_as,
 };
 pub use json::parse_json;
 pub use nhs_number::{NHS_NUMBER_SYSTEM, NhsNumber, NhsNumberError};

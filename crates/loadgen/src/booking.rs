@@ -59,6 +59,8 @@ pub enum BookingScenario {
     Book,
     /// Connections book random slots of a small set (201 or 409) and cancel each success at once.
     Contention,
+    /// Each iteration searches one random day's free slots of the schedule (200 with at least one slot).
+    FreeSlots,
 }
 
 impl BookingScenario {
@@ -66,6 +68,7 @@ impl BookingScenario {
         match s {
             "book" => Some(BookingScenario::Book),
             "contention" => Some(BookingScenario::Contention),
+            "free-slots" => Some(BookingScenario::FreeSlots),
             _ => None,
         }
     }
@@ -74,6 +77,7 @@ impl BookingScenario {
         match self {
             BookingScenario::Book => "book",
             BookingScenario::Contention => "contention",
+            BookingScenario::FreeSlots => "free-slots",
         }
     }
 }
@@ -96,6 +100,8 @@ pub struct Clinic {
     pub slots: Vec<SlotRef>,
     /// First local date of the generated slots (`YYYY-MM-DD`).
     pub first_day: String,
+    /// The same date, in days since 1970-01-01.
+    pub first_day_number: i64,
     /// Slots the `$generate-slots` calls reported created.
     pub generated: u64,
     /// `$generate-slots` calls made.
@@ -216,6 +222,7 @@ impl BookingRunner {
             patients: seeded.ids,
             slots: list,
             first_day: format_date(first),
+            first_day_number: first,
             generated,
             generate_calls: calls,
             setup_time: t0.elapsed(),
@@ -272,6 +279,32 @@ impl BookingRunner {
         }
     }
 
+    /// Run `free-slots` at `concurrency` until `stop`: each request lists the free slots of one random day
+    /// of the clinic (`Slot?schedule=..&status=free&start=ge{day}&start=lt{next day}`). A response counts as
+    /// a success only when it is a 200 searchset Bundle listing at least one Slot (every day has free slots).
+    pub async fn free_slots(&self, clinic: Arc<Clinic>, concurrency: usize, stop: Stop) -> Summary {
+        let gate = Arc::new(Gate::new(stop));
+        let handles: Vec<_> = (0..concurrency.max(1))
+            .map(|w| {
+                tokio::spawn(free_slots_worker(
+                    self.target.clone(),
+                    self.timeout,
+                    clinic.clone(),
+                    gate.clone(),
+                    worker_seed(w),
+                ))
+            })
+            .collect();
+        let mut rec = Recorder::default();
+        for h in handles {
+            match h.await {
+                Ok(r) => rec.merge(r),
+                Err(e) => rec.error(|| format!("worker task failed: {e}")),
+            }
+        }
+        Summary::new("free-slots", concurrency, rec, gate.start.elapsed())
+    }
+
     /// Run `contention` at `concurrency` until `stop` over the clinic's slots.
     pub async fn contention(
         &self,
@@ -280,10 +313,6 @@ impl BookingRunner {
         stop: Stop,
     ) -> ContentionSummary {
         let gate = Arc::new(Gate::new(stop));
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
         let handles: Vec<_> = (0..concurrency.max(1))
             .map(|w| {
                 tokio::spawn(contention_worker(
@@ -291,7 +320,7 @@ impl BookingRunner {
                     self.timeout,
                     clinic.clone(),
                     gate.clone(),
-                    seed ^ ((w as u64 + 1) * 0x9E37_79B9_7F4A_7C15),
+                    worker_seed(w),
                 ))
             })
             .collect();
@@ -440,6 +469,15 @@ impl SlotQueue {
             q.push_back(i);
         }
     }
+}
+
+/// A seed for worker `w`'s random numbers: the clock, mixed with the worker's number.
+fn worker_seed(w: usize) -> u64 {
+    let clock = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9E37_79B9_7F4A_7C15);
+    clock ^ ((w as u64 + 1) * 0x9E37_79B9_7F4A_7C15)
 }
 
 /// When a run stops.
@@ -613,6 +651,56 @@ async fn book_worker(
         }
     }
     out
+}
+
+async fn free_slots_worker(
+    target: Target,
+    timeout: Duration,
+    clinic: Arc<Clinic>,
+    gate: Arc<Gate>,
+    mut rng: u64,
+) -> Recorder {
+    let mut rec = Recorder::default();
+    let Some(mut client) = connect(&target, timeout, &mut rec).await else {
+        return rec;
+    };
+    let per_day = (24 * 60 / SLOT_MINUTES) as u64;
+    let days = (clinic.slots.len() as u64 / per_day).max(1);
+    let first = clinic.first_day_number;
+    while gate.claim() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let day = first + (rng % days) as i64;
+        let path = format!(
+            "{}/Slot?schedule=Schedule/{}&status=free&start=ge{}&start=lt{}",
+            target.base,
+            clinic.schedule,
+            format_date(day),
+            format_date(day + 1)
+        );
+        let t = Instant::now();
+        match get(&mut client, &path).await {
+            Ok(r) => {
+                let listed = parse_slot_page(&r.body).map_or(0, |v| v.len());
+                let status = if r.status == 200 && listed == 0 {
+                    // A day without a free slot listed is a wrong answer here: counted as non-2xx.
+                    599
+                } else {
+                    r.status
+                };
+                rec.response(t.elapsed(), status, &r.body);
+            }
+            Err(e) => {
+                rec.error(|| e);
+                match connect(&target, timeout, &mut rec).await {
+                    Some(c) => client = c,
+                    None => break,
+                }
+            }
+        }
+    }
+    rec
 }
 
 struct ContentionWorker {

@@ -447,7 +447,61 @@ pub(crate) fn replay_put(conn: &Connection, record: &PutRecord) -> Result<()> {
     write_put(conn, current, record)
 }
 
+/// kv namespace (never used by callers) of the (type, date parameter) pairs that are single-valued by their
+/// FHIR definition but were stored with several values for one resource (key `Type param`). The store takes
+/// index rows as given; while a pair is listed here, searches do not combine its range clauses into one range
+/// over a single row (see [`choose_driver`]).
+const MULTI_VALUED: &str = "store:multi-valued";
+
+/// kv namespace of the [`fhir::instant_param`] pairs stored with a row wider than
+/// [`fhir::INSTANT_WIDTH_MS`] (key `Type param`); while a pair is listed, searches do not bound its rows'
+/// start by the width of an instant (see [`choose_driver`]).
+const WIDE: &str = "store:wide";
+
+/// Note in [`MULTI_VALUED`] each single-valued date parameter this put gives several rows, and in [`WIDE`]
+/// each instant parameter it gives a row wider than an instant.
+fn note_irregular_dates(conn: &Connection, r: &PutRecord) -> Result<()> {
+    let dates = r.index.iter().filter_map(|e| match e.value {
+        IndexValue::Date { low_ms, high_ms } => Some((e.param, low_ms, high_ms)),
+        _ => None,
+    });
+    for (i, (param, low_ms, high_ms)) in dates.clone().enumerate() {
+        let repeated = dates.clone().skip(i + 1).any(|(p, _, _)| p == param);
+        let wide = high_ms.saturating_sub(low_ms) > fhir::INSTANT_WIDTH_MS;
+        for (namespace, listed) in [
+            (
+                MULTI_VALUED,
+                repeated && fhir::single_valued(r.rtype, param),
+            ),
+            (WIDE, wide && fhir::instant_param(r.rtype, param)),
+        ] {
+            if listed {
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO kv (namespace, key, value) VALUES (?1, ?2, '')",
+                )
+                .and_then(|mut s| s.execute(params![namespace, format!("{} {param}", r.rtype)]))
+                .map_err(db)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `Type param` is listed in kv namespace `namespace`.
+fn listed(conn: &Connection, namespace: &str, rtype: ResourceType, param: &str) -> Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM kv WHERE namespace = ?1 AND key = ?2")
+        .and_then(|mut s| {
+            s.query_row(params![namespace, format!("{rtype} {param}")], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+        })
+        .map(|v| v.is_some())
+        .map_err(db)
+}
+
 fn write_put(conn: &Connection, current: Option<(i64, u64, bool)>, r: &PutRecord) -> Result<()> {
+    note_irregular_dates(conn, r)?;
     let rid = match current {
         Some((rid, _, _)) => {
             update_current(conn, rid, r.version, r.now_ms, false)?;
@@ -1141,8 +1195,11 @@ fn index_subquery<'a>(rtype: ResourceType, param: &'a str, p: &'a Predicate) -> 
     Some(f)
 }
 
-/// One clause: its alternatives ORed. Index-table alternatives share one `r.rid IN (... UNION ALL ...)`.
-fn clause_sql(rtype: ResourceType, clause: &Clause) -> Frag<'_> {
+/// One clause: its alternatives ORed. When the clause drives the search (`drives`), its index-table
+/// alternatives share one `r.rid IN (... UNION ALL ...)`, the set SQLite materialises and walks; otherwise each
+/// is a correlated `EXISTS (... AND rid = r.rid)`, a point lookup per candidate through the table's
+/// `(rid, param)` index (or its full primary key), so a large set is never materialised just to be checked.
+fn clause_sql(rtype: ResourceType, clause: &Clause, drives: bool) -> Frag<'_> {
     let mut terms: Vec<Frag<'_>> = Vec::new();
     let mut subs: Vec<Frag<'_>> = Vec::new();
     for p in &clause.any_of {
@@ -1167,6 +1224,15 @@ fn clause_sql(rtype: ResourceType, clause: &Clause) -> Frag<'_> {
                     *high_ms,
                 );
                 terms.push(f);
+            }
+            other if !drives => {
+                if let Some(sub) = index_subquery(rtype, &clause.param, other) {
+                    let mut f = Frag::default();
+                    f.push("EXISTS (");
+                    f.append(sub);
+                    f.push(" AND rid = r.rid)");
+                    terms.push(f);
+                }
             }
             other => subs.extend(index_subquery(rtype, &clause.param, other)),
         }
@@ -1199,16 +1265,198 @@ fn clause_sql(rtype: ResourceType, clause: &Clause) -> Frag<'_> {
     out
 }
 
-/// `FROM resources r WHERE ...` of a search (live resources of the type matching every clause).
+/// `FROM resources r WHERE ...` of a search (live resources of the type matching every clause), every
+/// clause as a set to walk (see [`clause_sql`]): what a search of one clause needs.
+#[cfg(test)]
 pub(crate) fn from_where(q: &SearchQuery) -> Frag<'_> {
+    from_where_driven(q, None)
+}
+
+/// What drives a search of several clauses (see [`choose_driver`]).
+pub(crate) enum Driver<'a> {
+    /// This clause is the set to walk; the others are checked per candidate.
+    Clause(usize),
+    /// These index rows (`SELECT rid ...`, exactly the resources matching the clauses it stands for) are the
+    /// set to walk; every clause is checked per candidate.
+    Rows(Frag<'a>),
+}
+
+/// [`from_where`] driven by `driver` (`None`: every clause a set to walk).
+pub(crate) fn from_where_driven<'a>(q: &'a SearchQuery, driver: Option<Driver<'a>>) -> Frag<'a> {
     let mut f = Frag::default();
     f.arg(" FROM resources r WHERE r.rtype = ?", q.rtype.as_str());
     f.push(" AND r.deleted = 0");
-    for clause in &q.clauses {
+    let walked = match &driver {
+        None => None,
+        Some(Driver::Clause(i)) => Some(*i),
+        Some(Driver::Rows(_)) => Some(usize::MAX),
+    };
+    if let Some(Driver::Rows(rows)) = driver {
+        f.push(" AND r.rid IN (");
+        f.append(rows);
+        f.push(")");
+    }
+    for (i, clause) in q.clauses.iter().enumerate() {
         f.push(" AND ");
-        f.append(clause_sql(q.rtype, clause));
+        f.append(clause_sql(q.rtype, clause, walked.is_none_or(|d| d == i)));
     }
     f
+}
+
+/// Index rows each clause's cursor may read while [`choose_driver`] looks for the narrowest clause; past it,
+/// every clause is a set to walk, as before.
+const RACE_LIMIT: usize = 20_000;
+/// Rows a cursor reads per turn.
+const RACE_STEP: usize = 64;
+
+/// Which clause of a search of several should drive it: the one with the fewest index rows. `None` (every
+/// clause a set to walk) when fewer than two clauses are read from the index tables (a clause with an `_id`
+/// or `_lastUpdated` alternative is answered from the resources row and never drives), or when no clause
+/// ends within [`RACE_LIMIT`] rows.
+///
+/// How: a cursor per clause over its index rows, each read [`RACE_STEP`] rows in turn; the first to run out
+/// is the narrowest. Range clauses on one date parameter that FHIR allows once per resource
+/// (`fhir::single_valued`, such as `Slot.start`) also race as one combined range over a single index row,
+/// unless a resource was ever stored with several values of it (listed under [`MULTI_VALUED`]). That costs at most the number of clauses times the narrowest clause's rows, whatever
+/// the wide ones hold.
+///
+/// Why: SQLite's statistics here are fixed numbers (see `PLANNER_STATS`), so it cannot tell a narrow clause
+/// (slots before a date) from a wide one (every free slot of a schedule). As sets to walk, every clause's
+/// whole set was materialised: one day's free slots of a schedule of 50,000 slots cost tens of milliseconds,
+/// most of it for the two wide sets. Driven by the narrowest clause, with the others looked up per candidate,
+/// the work follows the narrowest set.
+pub(crate) fn choose_driver<'a>(
+    conn: &Connection,
+    q: &'a SearchQuery,
+) -> Result<Option<Driver<'a>>> {
+    if q.clauses.len() < 2 {
+        return Ok(None);
+    }
+    let mut probes: Vec<(Option<usize>, Frag<'a>)> = Vec::new();
+    // Range clauses on one single-valued date parameter (`start=ge..&start=lt..`): one index row must satisfy
+    // them all, so together they are one range, often far narrower than either alone.
+    for (i, clause) in q.clauses.iter().enumerate() {
+        if q.clauses[..i].iter().any(|c| c.param == clause.param)
+            || !fhir::single_valued(q.rtype, &clause.param)
+        {
+            continue;
+        }
+        if listed(conn, MULTI_VALUED, q.rtype, &clause.param)? {
+            continue;
+        }
+        // An instant's row spans at most INSTANT_WIDTH_MS, so a row ending at or after t starts at or after
+        // t - INSTANT_WIDTH_MS: that lower bound lets the range be read from where it begins in the index
+        // (ordered by start) instead of from the parameter's first row.
+        let narrow = fhir::instant_param(q.rtype, &clause.param)
+            && !listed(conn, WIDE, q.rtype, &clause.param)?;
+        let ranges: Vec<&Predicate> = q
+            .clauses
+            .iter()
+            .filter(|c| c.param == clause.param)
+            .filter_map(|c| match c.any_of.as_slice() {
+                [p @ Predicate::Date { .. }] => Some(p),
+                _ => None,
+            })
+            .collect();
+        let same = q.clauses.iter().filter(|c| c.param == clause.param).count();
+        if ranges.len() < 2 || ranges.len() != same {
+            continue;
+        }
+        let mut merged = None;
+        for p in ranges {
+            match (&mut merged, p) {
+                (None, _) => merged = index_subquery(q.rtype, &clause.param, p),
+                (
+                    Some(f),
+                    Predicate::Date {
+                        cmp,
+                        low_ms,
+                        high_ms,
+                    },
+                ) => {
+                    f.push(" AND ");
+                    range_cmp(f, "low_ms", "high_ms", *cmp, *low_ms, *high_ms);
+                }
+                _ => {}
+            }
+            if let (
+                true,
+                Some(f),
+                Predicate::Date {
+                    cmp,
+                    low_ms,
+                    high_ms,
+                },
+            ) = (narrow, &mut merged, p)
+            {
+                // What the comparison requires of the row's end, as a bound on its start.
+                let ends_from = match cmp {
+                    Cmp::Ge | Cmp::Ap => Some(*low_ms),
+                    Cmp::Gt => Some(*high_ms),
+                    _ => None,
+                };
+                if let Some(t) = ends_from {
+                    f.arg(" AND low_ms >= ?", t.saturating_sub(fhir::INSTANT_WIDTH_MS));
+                }
+            }
+        }
+        probes.extend(merged.map(|m| (None, m)));
+    }
+    for (i, clause) in q.clauses.iter().enumerate() {
+        let subs: Option<Vec<Frag<'_>>> = clause
+            .any_of
+            .iter()
+            .map(|p| index_subquery(q.rtype, &clause.param, p))
+            .collect();
+        let Some(subs) = subs.filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        let mut probe = Frag::default();
+        for (j, sub) in subs.into_iter().enumerate() {
+            if j > 0 {
+                probe.push(" UNION ALL ");
+            }
+            probe.append(sub);
+        }
+        probes.push((Some(i), probe));
+    }
+    if probes.len() < 2 {
+        return Ok(None);
+    }
+    let mut statements = Vec::with_capacity(probes.len());
+    for (_, probe) in &probes {
+        statements.push(conn.prepare_cached(&probe.sql).map_err(db)?);
+    }
+    let mut cursors = Vec::with_capacity(probes.len());
+    for (statement, (_, probe)) in statements.iter_mut().zip(&probes) {
+        cursors.push(
+            statement
+                .query(params_from_iter(probe.args.iter()))
+                .map_err(db)?,
+        );
+    }
+    let mut read = 0;
+    let mut winner = None;
+    'race: while read < RACE_LIMIT {
+        for (k, rows) in cursors.iter_mut().enumerate() {
+            for _ in 0..RACE_STEP {
+                if rows.next().map_err(db)?.is_none() {
+                    winner = Some(k);
+                    break 'race;
+                }
+            }
+        }
+        read += RACE_STEP;
+    }
+    drop(cursors);
+    drop(statements);
+    Ok(winner.and_then(|k| {
+        let (clause, rows) = probes.into_iter().nth(k)?;
+        Some(match clause {
+            Some(i) => Driver::Clause(i),
+            None => Driver::Rows(rows),
+        })
+    }))
 }
 
 fn order_by(q: &SearchQuery) -> Frag<'_> {
@@ -1359,7 +1607,18 @@ pub(crate) fn search_statement(
     q: &SearchQuery,
     with_total: bool,
 ) -> Result<SearchResult> {
-    let filter = from_where(q);
+    search_driven(conn, q, with_total, choose_driver(conn, q)?)
+}
+
+/// [`search_statement`] driven by clause `driver` (`None`: every clause a set to walk). Whichever the driver,
+/// the answer is the same; only the work differs.
+pub(crate) fn search_driven(
+    conn: &Connection,
+    q: &SearchQuery,
+    with_total: bool,
+    driver: Option<Driver<'_>>,
+) -> Result<SearchResult> {
+    let filter = from_where_driven(q, driver);
     let total = if with_total && q.want_total {
         let sql = format!("SELECT COUNT(*){}", filter.sql);
         let n: i64 = conn

@@ -1104,3 +1104,263 @@ async fn lookup_searches_answer_as_the_statement_does() {
     assert_eq!(third.resources.len(), 100);
     assert!(third.resources.windows(2).all(|w| w[0].id < w[1].id));
 }
+
+/// Slots of two schedules and a deleted one, and a Practitioner indexed with two `start` values (a parameter
+/// not known to be single-valued there): every search of several clauses answers the same whichever clause
+/// drives it, and the narrowest is the one chosen.
+#[tokio::test]
+async fn searches_of_several_clauses_answer_the_same_whichever_clause_drives() {
+    use crate::sql::Driver;
+    use store::{Clause, Cmp, IndexEntry, IndexValue, Predicate, SearchQuery, Sort, SortField};
+
+    const HOUR: i64 = 3_600_000;
+    let dir = TempDir::new("driver");
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+    let slot = |n: i64, schedule: &str, status: &str, starts: &[i64]| {
+        let rtype = if n == 9000 {
+            ResourceType::Practitioner
+        } else {
+            ResourceType::Slot
+        };
+        let mut index = vec![
+            IndexEntry {
+                param: "schedule",
+                value: IndexValue::Reference(format!("Schedule/{schedule}")),
+            },
+            IndexEntry {
+                param: "status",
+                value: IndexValue::Token {
+                    system: None,
+                    code: status.into(),
+                },
+            },
+        ];
+        for s in starts {
+            index.push(IndexEntry {
+                param: "start",
+                value: IndexValue::Date {
+                    low_ms: *s,
+                    high_ms: *s + 999,
+                },
+            });
+        }
+        Put {
+            rtype,
+            id: format!("s{n:04}"),
+            resource: json!({"resourceType": rtype.as_str()}),
+            index,
+            expected_version: None,
+            body: None,
+        }
+    };
+    store
+        .write(move |tx| {
+            for n in 0..600i64 {
+                let schedule = if n % 5 == 0 { "b" } else { "a" };
+                let status = if n % 7 == 0 { "busy" } else { "free" };
+                tx.put(slot(n, schedule, status, &[n * HOUR]))?;
+            }
+            // Starts in hour 10 and in hour 500: matches `ge 400h` and `lt 20h` through different values.
+            tx.put(slot(9000, "a", "free", &[10 * HOUR, 500 * HOUR]))?;
+            tx.put(slot(9001, "a", "free", &[12 * HOUR]))?;
+            tx.delete(ResourceType::Slot, "s9001", None)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let conn = crate::schema::open_reader(store.path()).unwrap();
+    let reference = |s: &str| Clause {
+        param: "schedule".into(),
+        any_of: vec![Predicate::Reference(format!("Schedule/{s}"))],
+    };
+    let status = |codes: &[&str]| Clause {
+        param: "status".into(),
+        any_of: codes
+            .iter()
+            .map(|c| Predicate::Token {
+                system: None,
+                code: Some((*c).into()),
+            })
+            .collect(),
+    };
+    let start = |cmp: Cmp, hour: i64| Clause {
+        param: "start".into(),
+        any_of: vec![Predicate::Date {
+            cmp,
+            low_ms: hour * HOUR,
+            high_ms: hour * HOUR + HOUR - 1,
+        }],
+    };
+    let with = |clauses: Vec<Clause>| {
+        let mut q = SearchQuery::new(ResourceType::Slot);
+        q.clauses = clauses;
+        q
+    };
+    let mut two_starts_query = with(vec![
+        reference("a"),
+        start(Cmp::Ge, 400),
+        start(Cmp::Lt, 20),
+    ]);
+    two_starts_query.rtype = ResourceType::Practitioner;
+    let mut queries = vec![
+        with(vec![
+            reference("a"),
+            status(&["free"]),
+            start(Cmp::Ge, 100),
+            start(Cmp::Lt, 130),
+        ]),
+        two_starts_query,
+        with(vec![reference("b"), status(&["busy"])]),
+        with(vec![reference("c"), status(&["free"])]),
+        with(vec![
+            status(&["busy", "free"]),
+            reference("b"),
+            start(Cmp::Lt, 300),
+        ]),
+        with(vec![
+            Clause {
+                param: "_id".into(),
+                any_of: vec![
+                    Predicate::Id("s0003".into()),
+                    Predicate::Reference("x".into()),
+                ],
+            },
+            reference("a"),
+            status(&["free"]),
+        ]),
+        with(vec![
+            reference("a"),
+            start(Cmp::Ge, 590),
+            start(Cmp::Eq, 595),
+        ]),
+    ];
+    let mut sorted = with(vec![reference("a"), status(&["free"]), start(Cmp::Ge, 550)]);
+    sorted.sort = vec![Sort {
+        field: SortField::Param("start".into()),
+        descending: true,
+    }];
+    sorted.count = 7;
+    sorted.offset = 3;
+    sorted.want_total = true;
+    queries.push(sorted);
+    let ids =
+        |r: &store::SearchResult| r.resources.iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+    let mut matched = 0;
+    for q in &queries {
+        let every = crate::sql::search_driven(&conn, q, true, None).unwrap();
+        matched += every.resources.len();
+        for driver in 0..q.clauses.len() {
+            let driven =
+                crate::sql::search_driven(&conn, q, true, Some(Driver::Clause(driver))).unwrap();
+            assert_eq!(
+                ids(&driven),
+                ids(&every),
+                "{:?} driven by {driver}",
+                q.clauses
+            );
+            assert_eq!(
+                driven.total, every.total,
+                "{:?} driven by {driver}",
+                q.clauses
+            );
+        }
+        let chosen = crate::sql::search(&conn, q, true).unwrap();
+        assert_eq!(ids(&chosen), ids(&every), "{:?}", q.clauses);
+    }
+    // The comparison compared something: the queries match resources, and the two-start slot matches the
+    // second query through its two values.
+    assert!(matched > 40, "{matched}");
+    let two_starts = crate::sql::search(&conn, &queries[1], false).unwrap();
+    assert_eq!(ids(&two_starts), vec!["s9000".to_string()]);
+    // Narrowest first: 30 hours of starts (`lt 130h` has 131 rows, `ge 100h` 501, the others 480 and 515).
+    // Narrowest first: the two `start` ranges of a Slot are one range over one index row (30 rows), narrower
+    // than `lt 130h` alone (130), `ge 100h` (500) and the others (480 and 514).
+    let chosen = |q: &SearchQuery| match crate::sql::choose_driver(&conn, q).unwrap() {
+        None => "none".to_string(),
+        Some(Driver::Clause(i)) => format!("clause {i}"),
+        Some(Driver::Rows(f)) => format!("rows {}", f.sql),
+    };
+    assert!(
+        chosen(&queries[0]).starts_with("rows SELECT rid FROM idx_date"),
+        "{}",
+        chosen(&queries[0])
+    );
+    // A Practitioner's `start` is not known to be single-valued, so its ranges are not merged (the one
+    // Practitioner's schedule row drives).
+    assert_eq!(chosen(&queries[1]), "clause 0");
+    // No schedule "c": its clause ends at once.
+    assert_eq!(chosen(&queries[3]), "clause 0");
+    // A clause with an `_id` alternative never drives: schedule "a" (480 rows) ends before "free" (514).
+    assert_eq!(chosen(&queries[5]), "clause 1");
+    // The clauses that do not drive are lookups by rid, not scans.
+    let filter = crate::sql::from_where_driven(&queries[0], Some(Driver::Clause(3)));
+    let steps = plan(&conn, &format!("SELECT r.rid{}", filter.sql));
+    assert!(
+        !steps.iter().any(|d| d.starts_with("SCAN")),
+        "{}",
+        steps.join(" | ")
+    );
+    // One clause: nothing to choose.
+    let alone = with(vec![reference("a")]);
+    assert_eq!(chosen(&alone), "none");
+    // Slot starts are instants (each row spans at most a second), so the combined range is read from just
+    // before its first instant.
+    assert!(
+        chosen(&queries[0]).contains("low_ms >= ?"),
+        "{}",
+        chosen(&queries[0])
+    );
+    drop(conn);
+    // A Slot stored with a start row spanning hours (the store takes index rows as given) ends inside the
+    // range though it starts before it: from then on the bound is not used.
+    let mut wide = slot(9003, "a", "free", &[]);
+    wide.index.push(IndexEntry {
+        param: "start",
+        value: IndexValue::Date {
+            low_ms: 95 * HOUR,
+            high_ms: 140 * HOUR,
+        },
+    });
+    store
+        .write(move |tx| tx.put(wide).map(|_| ()))
+        .await
+        .unwrap();
+    let conn = crate::schema::open_reader(store.path()).unwrap();
+    let driver = match crate::sql::choose_driver(&conn, &queries[0]).unwrap() {
+        Some(Driver::Rows(f)) => f.sql,
+        _ => String::new(),
+    };
+    assert!(
+        driver.starts_with("SELECT rid FROM idx_date") && !driver.contains("low_ms >= ?"),
+        "{driver}"
+    );
+    let found = ids(&crate::sql::search(&conn, &queries[0], false).unwrap());
+    assert!(found.contains(&"s9003".to_string()), "{found:?}");
+    assert_eq!(
+        found,
+        ids(&crate::sql::search_driven(&conn, &queries[0], false, None).unwrap())
+    );
+    drop(conn);
+    // A Slot stored with two `start` values (the store takes index rows as given) matches `ge 100h` through
+    // one and `lt 130h` through the other: from then on the two ranges are no longer combined.
+    let mut twice = slot(9002, "a", "free", &[90 * HOUR, 700 * HOUR]);
+    twice.rtype = ResourceType::Slot;
+    twice.resource = json!({"resourceType": "Slot"});
+    store
+        .write(move |tx| tx.put(twice).map(|_| ()))
+        .await
+        .unwrap();
+    let conn = crate::schema::open_reader(store.path()).unwrap();
+    let chosen = |q: &SearchQuery| match crate::sql::choose_driver(&conn, q).unwrap() {
+        None => "none".to_string(),
+        Some(Driver::Clause(i)) => format!("clause {i}"),
+        Some(Driver::Rows(f)) => format!("rows {}", f.sql),
+    };
+    assert_eq!(chosen(&queries[0]), "clause 3");
+    let found = ids(&crate::sql::search(&conn, &queries[0], false).unwrap());
+    assert!(found.contains(&"s9002".to_string()), "{found:?}");
+    assert_eq!(
+        found,
+        ids(&crate::sql::search_driven(&conn, &queries[0], false, None).unwrap())
+    );
+}

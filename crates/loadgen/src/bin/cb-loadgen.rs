@@ -13,6 +13,9 @@ use loadgen::booking::{
 use loadgen::scenario::{Runner, Scenario, Seeded, Stop, Target};
 use loadgen::stats::Summary;
 use std::path::PathBuf;
+
+/// Slots `free-slots` sets up when `--slots` is not given: 50,000 (about 520 days of 15-minute slots).
+const FREE_SLOTS_DEFAULT: usize = 50_000;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,8 +23,8 @@ const USAGE: &str = "\
 usage: cb-loadgen --url http://HOST:PORT[/BASE] [options]
 
   --url URL                 FHIR base URL (Carebridge: http://127.0.0.1:PORT/fhir; a server at the root: http://HOST:PORT)
-  --scenario LIST           comma-separated: create, read, search-identifier (Patient), book, contention
-                            (booking, Carebridge only); none: only seed
+  --scenario LIST           comma-separated: create, read, search-identifier (Patient), book, contention,
+                            free-slots (booking, Carebridge only); none: only seed
   --concurrency LIST        comma-separated connection counts, each run in turn [default: 32]
   --duration D              length of each run, e.g. 10s, 500ms [default: 10s]
   --requests N              stop each run after N requests instead of a duration
@@ -35,7 +38,8 @@ usage: cb-loadgen --url http://HOST:PORT[/BASE] [options]
   --timeout D               per-request time limit [default: 30s]
   --patients N              patients created by each booking scenario's setup [default: 200]
   --slots N                 free slots created for `book` [default: 5000 per second of all its runs and
-                            warm-ups, at least 1000; when used up, cancelled slots are booked again]
+                            warm-ups, at least 1000; when used up, cancelled slots are booked again], or
+                            for `free-slots` [default: 50000]
   --contention-slots N      slots the `contention` connections race for [default: 100]
   --json                    also print a JSON line per run
   --token T                 send `Authorization: Bearer T` with every request (a hub with authentication on)
@@ -45,7 +49,10 @@ usage: cb-loadgen --url http://HOST:PORT[/BASE] [options]
         latency of each request.
   contention: each iteration books a random slot of --contention-slots (201 or 409) and cancels a 201 at once;
         reports attempts/s, bookings/s, 409s, and checks afterwards that every slot is free, no booked
-        appointment is left and the appointments created equal the 201s (PASS/FAIL).";
+        appointment is left and the appointments created equal the 201s (PASS/FAIL).
+  free-slots: each iteration lists one random day's free slots of the schedule (GET
+        Slot?schedule=..&status=free&start=ge{day}&start=lt{day+1}); a 200 without a Slot counts as a failure;
+        reports searches/s and latency.";
 
 /// One scenario to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +249,7 @@ async fn run_booking(a: &Args, runner: &Runner, scenario: BookingScenario) -> Re
     let warmups = runs * a.warmup.as_secs_f64();
     let slots = match scenario {
         BookingScenario::Contention => a.contention_slots,
+        BookingScenario::FreeSlots => a.slots.unwrap_or(FREE_SLOTS_DEFAULT),
         BookingScenario::Book => a.slots.unwrap_or_else(|| match a.stop {
             Stop::After(d) => slot_budget(runs * d.as_secs_f64() + warmups),
             Stop::Requests(n) => {
@@ -262,6 +270,18 @@ async fn run_booking(a: &Args, runner: &Runner, scenario: BookingScenario) -> Re
                 }
                 let s = br.book(clinic.clone(), queue.clone(), c, a.stop).await;
                 ok &= s.pairs > 0;
+                println!("{}", s.line());
+                if a.json {
+                    println!("{}", s.json());
+                }
+            }
+            BookingScenario::FreeSlots => {
+                if !a.warmup.is_zero() {
+                    br.free_slots(clinic.clone(), c, Stop::After(a.warmup))
+                        .await;
+                }
+                let s = br.free_slots(clinic.clone(), c, a.stop).await;
+                ok &= s.responses > 0 && s.non_2xx == 0 && s.errors == 0;
                 println!("{}", s.line());
                 if a.json {
                     println!("{}", s.json());

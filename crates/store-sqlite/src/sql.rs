@@ -1315,10 +1315,13 @@ const RACE_STEP: usize = 64;
 /// ends within [`RACE_LIMIT`] rows.
 ///
 /// How: a cursor per clause over its index rows, each read [`RACE_STEP`] rows in turn; the first to run out
-/// is the narrowest. Range clauses on one date parameter that FHIR allows once per resource
+/// is the narrowest. That costs at most the number of clauses times the narrowest clause's rows, whatever the
+/// wide ones hold. Range clauses on one date parameter that FHIR allows once per resource
 /// (`fhir::single_valued`, such as `Slot.start`) also race as one combined range over a single index row,
-/// unless a resource was ever stored with several values of it (listed under [`MULTI_VALUED`]). That costs at most the number of clauses times the narrowest clause's rows, whatever
-/// the wide ones hold.
+/// unless a resource was ever stored with several values of it (listed under [`MULTI_VALUED`]).
+///
+/// The kv lookups and the search are separate statements: a put committed between them that first gives a
+/// parameter several rows may be missed by this one search, as if the search had run just before it.
 ///
 /// Why: SQLite's statistics here are fixed numbers (see `PLANNER_STATS`), so it cannot tell a narrow clause
 /// (slots before a date) from a wide one (every free slot of a schedule). As sets to walk, every clause's

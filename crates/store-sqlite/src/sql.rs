@@ -8,7 +8,7 @@ use serde_json::Value;
 use store::{
     Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
     HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put, ResourceType, Result,
-    SearchQuery, SearchResult, SortField, StoreError, Stored,
+    SearchQuery, SearchResult, Sort, SortField, StoreError, Stored,
 };
 
 /// A driver error as a [`StoreError`] (the text is for logs).
@@ -1306,6 +1306,9 @@ pub(crate) fn from_where_driven<'a>(q: &'a SearchQuery, driver: Option<Driver<'a
 /// Index rows each clause's cursor may read while [`choose_driver`] looks for the narrowest clause; past it,
 /// every clause is a set to walk, as before.
 const RACE_LIMIT: usize = 20_000;
+/// [`RACE_LIMIT`] for a search that can be answered in the order of its sort key (see
+/// [`search_in_sort_order`]).
+const RACE_LIMIT_SORTED: usize = 4_096;
 /// Rows a cursor reads per turn.
 const RACE_STEP: usize = 64;
 
@@ -1328,9 +1331,19 @@ const RACE_STEP: usize = 64;
 /// whole set was materialised: one day's free slots of a schedule of 50,000 slots cost tens of milliseconds,
 /// most of it for the two wide sets. Driven by the narrowest clause, with the others looked up per candidate,
 /// the work follows the narrowest set.
+#[cfg(test)]
 pub(crate) fn choose_driver<'a>(
     conn: &Connection,
     q: &'a SearchQuery,
+) -> Result<Option<Driver<'a>>> {
+    choose_driver_within(conn, q, RACE_LIMIT)
+}
+
+/// [`choose_driver`], giving up once each cursor has read `limit` rows.
+fn choose_driver_within<'a>(
+    conn: &Connection,
+    q: &'a SearchQuery,
+    limit: usize,
 ) -> Result<Option<Driver<'a>>> {
     if q.clauses.len() < 2 {
         return Ok(None);
@@ -1440,7 +1453,7 @@ pub(crate) fn choose_driver<'a>(
     }
     let mut read = 0;
     let mut winner = None;
-    'race: while read < RACE_LIMIT {
+    'race: while read < limit {
         for (k, rows) in cursors.iter_mut().enumerate() {
             for _ in 0..RACE_STEP {
                 if rows.next().map_err(db)?.is_none() {
@@ -1610,7 +1623,105 @@ pub(crate) fn search_statement(
     q: &SearchQuery,
     with_total: bool,
 ) -> Result<SearchResult> {
-    search_driven(conn, q, with_total, choose_driver(conn, q)?)
+    // A search that can be answered in sort order races its clauses for less long: a clause only a few
+    // thousand rows wide is worth walking, a wider one is not when the page can be filled in order.
+    let in_order = sort_walk_param(conn, q)?;
+    let limit = if in_order.is_some() {
+        RACE_LIMIT_SORTED
+    } else {
+        RACE_LIMIT
+    };
+    let driver = choose_driver_within(conn, q, limit)?;
+    if driver.is_none()
+        && let Some((name, descending)) = in_order
+        && let Some(found) = search_in_sort_order(conn, q, with_total, name, descending)?
+    {
+        return Ok(found);
+    }
+    search_driven(conn, q, with_total, driver)
+}
+
+/// The parameter (and direction) a search can be answered in the order of: its only sort key, a date
+/// parameter held once per resource (see [`search_in_sort_order`]).
+fn sort_walk_param<'a>(conn: &Connection, q: &'a SearchQuery) -> Result<Option<(&'a str, bool)>> {
+    let [
+        Sort {
+            field: SortField::Param(name),
+            descending,
+        },
+    ] = q.sort.as_slice()
+    else {
+        return Ok(None);
+    };
+    let is_date =
+        fhir::search_param(q.rtype, name).is_some_and(|p| p.kind == fhir::ParamKind::Date);
+    if q.count == 0
+        || !is_date
+        || !fhir::single_valued(q.rtype, name)
+        || !fhir::also_indexed_under(q.rtype, name).is_empty()
+        || listed(conn, MULTI_VALUED, q.rtype, name)?
+    {
+        return Ok(None);
+    }
+    Ok(Some((name.as_str(), *descending)))
+}
+
+/// A search sorted by one single-valued date parameter (`_sort=start`) with no narrow clause to drive it (say
+/// the next free slots of a schedule): walk that parameter's index rows in order, check every clause per row,
+/// and stop once the page is full, instead of finding and sorting every match. `None` when the search is not
+/// of that shape, or when the page is not full: resources without the parameter sort after all others, so a
+/// short page may lack some of them, and the general statement answers instead.
+pub(crate) fn search_in_sort_order(
+    conn: &Connection,
+    q: &SearchQuery,
+    with_total: bool,
+    name: &str,
+    descending: bool,
+) -> Result<Option<SearchResult>> {
+    let mut page = Frag::default();
+    page.push("SELECT r.rid, r.id, r.version, r.last_updated_ms FROM idx_date d JOIN resources r ON r.rid = d.rid");
+    page.arg(" WHERE d.rtype = ?", q.rtype.as_str());
+    page.arg(" AND d.param = ?", name);
+    page.arg(" AND r.rtype = ?", q.rtype.as_str());
+    page.push(" AND r.deleted = 0");
+    for clause in &q.clauses {
+        page.push(" AND ");
+        page.append(clause_sql(q.rtype, clause, false));
+    }
+    page.push(if descending {
+        " ORDER BY d.low_ms DESC, r.id ASC"
+    } else {
+        " ORDER BY d.low_ms ASC, r.id ASC"
+    });
+    page.arg(" LIMIT ?", usize_i64(q.count));
+    page.arg(" OFFSET ?", usize_i64(q.offset));
+    let rows: Vec<(String, i64, i64, i64)> = conn
+        .prepare_cached(&page.sql)
+        .and_then(|mut s| {
+            s.query_map(params_from_iter(page.args.iter()), |r| {
+                Ok((r.get(1)?, r.get(0)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect()
+        })
+        .map_err(db)?;
+    if rows.len() < q.count {
+        return Ok(None);
+    }
+    let total = if with_total && q.want_total {
+        let filter = from_where_driven(q, None);
+        let sql = format!("SELECT COUNT(*){}", filter.sql);
+        let n: i64 = conn
+            .prepare_cached(&sql)
+            .and_then(|mut s| s.query_row(params_from_iter(filter.args.iter()), |r| r.get(0)))
+            .map_err(db)?;
+        Some(to_u64(n))
+    } else {
+        None
+    };
+    Ok(Some(SearchResult {
+        resources: with_json(conn, q.rtype, rows.into_iter())?,
+        total,
+    }))
 }
 
 /// [`search_statement`] driven by clause `driver` (`None`: every clause a set to walk). Whichever the driver,

@@ -450,12 +450,12 @@ pub(crate) fn replay_put(conn: &Connection, record: &PutRecord) -> Result<()> {
 /// kv namespace (never used by callers) of the (type, date parameter) pairs that are single-valued by their
 /// FHIR definition but were stored with several values for one resource (key `Type param`). The store takes
 /// index rows as given; while a pair is listed here, searches do not combine its range clauses into one range
-/// over a single row (see [`choose_driver`]).
+/// over a single row (see [`choose_driver_within`]).
 const MULTI_VALUED: &str = "store:multi-valued";
 
 /// kv namespace of the [`fhir::instant_param`] pairs stored with a row wider than
 /// [`fhir::INSTANT_WIDTH_MS`] (key `Type param`); while a pair is listed, searches do not bound its rows'
-/// start by the width of an instant (see [`choose_driver`]).
+/// start by the width of an instant (see [`choose_driver_within`]).
 const WIDE: &str = "store:wide";
 
 /// Note in [`MULTI_VALUED`] each single-valued date parameter this put gives several rows, and in [`WIDE`]
@@ -1272,7 +1272,7 @@ pub(crate) fn from_where(q: &SearchQuery) -> Frag<'_> {
     from_where_driven(q, None)
 }
 
-/// What drives a search of several clauses (see [`choose_driver`]).
+/// What drives a search of several clauses (see [`choose_driver_within`]).
 pub(crate) enum Driver<'a> {
     /// This clause is the set to walk; the others are checked per candidate.
     Clause(usize),
@@ -1303,8 +1303,8 @@ pub(crate) fn from_where_driven<'a>(q: &'a SearchQuery, driver: Option<Driver<'a
     f
 }
 
-/// Index rows each clause's cursor may read while [`choose_driver`] looks for the narrowest clause; past it,
-/// every clause is a set to walk, as before.
+/// Index rows each clause's cursor may read while [`choose_driver_within`] looks for the narrowest clause;
+/// past it, every clause is a set to walk, as before.
 const RACE_LIMIT: usize = 20_000;
 /// [`RACE_LIMIT`] for a search that can be answered in the order of its sort key (see
 /// [`search_in_sort_order`]).
@@ -1312,10 +1312,20 @@ const RACE_LIMIT_SORTED: usize = 4_096;
 /// Rows a cursor reads per turn.
 const RACE_STEP: usize = 64;
 
+/// [`choose_driver_within`] with [`RACE_LIMIT`] (for tests).
+#[cfg(test)]
+pub(crate) fn choose_driver<'a>(
+    conn: &Connection,
+    q: &'a SearchQuery,
+) -> Result<Option<Driver<'a>>> {
+    choose_driver_within(conn, q, RACE_LIMIT)
+}
+
 /// Which clause of a search of several should drive it: the one with the fewest index rows. `None` (every
 /// clause a set to walk) when fewer than two clauses are read from the index tables (a clause with an `_id`
 /// or `_lastUpdated` alternative is answered from the resources row and never drives), or when no clause
-/// ends within [`RACE_LIMIT`] rows.
+/// ends within `limit` rows ([`RACE_LIMIT`], or [`RACE_LIMIT_SORTED`] for a search
+/// that can be answered in the order of its sort key).
 ///
 /// How: a cursor per clause over its index rows, each read [`RACE_STEP`] rows in turn; the first to run out
 /// is the narrowest. That costs at most the number of clauses times the narrowest clause's rows, whatever the
@@ -1331,15 +1341,6 @@ const RACE_STEP: usize = 64;
 /// whole set was materialised: one day's free slots of a schedule of 50,000 slots cost tens of milliseconds,
 /// most of it for the two wide sets. Driven by the narrowest clause, with the others looked up per candidate,
 /// the work follows the narrowest set.
-#[cfg(test)]
-pub(crate) fn choose_driver<'a>(
-    conn: &Connection,
-    q: &'a SearchQuery,
-) -> Result<Option<Driver<'a>>> {
-    choose_driver_within(conn, q, RACE_LIMIT)
-}
-
-/// [`choose_driver`], giving up once each cursor has read `limit` rows.
 fn choose_driver_within<'a>(
     conn: &Connection,
     q: &'a SearchQuery,

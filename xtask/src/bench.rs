@@ -841,31 +841,23 @@ fn json_problem(line: &str) -> Option<String> {
 }
 
 fn run_loadgen(bin: &Path, url: &str, args: &[String]) -> Result<Vec<Run>, String> {
-    let lines = loadgen_json_lines(bin, url, args)?;
-    let runs: Vec<Run> = lines
+    Ok(loadgen_json_lines(bin, url, args)?
         .iter()
-        .map(|l| {
-            let num = |k: &str| {
-                json_field(l, k)
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            let problem = json_field(l, "first_error")
-                .filter(|v| *v != "null")
-                .or_else(|| json_field(l, "first_non_2xx").filter(|v| *v != "null"))
-                .map(|v| v.trim_matches('"').chars().take(160).collect());
-            Run {
-                ok_per_s: num("ok_per_s"),
-                p50_us: num("p50_us"),
-                p99_us: num("p99_us"),
-                responses: num("responses"),
-                errors: num("errors"),
-                non_2xx: num("non_2xx"),
-                problem,
-            }
-        })
-        .collect();
-    Ok(runs)
+        .map(|l| run_of(l))
+        .collect())
+}
+
+/// The [`Run`] of one cb-loadgen `--json` line.
+fn run_of(line: &str) -> Run {
+    Run {
+        ok_per_s: json_num(line, "ok_per_s"),
+        p50_us: json_num(line, "p50_us"),
+        p99_us: json_num(line, "p99_us"),
+        responses: json_num(line, "responses"),
+        errors: json_num(line, "errors"),
+        non_2xx: json_num(line, "non_2xx"),
+        problem: json_problem(line),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -900,17 +892,6 @@ struct ContentionRun {
     problem: Option<String>,
 }
 
-/// One `free-slots` result: searches of one day's free slots of a large schedule.
-struct FreeSlotsRun {
-    per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    responses: f64,
-    errors: f64,
-    non_2xx: f64,
-    problem: Option<String>,
-}
-
 /// Slots of the schedule `free-slots` searches (about 520 days of 15-minute slots).
 const FREE_SLOTS: u32 = 50_000;
 
@@ -920,7 +901,8 @@ struct Booking {
     server: Result<(), String>,
     book: Vec<(u32, Result<BookRun, String>)>,
     contention: Option<Result<ContentionRun, String>>,
-    free_slots: Vec<(u32, Result<FreeSlotsRun, String>)>,
+    /// `free-slots` runs: searches of one day's free slots of a large schedule.
+    free_slots: Vec<(u32, Result<Run, String>)>,
 }
 
 /// Start a fresh Carebridge (fsync, the default) and run `book` at each of the settings' concurrencies, then
@@ -1023,18 +1005,8 @@ fn run_booking(carebridge: &Path, loadgen: &Path, tmp: &Path, s: &Settings) -> B
                 .iter()
                 .filter(|l| json_field(l, "scenario") == Some("\"free-slots\""))
             {
-                out.free_slots.push((
-                    json_num(l, "concurrency") as u32,
-                    Ok(FreeSlotsRun {
-                        per_s: json_num(l, "ok_per_s"),
-                        p50_us: json_num(l, "p50_us"),
-                        p99_us: json_num(l, "p99_us"),
-                        responses: json_num(l, "responses"),
-                        errors: json_num(l, "errors"),
-                        non_2xx: json_num(l, "non_2xx"),
-                        problem: json_problem(l),
-                    }),
-                ));
+                out.free_slots
+                    .push((json_num(l, "concurrency") as u32, Ok(run_of(l))));
             }
             if out.free_slots.is_empty() {
                 out.free_slots.push((0, Err("no free-slots result".into())));
@@ -1566,7 +1538,7 @@ impl Report {
                         let _ = writeln!(
                             self.out,
                             "| {c} | {:.0} | {} | {} | {} | {} | {} |",
-                            r.per_s,
+                            r.ok_per_s,
                             ms(r.p50_us),
                             ms(r.p99_us),
                             r.responses,

@@ -241,18 +241,16 @@ impl BookingRunner {
         stop: Stop,
     ) -> BookSummary {
         let gate = Arc::new(Gate::new(stop));
-        let handles: Vec<_> = (0..concurrency.max(1))
-            .map(|w| {
-                tokio::spawn(book_worker(
-                    self.target.clone(),
-                    self.timeout,
-                    clinic.clone(),
-                    queue.clone(),
-                    gate.clone(),
-                    w,
-                ))
-            })
-            .collect();
+        let handles = spawn_workers(concurrency, |w| {
+            book_worker(
+                self.target.clone(),
+                self.timeout,
+                clinic.clone(),
+                queue.clone(),
+                gate.clone(),
+                w,
+            )
+        });
         let mut book = Recorder::default();
         let mut cancel = Recorder::default();
         let mut pairs = 0;
@@ -284,17 +282,15 @@ impl BookingRunner {
     /// a success only when it is a 200 searchset Bundle listing at least one Slot (every day has free slots).
     pub async fn free_slots(&self, clinic: Arc<Clinic>, concurrency: usize, stop: Stop) -> Summary {
         let gate = Arc::new(Gate::new(stop));
-        let handles: Vec<_> = (0..concurrency.max(1))
-            .map(|w| {
-                tokio::spawn(free_slots_worker(
-                    self.target.clone(),
-                    self.timeout,
-                    clinic.clone(),
-                    gate.clone(),
-                    worker_seed(w),
-                ))
-            })
-            .collect();
+        let handles = spawn_workers(concurrency, |w| {
+            free_slots_worker(
+                self.target.clone(),
+                self.timeout,
+                clinic.clone(),
+                gate.clone(),
+                worker_seed(w),
+            )
+        });
         let mut rec = Recorder::default();
         for h in handles {
             match h.await {
@@ -313,17 +309,15 @@ impl BookingRunner {
         stop: Stop,
     ) -> ContentionSummary {
         let gate = Arc::new(Gate::new(stop));
-        let handles: Vec<_> = (0..concurrency.max(1))
-            .map(|w| {
-                tokio::spawn(contention_worker(
-                    self.target.clone(),
-                    self.timeout,
-                    clinic.clone(),
-                    gate.clone(),
-                    worker_seed(w),
-                ))
-            })
-            .collect();
+        let handles = spawn_workers(concurrency, |w| {
+            contention_worker(
+                self.target.clone(),
+                self.timeout,
+                clinic.clone(),
+                gate.clone(),
+                worker_seed(w),
+            )
+        });
         let mut attempts = Recorder::default();
         let mut cancel = Recorder::default();
         let (mut created, mut conflicts, mut unknown) = (0, 0, 0);
@@ -469,6 +463,20 @@ impl SlotQueue {
             q.push_back(i);
         }
     }
+}
+
+/// Spawn `concurrency` (at least one) workers, worker `w` running `f(w)`.
+fn spawn_workers<T, F>(
+    concurrency: usize,
+    mut f: impl FnMut(usize) -> F,
+) -> Vec<tokio::task::JoinHandle<T>>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    (0..concurrency.max(1))
+        .map(|w| tokio::spawn(f(w)))
+        .collect()
 }
 
 /// A seed for worker `w`'s random numbers: the clock, mixed with the worker's number.

@@ -1696,26 +1696,12 @@ pub(crate) fn search_in_sort_order(
     });
     page.arg(" LIMIT ?", usize_i64(q.count));
     page.arg(" OFFSET ?", usize_i64(q.offset));
-    let rows: Vec<(String, i64, i64, i64)> = conn
-        .prepare_cached(&page.sql)
-        .and_then(|mut s| {
-            s.query_map(params_from_iter(page.args.iter()), |r| {
-                Ok((r.get(1)?, r.get(0)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect()
-        })
-        .map_err(db)?;
+    let rows = page_rows(conn, &page)?;
     if rows.len() < q.count {
         return Ok(None);
     }
     let total = if with_total && q.want_total {
-        let filter = from_where_driven(q, None);
-        let sql = format!("SELECT COUNT(*){}", filter.sql);
-        let n: i64 = conn
-            .prepare_cached(&sql)
-            .and_then(|mut s| s.query_row(params_from_iter(filter.args.iter()), |r| r.get(0)))
-            .map_err(db)?;
-        Some(to_u64(n))
+        Some(count_matches(conn, &from_where_driven(q, None))?)
     } else {
         None
     };
@@ -1723,6 +1709,29 @@ pub(crate) fn search_in_sort_order(
         resources: with_json(conn, q.rtype, rows.into_iter())?,
         total,
     }))
+}
+
+/// `SELECT COUNT(*)` of a search's `FROM ... WHERE ...`.
+fn count_matches(conn: &Connection, filter: &Frag<'_>) -> Result<u64> {
+    let sql = format!("SELECT COUNT(*){}", filter.sql);
+    let n: i64 = conn
+        .prepare_cached(&sql)
+        .and_then(|mut s| s.query_row(params_from_iter(filter.args.iter()), |r| r.get(0)))
+        .map_err(db)?;
+    Ok(to_u64(n))
+}
+
+/// The matches `(id, rid, version, last_updated_ms)` of a page statement selecting
+/// `r.rid, r.id, r.version, r.last_updated_ms`.
+fn page_rows(conn: &Connection, page: &Frag<'_>) -> Result<Vec<(String, i64, i64, i64)>> {
+    conn.prepare_cached(&page.sql)
+        .and_then(|mut s| {
+            s.query_map(params_from_iter(page.args.iter()), |r| {
+                Ok((r.get(1)?, r.get(0)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect()
+        })
+        .map_err(db)
 }
 
 /// [`search_statement`] driven by clause `driver` (`None`: every clause a set to walk). Whichever the driver,
@@ -1735,12 +1744,7 @@ pub(crate) fn search_driven(
 ) -> Result<SearchResult> {
     let filter = from_where_driven(q, driver);
     let total = if with_total && q.want_total {
-        let sql = format!("SELECT COUNT(*){}", filter.sql);
-        let n: i64 = conn
-            .prepare_cached(&sql)
-            .and_then(|mut s| s.query_row(params_from_iter(filter.args.iter()), |r| r.get(0)))
-            .map_err(db)?;
-        Some(to_u64(n))
+        Some(count_matches(conn, &filter)?)
     } else {
         None
     };
@@ -1758,15 +1762,7 @@ pub(crate) fn search_driven(
     page.append(order_by(q));
     page.arg(" LIMIT ?", usize_i64(q.count));
     page.arg(" OFFSET ?", usize_i64(q.offset));
-    let rows: Vec<(String, i64, i64, i64)> = conn
-        .prepare_cached(&page.sql)
-        .and_then(|mut s| {
-            s.query_map(params_from_iter(page.args.iter()), |r| {
-                Ok((r.get(1)?, r.get(0)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect()
-        })
-        .map_err(db)?;
+    let rows = page_rows(conn, &page)?;
 
     // Phase 2: the JSON of each, by primary key.
     Ok(SearchResult {

@@ -126,7 +126,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                      \n  --only auth      reads and identifier searches with authentication on beside off, written to target/bench/results-auth.md\
                      \n  --only booking   only the booking runs (Carebridge alone), written to target/bench/results-booking.md\
                      \n  --only hl7       only the HL7 v2 parse and MLLP ingest runs, written to target/bench/results-hl7.md\
-                     \n  --only postgres  creates and bookings on SQLite, PostgreSQL and two PostgreSQL processes, written to target/bench/results-postgres.md\
+                     \n  --only postgres  creates, bookings and free-slot searches on SQLite, PostgreSQL and two PostgreSQL processes, written to target/bench/results-postgres.md\
                      \n  --only mesh      1,000-message MESH round trip through mesh-sandbox beside mesh-client, written to target/bench/results-mesh.md\
                      \n  --only validation  in-process validation of the benchmark Patient beside fhir.resources, written to target/bench/results-validation.md"
                 );

@@ -1,6 +1,7 @@
-//! `cargo xtask bench --only postgres`: the create and booking benchmarks on the embedded store, on PostgreSQL
-//! with one hub process, and on PostgreSQL with two hub processes sharing the database (the client load split
-//! between them), all in the same run against a throwaway cluster. Writes `target/bench/results-postgres.md`.
+//! `cargo xtask bench --only postgres`: the create, booking and free-slot search benchmarks on the embedded
+//! store, on PostgreSQL with one hub process, and on PostgreSQL with two hub processes sharing the database
+//! (the client load split between them), all in the same run against a throwaway cluster. Writes
+//! `target/bench/results-postgres.md`.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -112,8 +113,12 @@ fn database(carebridge: &Path, server_url: &str, name: &str) -> Result<String, S
     }
 }
 
-/// Run `cb-loadgen` on each URL at once (concurrency split between them); returns the summed rate of
-/// `rate_key` and the worst p99 (µs) of the JSON lines of `scenario`.
+/// Run `cb-loadgen` on each URL at once (concurrency split between them, `extra` arguments added); returns
+/// the summed rate of `rate_key` and the worst p99 (µs) of the JSON lines of `scenario`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per benchmark row, each naming every setting"
+)]
 fn load(
     loadgen: &Path,
     urls: &[String],
@@ -122,6 +127,7 @@ fn load(
     duration: &str,
     nhs_base: u64,
     rate_key: &str,
+    extra: &[String],
 ) -> Result<(f64, f64), String> {
     let per = (total_c / urls.len() as u32).max(1);
     let handles: Vec<_> = urls
@@ -145,6 +151,7 @@ fn load(
                 "200",
             ])
             .args(["--nhs-start", &(nhs_base + i as u64 * 90_000).to_string()])
+            .args(extra)
             .stdin(Stdio::null());
             std::thread::spawn(move || cmd.output())
         })
@@ -195,6 +202,8 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
     let cluster = crate::pg::ensure_cluster()?;
     let tmp = TempDir::create()?;
     let duration = if quick { "4s" } else { "10s" };
+    // Slots of each `free-slots` loadgen's schedule (each process's loadgen makes its own).
+    let free_slots = if quick { 10_000 } else { 50_000 };
     let c = 32;
     let mut rows = Vec::new();
     let setups: [(&str, usize); 3] = [
@@ -230,6 +239,7 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
             duration,
             (n as u64 * 10 + 1) * 90_000,
             "ok_per_s",
+            &[],
         )?;
         progress(&format!("{name}: book c={c}"));
         let book = load(
@@ -240,8 +250,20 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
             duration,
             (n as u64 * 10 + 5) * 90_000,
             "bookings_per_s",
+            &[],
         )?;
-        rows.push((name.to_string(), create, book));
+        progress(&format!("{name}: free-slots c={c}"));
+        let free = load(
+            &loadgen,
+            &urls,
+            "free-slots",
+            c,
+            duration,
+            (n as u64 * 10 + 8) * 90_000,
+            "ok_per_s",
+            &["--slots".to_string(), free_slots.to_string()],
+        )?;
+        rows.push((name.to_string(), create, book, free));
         drop(hubs);
     }
     drop(cluster);
@@ -249,18 +271,19 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
     let _ = writeln!(md, "## PostgreSQL and two processes\n");
     let _ = writeln!(
         md,
-        "`cb-loadgen` at C={c} in total ({duration} per run after a 2 s warm-up); with two processes the connections are split between them (two loadgen processes). PostgreSQL 15 from Debian, a throwaway cluster on this machine (Unix socket, fsync on), one fresh database per setup. Everything shares the machine's 2 cores.\n"
+        "`cb-loadgen` at C={c} in total ({duration} per run after a 2 s warm-up); with two processes the connections are split between them (two loadgen processes). PostgreSQL 15 from Debian, a throwaway cluster on this machine (Unix socket, fsync on), one fresh database per setup. Everything shares the machine's 2 cores. Free-slot searches: one day's free slots of a schedule of {free_slots} 15-minute slots (`Slot?schedule=..&status=free&start=ge{{day}}&start=lt{{next day}}`), a random day per search; with two processes each loadgen searches a schedule of its own.\n"
     );
     let _ = writeln!(
         md,
-        "| setup | creates/s | create p99 | bookings/s | book p99 |\n|---|---|---|---|---|"
+        "| setup | creates/s | create p99 | bookings/s | book p99 | free-slot searches/s | search p99 |\n|---|---|---|---|---|---|---|"
     );
-    for (name, (cr, cp), (br, bp)) in &rows {
+    for (name, (cr, cp), (br, bp), (fr, fp)) in &rows {
         let _ = writeln!(
             md,
-            "| {name} | {cr:.0} | {:.1} ms | {br:.0} | {:.1} ms |",
+            "| {name} | {cr:.0} | {:.1} ms | {br:.0} | {:.1} ms | {fr:.0} | {:.1} ms |",
             cp / 1000.0,
-            bp / 1000.0
+            bp / 1000.0,
+            fp / 1000.0
         );
     }
     let sqlite_book = rows.first().map(|r| r.2.0).unwrap_or(f64::NAN);

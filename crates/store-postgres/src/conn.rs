@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 
 use store::{Result, StoreError};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 /// Most distinct statements kept per connection; past it the cache starts again (search SQL is built from
@@ -110,6 +110,16 @@ impl Conn {
     pub(crate) async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64> {
         let s = self.statement(sql).await?;
         self.client.execute(&s, params).await.map_err(db)
+    }
+
+    /// Rows of `sql` sent unprepared (an unnamed statement, in one round trip), so PostgreSQL plans it for
+    /// these values every time.
+    pub(crate) async fn query_typed(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>> {
+        self.client.query_typed(sql, params).await.map_err(db)
     }
 
     /// Run one or more statements with the simple query protocol (no parameters): one round trip.

@@ -212,8 +212,15 @@ INSERT INTO outbox (seq, subject, subject_seq, kind, rtype, id, version, time_ms
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
                      $7::bigint[], $8::bigint[], $9::text[])";
 
+/// The irregular date parameters a batch's index rows show (`store::irregular_dates`), listed in kv with
+/// those rows. Listings are never removed, so writing one again changes nothing.
+const LIST_IRREGULAR: &str = "
+INSERT INTO kv (namespace, key, value)
+SELECT n, k, '' FROM unnest($1::text[], $2::text[]) AS l(n, k)
+ON CONFLICT (namespace, key) DO NOTHING";
+
 /// Every statement a flush may send, prepared before any is sent (so that they go out in this order).
-const FLUSH_STATEMENTS: [&str; 8] = [
+const FLUSH_STATEMENTS: [&str; 9] = [
     INSERT_RESOURCES,
     INSERT_VERSIONS,
     REPLACE_TOKENS,
@@ -222,10 +229,11 @@ const FLUSH_STATEMENTS: [&str; 8] = [
     REPLACE_REFERENCES,
     UPSERT_SUBJECTS,
     INSERT_EVENTS,
+    LIST_IRREGULAR,
 ];
 
 /// The prepared statements of a flush, in [`FLUSH_STATEMENTS`] order.
-pub(crate) struct FlushStatements([Statement; 8]);
+pub(crate) struct FlushStatements([Statement; 9]);
 
 /// Prepare every statement a flush may send (from the connection's cache once done). Given them, a
 /// [`flush`] future sends all its statements on its first poll, without waiting for anything, so a
@@ -331,8 +339,13 @@ pub(crate) async fn flush(
     }
     let mut idx = IndexCols::default();
     let touched: Vec<i64> = index.keys().copied().collect();
+    let (mut list_ns, mut list_key): (Vec<&str>, Vec<String>) = (Vec::new(), Vec::new());
     for (rid, (rtype, entries)) in &index {
         idx.add(*rid, *rtype, entries);
+        for (namespace, key) in store::irregular_dates(*rtype, entries) {
+            list_ns.push(namespace);
+            list_key.push(key);
+        }
     }
     let (subj_name, subj_seq): (Vec<&str>, Vec<i64>) = subjects.into_iter().unzip();
     let [
@@ -344,6 +357,7 @@ pub(crate) async fn flush(
         replace_references,
         upsert_subjects,
         insert_events,
+        list_irregular,
     ] = &statements.0;
     let idx_rows = !touched.is_empty();
     // Each future sends its request on its first poll, and `join!` polls them in order: the statements go
@@ -407,6 +421,7 @@ pub(crate) async fn flush(
         &ev.time_ms,
         &ev.data,
     ];
+    let p_list_irregular: [&(dyn ToSql + Sync); 2] = [&list_ns, &list_key];
     let results = tokio::join!(
         biased;
         exec_if(c, !res.rid.is_empty(), insert_resources, &p_insert_resources),
@@ -417,6 +432,7 @@ pub(crate) async fn flush(
         exec_if(c, idx_rows, replace_references, &p_replace_references),
         exec_if(c, !subj_name.is_empty(), upsert_subjects, &p_upsert_subjects),
         exec_if(c, !ev.seq.is_empty(), insert_events, &p_insert_events),
+        exec_if(c, !list_ns.is_empty(), list_irregular, &p_list_irregular),
     );
     results.0?;
     results.1?;
@@ -426,6 +442,7 @@ pub(crate) async fn flush(
     results.5?;
     results.6?;
     results.7?;
+    results.8?;
     for b in bufs.iter_mut() {
         b.written = Written {
             versions: b.versions.len(),

@@ -167,6 +167,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE idx_string ADD COLUMN exact TEXT COLLATE "C" NOT NULL DEFAULT '';
     DROP INDEX idx_string_lookup;
     "#,
+    // 3: list the date parameters stored irregularly before writes listed them (`store::irregular_dates`):
+    // several rows for one resource under `store:multi-valued`, a row wider than an instant under
+    // `store:wide`. Listing a parameter the searches never combine is harmless (it is never looked up).
+    r#"
+    INSERT INTO kv (namespace, key, value)
+    SELECT DISTINCT 'store:multi-valued', rtype || ' ' || param, '' FROM idx_date
+    GROUP BY rtype, param, rid HAVING count(*) > 1
+    ON CONFLICT (namespace, key) DO NOTHING;
+    INSERT INTO kv (namespace, key, value)
+    SELECT DISTINCT 'store:wide', rtype || ' ' || param, '' FROM idx_date WHERE high_ms - low_ms > 999
+    ON CONFLICT (namespace, key) DO NOTHING;
+    "#,
 ];
 
 /// Migration 2's data step: every old `param:exact` row (the value as sent) becomes one row of `param` with

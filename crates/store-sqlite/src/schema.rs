@@ -209,6 +209,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         ('idx_string', 'idx_string', '3000000 300000 50000 3 2 1'),
         ('idx_string', 'idx_string_rid', '3000000 3 2');
     "#,
+    // 5: list the date parameters stored irregularly before writes listed them (`store::irregular_dates`):
+    // several rows for one resource under `store:multi-valued`, a row wider than an instant under
+    // `store:wide`. Listing a parameter the searches never combine is harmless (it is never looked up).
+    r#"
+    INSERT OR IGNORE INTO kv (namespace, key, value)
+    SELECT DISTINCT 'store:multi-valued', rtype || ' ' || param, '' FROM idx_date
+    GROUP BY rtype, param, rid HAVING count(*) > 1;
+    INSERT OR IGNORE INTO kv (namespace, key, value)
+    SELECT DISTINCT 'store:wide', rtype || ' ' || param, '' FROM idx_date WHERE high_ms - low_ms > 999;
+    "#,
 ];
 
 /// Data steps of migrations that SQL alone cannot do, run in the migration's transaction after its SQL:

@@ -7,8 +7,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params, params_from_iter};
 use serde_json::Value;
 use store::{
     Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
-    HistoryQuery, IdempotencyRecord, IndexValue, NewEvent, Predicate, Put, ResourceType, Result,
-    SearchQuery, SearchResult, Sort, SortField, StoreError, Stored,
+    HistoryQuery, IdempotencyRecord, IndexValue, MULTI_VALUED, NewEvent, Predicate, Put,
+    ResourceType, Result, SearchQuery, SearchResult, Sort, SortField, StoreError, Stored, WIDE,
 };
 
 /// A driver error as a [`StoreError`] (the text is for logs).
@@ -447,42 +447,12 @@ pub(crate) fn replay_put(conn: &Connection, record: &PutRecord) -> Result<()> {
     write_put(conn, current, record)
 }
 
-/// kv namespace (never used by callers) of the (type, date parameter) pairs that are single-valued by their
-/// FHIR definition but were stored with several values for one resource (key `Type param`). The store takes
-/// index rows as given; while a pair is listed here, searches do not combine its range clauses into one range
-/// over a single row (see [`choose_driver_within`]).
-const MULTI_VALUED: &str = "store:multi-valued";
-
-/// kv namespace of the [`fhir::instant_param`] pairs stored with a row wider than
-/// [`fhir::INSTANT_WIDTH_MS`] (key `Type param`); while a pair is listed, searches do not bound its rows'
-/// start by the width of an instant (see [`choose_driver_within`]).
-const WIDE: &str = "store:wide";
-
-/// Note in [`MULTI_VALUED`] each single-valued date parameter this put gives several rows, and in [`WIDE`]
-/// each instant parameter it gives a row wider than an instant.
+/// List in [`MULTI_VALUED`] / [`WIDE`] what this put makes irregular (see `store::irregular_dates`).
 fn note_irregular_dates(conn: &Connection, r: &PutRecord) -> Result<()> {
-    let dates = r.index.iter().filter_map(|e| match e.value {
-        IndexValue::Date { low_ms, high_ms } => Some((e.param, low_ms, high_ms)),
-        _ => None,
-    });
-    for (i, (param, low_ms, high_ms)) in dates.clone().enumerate() {
-        let repeated = dates.clone().skip(i + 1).any(|(p, _, _)| p == param);
-        let wide = high_ms.saturating_sub(low_ms) > fhir::INSTANT_WIDTH_MS;
-        for (namespace, listed) in [
-            (
-                MULTI_VALUED,
-                repeated && fhir::single_valued(r.rtype, param),
-            ),
-            (WIDE, wide && fhir::instant_param(r.rtype, param)),
-        ] {
-            if listed {
-                conn.prepare_cached(
-                    "INSERT OR IGNORE INTO kv (namespace, key, value) VALUES (?1, ?2, '')",
-                )
-                .and_then(|mut s| s.execute(params![namespace, format!("{} {param}", r.rtype)]))
-                .map_err(db)?;
-            }
-        }
+    for (namespace, key) in store::irregular_dates(r.rtype, &r.index) {
+        conn.prepare_cached("INSERT OR IGNORE INTO kv (namespace, key, value) VALUES (?1, ?2, '')")
+            .and_then(|mut s| s.execute(params![namespace, key]))
+            .map_err(db)?;
     }
     Ok(())
 }
@@ -1405,16 +1375,9 @@ fn choose_driver_within<'a>(
                     high_ms,
                 },
             ) = (narrow, &mut merged, p)
+                && let Some(t) = store::instant_start_floor(*cmp, *low_ms, *high_ms)
             {
-                // What the comparison requires of the row's end, as a bound on its start.
-                let ends_from = match cmp {
-                    Cmp::Ge | Cmp::Ap => Some(*low_ms),
-                    Cmp::Gt => Some(*high_ms),
-                    _ => None,
-                };
-                if let Some(t) = ends_from {
-                    f.arg(" AND low_ms >= ?", t.saturating_sub(fhir::INSTANT_WIDTH_MS));
-                }
+                f.arg(" AND low_ms >= ?", t);
             }
         }
         probes.extend(merged.map(|m| (None, m)));

@@ -992,6 +992,76 @@ async fn migration_4_merges_exact_string_rows() {
     assert_eq!(found("name", "dr", Some("Dr")).await, 1);
 }
 
+/// A database at schema version 4 (before writes listed irregular date parameters) is migrated with its
+/// irregular rows listed: a Slot with two starts under `store:multi-valued`, one wider than an instant under
+/// `store:wide`, nothing for regular rows; a range search then finds the Slot through its two starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_5_lists_irregular_dates() {
+    use store::{Cmp, Predicate, SearchQuery};
+
+    let dir = TempDir::new("migrate5");
+    {
+        let mut conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let tx = conn.transaction().unwrap();
+        for sql in &crate::schema::MIGRATIONS[..4] {
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.execute_batch(
+            r#"INSERT INTO resources (rid, rtype, id, version, last_updated_ms, deleted) VALUES
+                 (1, 'Slot', 'one', 1, 1000, 0), (2, 'Slot', 'two', 1, 1000, 0),
+                 (3, 'Appointment', 'wide', 1, 1000, 0);
+             INSERT INTO versions (rid, rtype, version, last_updated_ms, deleted, json) VALUES
+                 (1, 'Slot', 1, 1000, 0, '{"resourceType":"Slot","id":"one"}'),
+                 (2, 'Slot', 1, 1000, 0, '{"resourceType":"Slot","id":"two"}'),
+                 (3, 'Appointment', 1, 1000, 0, '{"resourceType":"Appointment","id":"wide"}');
+             INSERT INTO idx_date (rtype, param, low_ms, high_ms, rid) VALUES
+                 ('Slot', 'start', 50000, 50999, 1),
+                 ('Slot', 'start', 10000, 10000, 2), ('Slot', 'start', 90000, 90000, 2),
+                 ('Appointment', 'date', 0, 86399999, 3);
+             PRAGMA user_version = 4;"#,
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+    assert_eq!(user_version(dir.path()), SqliteStore::schema_version());
+    let listed: Vec<(String, String)> = {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let mut s = conn
+            .prepare("SELECT namespace, key FROM kv WHERE namespace LIKE 'store:%' ORDER BY 1, 2")
+            .unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    let pair = |n: &str, k: &str| (n.to_string(), k.to_string());
+    assert_eq!(
+        listed,
+        vec![
+            pair("store:multi-valued", "Slot start"),
+            pair("store:wide", "Appointment date"),
+        ]
+    );
+    let day = |cmp: Cmp, ms: i64| Predicate::Date {
+        cmp,
+        low_ms: ms,
+        high_ms: ms,
+    };
+    let q = SearchQuery::new(ResourceType::Slot)
+        .with("start", day(Cmp::Ge, 80000))
+        .with("start", day(Cmp::Lt, 20000));
+    let found: Vec<String> = store
+        .search(&q)
+        .await
+        .unwrap()
+        .resources
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(found, vec!["two".to_string()]);
+}
+
 /// The lookup fast path of `search` answers exactly as the single statement does: same matches, same order,
 /// same page and total, deleted and other-type resources left out, a resource matched by two alternatives
 /// listed once, and past `LOOKUP_LIMIT` index rows the statement answers.

@@ -133,3 +133,56 @@ pub fn reference_rows<'p>(rtype: ResourceType, param: &'p str, target: &str) -> 
         .is_some_and(|def| def.targets.iter().any(|t| t.as_str() == ty))
         .then_some(base)
 }
+
+/// kv namespace (never used by callers) of the (type, date parameter) pairs that are single-valued by their
+/// FHIR definition (`fhir::single_valued`) but were stored with several values for one resource (key
+/// `Type param`). The backends take index rows as given; while a pair is listed here, a search does not
+/// combine its range clauses into one range over a single row.
+pub const MULTI_VALUED: &str = "store:multi-valued";
+
+/// kv namespace of the `fhir::instant_param` pairs stored with a row wider than `fhir::INSTANT_WIDTH_MS`
+/// (key `Type param`); while a pair is listed, a search does not bound its rows' start by the width of an
+/// instant.
+pub const WIDE: &str = "store:wide";
+
+/// The `(namespace, key)` pairs of [`MULTI_VALUED`] and [`WIDE`] that a put of a `rtype` resource with index
+/// rows `index` lists: each single-valued date parameter it gives several rows, each instant parameter it
+/// gives a row wider than an instant. Empty for a regular resource. Backends write them in the put's
+/// transaction, so a listing commits (and replays) with the rows that caused it.
+pub fn irregular_dates(
+    rtype: ResourceType,
+    index: &[crate::IndexEntry],
+) -> Vec<(&'static str, String)> {
+    let dates = index.iter().filter_map(|e| match e.value {
+        crate::IndexValue::Date { low_ms, high_ms } => Some((e.param, low_ms, high_ms)),
+        _ => None,
+    });
+    let mut listed: Vec<(&'static str, String)> = Vec::new();
+    for (i, (param, low_ms, high_ms)) in dates.clone().enumerate() {
+        let repeated = dates.clone().skip(i + 1).any(|(p, _, _)| p == param);
+        let wide = high_ms.saturating_sub(low_ms) > fhir::INSTANT_WIDTH_MS;
+        for (namespace, irregular) in [
+            (MULTI_VALUED, repeated && fhir::single_valued(rtype, param)),
+            (WIDE, wide && fhir::instant_param(rtype, param)),
+        ] {
+            let key = format!("{rtype} {param}");
+            if irregular && !listed.iter().any(|(n, k)| *n == namespace && *k == key) {
+                listed.push((namespace, key));
+            }
+        }
+    }
+    listed
+}
+
+/// The lower bound on a row's start that a date comparison implies when the row spans at most
+/// `fhir::INSTANT_WIDTH_MS` (an `fhir::instant_param` not listed in [`WIDE`]): a row that must end at or
+/// after `t` starts at or after `t - INSTANT_WIDTH_MS`. `None` when the comparison bounds the row's end from
+/// above only (its start is bounded already, or not at all).
+pub fn instant_start_floor(cmp: Cmp, low_ms: i64, high_ms: i64) -> Option<i64> {
+    let ends_from = match cmp {
+        Cmp::Ge | Cmp::Ap => low_ms,
+        Cmp::Gt => high_ms,
+        _ => return None,
+    };
+    Some(ends_from.saturating_sub(fhir::INSTANT_WIDTH_MS))
+}

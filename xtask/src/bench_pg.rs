@@ -113,23 +113,20 @@ fn database(carebridge: &Path, server_url: &str, name: &str) -> Result<String, S
     }
 }
 
-/// Run `cb-loadgen` on each URL at once (concurrency split between them, `extra` arguments added); returns
-/// the summed rate of `rate_key` and the worst p99 (µs) of the JSON lines of `scenario`.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call per benchmark row, each naming every setting"
-)]
+/// Run `cb-loadgen` on each URL at once (concurrency split between them, `extra` arguments added) with
+/// `scenarios` in turn; returns per scenario the summed rate (bookings/s for `book`, responses/s for the
+/// others) and the worst p99 (µs) of its JSON lines.
 fn load(
     loadgen: &Path,
     urls: &[String],
-    scenario: &str,
+    scenarios: &[&str],
     total_c: u32,
     duration: &str,
     nhs_base: u64,
-    rate_key: &str,
     extra: &[String],
-) -> Result<(f64, f64), String> {
+) -> Result<Vec<(f64, f64)>, String> {
     let per = (total_c / urls.len() as u32).max(1);
+    let list = scenarios.join(",");
     let handles: Vec<_> = urls
         .iter()
         .enumerate()
@@ -140,7 +137,7 @@ fn load(
                 url,
                 "--json",
                 "--scenario",
-                scenario,
+                &list,
                 "--concurrency",
                 &per.to_string(),
                 "--duration",
@@ -156,34 +153,100 @@ fn load(
             std::thread::spawn(move || cmd.output())
         })
         .collect();
-    let (mut rate, mut p99) = (0f64, 0f64);
+    let mut totals = vec![(0f64, 0f64); scenarios.len()];
     for h in handles {
         let out = h
             .join()
             .map_err(|_| "loadgen thread panicked".to_string())?
             .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .find(|l| json_field(l, "scenario").is_some_and(|s| s.trim_matches('"') == scenario))
-            .ok_or_else(|| {
-                format!(
-                    "cb-loadgen gave no {scenario} result: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )
-            })?
-            .to_string();
-        rate += json_field(&line, rate_key)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        p99 = p99.max(
-            json_field(&line, "p99_us")
+        for (scenario, (rate, p99)) in scenarios.iter().zip(totals.iter_mut()) {
+            let line = text
+                .lines()
+                .filter(|l| l.starts_with('{'))
+                .find(|l| {
+                    json_field(l, "scenario").is_some_and(|s| s.trim_matches('"') == *scenario)
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "cb-loadgen gave no {scenario} result: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )
+                })?;
+            let rate_key = if *scenario == "book" {
+                "bookings_per_s"
+            } else {
+                "ok_per_s"
+            };
+            *rate += json_field(line, rate_key)
                 .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0),
-        );
+                .unwrap_or(0.0);
+            *p99 = p99.max(
+                json_field(line, "p99_us")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0),
+            );
+        }
     }
-    Ok((rate, p99))
+    Ok(totals)
+}
+
+/// One setup's rows: creates, bookings, free-slot searches, reads, identifier searches (rate, p99 µs).
+struct Rows {
+    name: String,
+    create: (f64, f64),
+    book: (f64, f64),
+    free: (f64, f64),
+    read: (f64, f64),
+    search: (f64, f64),
+}
+
+/// `cb-delivery-bench` scenario `scenario` (1 latency, 2 throughput) on a fresh hub of its own, on the
+/// embedded store or on `database`; its report (markdown, paths made relative) and JSON line.
+fn delivery(
+    bench: &Path,
+    carebridge: &Path,
+    root: &Path,
+    scenario: u8,
+    database: Option<&str>,
+    quick: bool,
+) -> Result<(String, String), String> {
+    let mut cmd = Command::new(bench);
+    cmd.arg("--hub-bin")
+        .arg(carebridge)
+        .args(["--json", "--scenarios", &scenario.to_string()]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(url) = database {
+        cmd.args(["--database-url", url]);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running cb-delivery-bench: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).replace(&format!("{}/", root.display()), "");
+    if !out.status.success() {
+        return Err(format!(
+            "cb-delivery-bench exited with {}: {}",
+            out.status,
+            text.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    let json = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default()
+        .to_string();
+    let md: String = text
+        .lines()
+        .filter(|l| !l.starts_with('{') && !l.starts_with("# "))
+        .map(|l| match l.strip_prefix("## ") {
+            Some(rest) => format!("#### {rest}\n"),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    Ok((md, json))
 }
 
 pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
@@ -204,6 +267,8 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
     let duration = if quick { "4s" } else { "10s" };
     // Slots of each `free-slots` loadgen's schedule (each process's loadgen makes its own).
     let free_slots = if quick { 10_000 } else { 50_000 };
+    // Patients each read/search loadgen creates first (the foundation benchmark's 10,000).
+    let seed = if quick { 2_000 } else { 10_000 };
     let c = 32;
     let mut rows = Vec::new();
     let setups: [(&str, usize); 3] = [
@@ -230,65 +295,156 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
                 urls.push(u);
             }
         }
+        let base = n as u64 * 10;
         progress(&format!("{name}: create c={c}"));
         let create = load(
             &loadgen,
             &urls,
-            "create",
+            &["create"],
             c,
             duration,
-            (n as u64 * 10 + 1) * 90_000,
-            "ok_per_s",
+            (base + 1) * 90_000,
             &[],
+        )?;
+        progress(&format!("{name}: read and search-identifier c={c}"));
+        let lookups = load(
+            &loadgen,
+            &urls,
+            &["read", "search-identifier"],
+            c,
+            duration,
+            (base + 2) * 90_000,
+            &["--seed".to_string(), seed.to_string()],
         )?;
         progress(&format!("{name}: book c={c}"));
         let book = load(
             &loadgen,
             &urls,
-            "book",
+            &["book"],
             c,
             duration,
-            (n as u64 * 10 + 5) * 90_000,
-            "bookings_per_s",
+            (base + 5) * 90_000,
             &[],
         )?;
         progress(&format!("{name}: free-slots c={c}"));
         let free = load(
             &loadgen,
             &urls,
-            "free-slots",
+            &["free-slots"],
             c,
             duration,
-            (n as u64 * 10 + 8) * 90_000,
-            "ok_per_s",
+            (base + 8) * 90_000,
             &["--slots".to_string(), free_slots.to_string()],
         )?;
-        rows.push((name.to_string(), create, book, free));
+        rows.push(Rows {
+            name: name.to_string(),
+            create: create[0],
+            book: book[0],
+            free: free[0],
+            read: lookups[0],
+            search: lookups[1],
+        });
         drop(hubs);
+    }
+    // Webhook delivery (commit-to-receipt latency at 1,000 events/s; replay throughput), one process on
+    // each store, each scenario on a fresh database.
+    let bench = rel.join("cb-delivery-bench");
+    let mut deliveries = Vec::new();
+    for (name, pg) in [("embedded store (SQLite)", false), ("PostgreSQL", true)] {
+        for scenario in [1u8, 2] {
+            progress(&format!("{name}: cb-delivery-bench scenario {scenario}"));
+            let db = if pg {
+                Some(database(
+                    &carebridge,
+                    &cluster.url,
+                    &format!("cb_bench_delivery_{scenario}"),
+                )?)
+            } else {
+                None
+            };
+            deliveries.push((
+                name,
+                scenario,
+                delivery(&bench, &carebridge, root, scenario, db.as_deref(), quick),
+            ));
+        }
     }
     drop(cluster);
     let mut md = String::new();
     let _ = writeln!(md, "## PostgreSQL and two processes\n");
     let _ = writeln!(
         md,
-        "`cb-loadgen` at C={c} in total ({duration} per run after a 2 s warm-up); with two processes the connections are split between them (two loadgen processes). PostgreSQL 15 from Debian, a throwaway cluster on this machine (Unix socket, fsync on), one fresh database per setup. Everything shares the machine's 2 cores. Free-slot searches: one day's free slots of a schedule of {free_slots} 15-minute slots (`Slot?schedule=..&status=free&start=ge{{day}}&start=lt{{next day}}`), a random day per search; with two processes each loadgen searches a schedule of its own.\n"
+        "`cb-loadgen` at C={c} in total ({duration} per run after a 2 s warm-up); with two processes the connections are split between them (two loadgen processes). PostgreSQL 15 from Debian, a throwaway cluster on this machine (Unix socket, fsync on), one fresh database per setup. Everything shares the machine's 2 cores. Reads and identifier searches: of {seed} Patients each loadgen creates first. Free-slot searches: one day's free slots of a schedule of {free_slots} 15-minute slots (`Slot?schedule=..&status=free&start=ge{{day}}&start=lt{{next day}}`), a random day per search; with two processes each loadgen works on data of its own.\n"
     );
     let _ = writeln!(
         md,
-        "| setup | creates/s | create p99 | bookings/s | book p99 | free-slot searches/s | search p99 |\n|---|---|---|---|---|---|---|"
+        "| setup | creates/s | create p99 | reads/s | read p99 | identifier searches/s | search p99 | bookings/s | book p99 | free-slot searches/s | search p99 |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
-    for (name, (cr, cp), (br, bp), (fr, fp)) in &rows {
+    let ms = |us: f64| us / 1000.0;
+    for r in &rows {
         let _ = writeln!(
             md,
-            "| {name} | {cr:.0} | {:.1} ms | {br:.0} | {:.1} ms | {fr:.0} | {:.1} ms |",
-            cp / 1000.0,
-            bp / 1000.0,
-            fp / 1000.0
+            "| {} | {:.0} | {:.1} ms | {:.0} | {:.1} ms | {:.0} | {:.1} ms | {:.0} | {:.1} ms | {:.0} | {:.1} ms |",
+            r.name,
+            r.create.0,
+            ms(r.create.1),
+            r.read.0,
+            ms(r.read.1),
+            r.search.0,
+            ms(r.search.1),
+            r.book.0,
+            ms(r.book.1),
+            r.free.0,
+            ms(r.free.1)
         );
     }
-    let sqlite_book = rows.first().map(|r| r.2.0).unwrap_or(f64::NAN);
-    let pg1 = rows.get(1).map(|r| r.2.0).unwrap_or(f64::NAN);
-    let pg2 = rows.get(2).map(|r| r.2.0).unwrap_or(f64::NAN);
+    let _ = writeln!(
+        md,
+        "\n### Webhook delivery (`cb-delivery-bench`, one hub process per store)\n\n\
+         | store | creates/s achieved (of 1,000/s asked) | commit-to-receipt p50 / p99 | received / expected | replay deliveries/s |\n|---|---|---|---|---|"
+    );
+    for name in ["embedded store (SQLite)", "PostgreSQL"] {
+        let of = |scenario: u8| {
+            deliveries
+                .iter()
+                .find(|(n, s, _)| *n == name && *s == scenario)
+                .and_then(|(_, _, r)| r.as_ref().ok())
+                .map(|(_, json)| json.as_str())
+        };
+        // `key` of the JSON line, looked up after `within` (an object's key) when given.
+        let field = |json: Option<&str>, within: Option<&str>, key: &str| {
+            json.and_then(|j| match within {
+                Some(w) => j.find(&format!("\"{w}\":")).map(|at| &j[at..]),
+                None => Some(j),
+            })
+            .and_then(|j| json_field(j, key))
+            .unwrap_or("-")
+            .trim_matches('"')
+            .to_string()
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} ms / {} ms | {} / {} | {} |",
+            field(of(1), Some("created"), "rate"),
+            field(of(1), Some("latency"), "p50_ms"),
+            field(of(1), Some("latency"), "p99_ms"),
+            field(of(1), None, "received"),
+            field(of(1), None, "expected"),
+            field(of(2), None, "deliveries_per_s"),
+        );
+    }
+    for (name, scenario, result) in &deliveries {
+        let _ = writeln!(md, "\n### {name}, delivery scenario {scenario}\n");
+        match result {
+            Ok((report, _)) => md.push_str(report),
+            Err(e) => {
+                let _ = writeln!(md, "FAILED: {e}");
+            }
+        }
+    }
+    let sqlite_book = rows.first().map(|r| r.book.0).unwrap_or(f64::NAN);
+    let pg1 = rows.get(1).map(|r| r.book.0).unwrap_or(f64::NAN);
+    let pg2 = rows.get(2).map(|r| r.book.0).unwrap_or(f64::NAN);
     let _ = writeln!(
         md,
         "\nTargets: PostgreSQL at least {:.0}% of the embedded store's booking rate: **{}** ({:.0}%); two processes faster than one: **{}** ({:.2}x).\n",

@@ -35,12 +35,15 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 usage: cb-delivery-bench --hub-bin PATH [--quick] [--json] [--scenarios LIST] [--durability fsync|os]
+                         [--database-url URL]
 
   --hub-bin PATH        the carebridge binary to start (e.g. target/release/carebridge)
   --quick               short runs: 3 s of load, 3,000 events replayed
   --json                also print one JSON line per scenario
   --scenarios LIST      comma-separated subset of: latency, throughput, dead-subscriber (or 1,2,3) [default: all]
   --durability MODE     passed to the hub as --durability [default: the hub's own, fsync]
+  --database-url URL    run the hub on this migrated PostgreSQL database instead of the embedded store (every
+                        scenario's hub on the same database: give one scenario per run for a fresh one each)
   --rate N              events/s of the latency and dead-subscriber load [default: 1000]
   --connections N       connections creating Patients [default: 32]";
 
@@ -53,6 +56,7 @@ struct Args {
     json: bool,
     scenarios: Vec<u8>,
     durability: Option<String>,
+    database_url: Option<String>,
     rate: f64,
     connections: usize,
 }
@@ -79,6 +83,10 @@ impl Args {
             v.push("--durability".into());
             v.push(d.clone());
         }
+        if let Some(url) = &self.database_url {
+            v.push("--database-url".into());
+            v.push(url.clone());
+        }
         v
     }
 }
@@ -95,6 +103,7 @@ fn parse_args() -> Args {
         json: false,
         scenarios: vec![1, 2, 3],
         durability: None,
+        database_url: None,
         rate: 1000.0,
         connections: 32,
     };
@@ -124,6 +133,10 @@ fn parse_args() -> Args {
             "--durability" => match it.next().as_deref() {
                 Some(d @ ("fsync" | "os")) => a.durability = Some(d.to_string()),
                 _ => usage("--durability must be fsync or os"),
+            },
+            "--database-url" => match it.next() {
+                Some(url) if !url.trim().is_empty() => a.database_url = Some(url),
+                _ => usage("--database-url needs a PostgreSQL URL"),
             },
             "--rate" => match it.next().and_then(|v| v.parse::<f64>().ok()) {
                 Some(r) if (1.0..=100_000.0).contains(&r) => a.rate = r,
@@ -181,10 +194,15 @@ async fn run(a: &Args) -> i32 {
     let machine = Machine::now();
     println!("# Carebridge webhook delivery benchmark\n");
     println!(
-        "machine: nproc {}, load average {} (uptime, before the run); hub: {}; durability: {}; mode: {}\n",
+        "machine: nproc {}, load average {} (uptime, before the run); hub: {}; store: {}; durability: {}; mode: {}\n",
         machine.nproc,
         machine.load,
         a.hub_bin.display(),
+        if a.database_url.is_some() {
+            "PostgreSQL"
+        } else {
+            "embedded (SQLite)"
+        },
         a.durability_label(),
         if a.quick { "quick" } else { "full" }
     );

@@ -172,6 +172,8 @@ struct WriteTx<'c> {
     changes: Vec<Change>,
     /// The highest outbox seq this job appended, for the events watch.
     last_seq: Option<i64>,
+    /// Deliveries this job enqueued or requeued (growth of the delivery tables, for the [`Analyzer`]).
+    deliveries: u64,
     /// This job's held-back rows, and those of the jobs kept before it in the batch.
     own: JobBuf,
     kept: &'c mut Vec<JobBuf>,
@@ -333,6 +335,7 @@ impl Tx for WriteTx<'_> {
             &event.subject,
         ));
         let inserted = self.direct(r)?;
+        self.deliveries += u64::from(inserted);
         // A refused (existing) delivery changed nothing: nothing to replay.
         if self.record && inserted {
             self.changes.push(Change::Enqueue {
@@ -381,6 +384,7 @@ impl Tx for WriteTx<'_> {
             .rt
             .block_on(sql::requeue_dead(self.conn, self.now_ms, subscription));
         let count = self.direct(r)?;
+        self.deliveries += count;
         if self.record && count > 0 {
             self.changes.push(Change::RequeueDead {
                 subscription: subscription.to_string(),
@@ -398,6 +402,8 @@ struct Kept {
     changes: Vec<Change>,
     /// The highest outbox seq the job appended.
     last_seq: Option<i64>,
+    /// Deliveries the job enqueued or requeued.
+    deliveries: u64,
 }
 
 pub(crate) struct Writer {
@@ -430,6 +436,11 @@ const ANALYZE_MIN_ROWS: u64 = 2_000;
 /// `ANALYZE` runs on a connection of its own, in a thread of its own, never inside a write batch. The
 /// threshold grows with the table, so a large store is analyzed rarely.
 ///
+/// Deliveries enqueued or requeued count as growth too: a `$replay` puts tens of thousands of rows into the
+/// delivery tables at once, and the dispatcher's and writer's prepared statements on them (a delivery by
+/// primary key, the next due time) had generic plans made while they were empty, whole-table scans kept
+/// until the next ANALYZE (which invalidates them): each took milliseconds instead of microseconds.
+///
 /// Past a tenth of the table (autovacuum's own threshold) it also runs, at most once per
 /// [`ANALYZE_EVERY`]: the slots of a schedule generated into a large store have a reference value absent from
 /// the statistics, estimated at one row, so a day search was driven through all 50,000 of them (700 ms
@@ -438,7 +449,7 @@ const ANALYZE_MIN_ROWS: u64 = 2_000;
 pub(crate) struct Analyzer {
     config: Config,
     running: Arc<std::sync::atomic::AtomicBool>,
-    /// Versions committed by this process since the last ANALYZE started.
+    /// Versions and deliveries committed by this process since the last ANALYZE started.
     grown: u64,
     /// Rows of `versions` at the last ANALYZE (PostgreSQL's estimate when the store opened).
     base: u64,
@@ -460,10 +471,10 @@ impl Analyzer {
         }
     }
 
-    /// A batch that wrote `versions` resource versions was committed.
-    fn committed(&mut self, versions: u64) {
+    /// A batch that wrote `rows` resource versions and deliveries was committed.
+    fn committed(&mut self, rows: u64) {
         use std::sync::atomic::Ordering;
-        self.grown += versions;
+        self.grown += rows;
         let due = self.grown >= ANALYZE_MIN_ROWS.max(self.base / 2)
             || (self.grown >= ANALYZE_MIN_ROWS.max(self.base / 10)
                 && self.last.is_none_or(|t| t.elapsed() >= ANALYZE_EVERY));
@@ -829,6 +840,7 @@ impl Writer {
                 record: !savepoints,
                 changes: Vec::new(),
                 last_seq: None,
+                deliveries: 0,
                 own: JobBuf::default(),
                 kept: &mut bufs,
                 seen: &mut seen,
@@ -845,6 +857,7 @@ impl Writer {
             let mut veto = tx.broken.take();
             let changes = std::mem::take(&mut tx.changes);
             let last_seq = tx.last_seq;
+            let deliveries = tx.deliveries;
             let touched = tx.touched || veto.is_some();
             let own = std::mem::take(&mut tx.own);
 
@@ -912,6 +925,7 @@ impl Writer {
                     now_ms,
                     changes,
                     last_seq,
+                    deliveries,
                 });
                 bufs.push(own);
             } else {
@@ -936,6 +950,7 @@ impl Writer {
         // statement fails, the transaction is aborted and PostgreSQL turns the COMMIT into a ROLLBACK, so
         // the flush's error decides.
         let versions: usize = bufs.iter().map(JobBuf::version_count).sum();
+        let deliveries: u64 = kept.iter().map(|k| k.deliveries).sum();
         let committed = match self.conn() {
             Ok(conn) => {
                 let mut all: Vec<&mut JobBuf> = bufs.iter_mut().collect();
@@ -960,7 +975,7 @@ impl Writer {
                 for k in kept {
                     (k.finish)(None);
                 }
-                self.analyzer.committed(versions as u64);
+                self.analyzer.committed(versions as u64 + deliveries);
             }
             Err(e) => {
                 self.rollback_all();

@@ -819,6 +819,12 @@ async fn reads_told_ahead_see_earlier_writes_of_the_batch() {
     );
 }
 
+/// The ids of the page `q` finds, in order.
+async fn ids_found(store: &PgStore, q: &SearchQuery) -> Vec<String> {
+    let page = store.search(q).await.unwrap().resources;
+    page.into_iter().map(|s| s.id).collect()
+}
+
 /// Range clauses on `Slot.start` (single-valued, an instant) are read as one bounded range over a single
 /// index row while every Slot has one start no wider than an instant, and as separate clauses once one has
 /// several or a wider one (listed in kv by the put that stored it, in its transaction). Every search
@@ -927,14 +933,7 @@ async fn range_searches_answer_row_by_row_before_and_after_irregular_dates() {
                         .filter(|(id, index)| store::matches(&q, id, 0, index))
                         .map(|(id, _)| id.clone())
                         .collect();
-                    let found: BTreeSet<String> = store
-                        .search(&q)
-                        .await
-                        .unwrap()
-                        .resources
-                        .into_iter()
-                        .map(|s| s.id)
-                        .collect();
+                    let found: BTreeSet<String> = ids_found(&store, &q).await.into_iter().collect();
                     assert_eq!(found, expected, "{when}: {:?}", q.clauses);
                 }
             }
@@ -993,15 +992,7 @@ async fn range_searches_answer_row_by_row_before_and_after_irregular_dates() {
                     .take(count)
                     .map(|(_, id)| id)
                     .collect();
-                let found: Vec<String> = f
-                    .store
-                    .search(&q)
-                    .await
-                    .unwrap()
-                    .resources
-                    .into_iter()
-                    .map(|s| s.id)
-                    .collect();
+                let found = ids_found(&f.store, &q).await;
                 assert_eq!(
                     found, expected,
                     "sorted, desc {descending}, {count}@{offset}: {clauses:?}"

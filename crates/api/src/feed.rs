@@ -369,6 +369,9 @@ pub async fn metrics<S: Store>(State(app): AppState<S>) -> Result<Response, ApiE
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
+/// Events enqueued by one `Tx::enqueue_deliveries` call of a replay.
+const ENQUEUE_CHUNK: usize = 5_000;
+
 /// Deliver again every event of the subscription's criteria from event number `from_seq` and/or time
 /// `since_ms` on (already delivered ones included): new deliveries are enqueued, existing ones requeued.
 /// Returns (requeued, enqueued). Used by `$replay` and by `carebridge deliveries replay`.
@@ -401,10 +404,13 @@ pub async fn replay_from<S: Store>(
     let requeued = store
         .write(move |tx| {
             let mut requeued = 0u64;
-            for ev in &picked {
-                if !tx.enqueue_delivery(&sub, ev)? {
-                    tx.update_delivery(&sub, ev.seq, DeliveryUpdate::Requeue)?;
-                    requeued += 1;
+            for chunk in picked.chunks(ENQUEUE_CHUNK) {
+                let enqueued = tx.enqueue_deliveries(&sub, chunk)?;
+                for (ev, new) in chunk.iter().zip(enqueued) {
+                    if !new {
+                        tx.update_delivery(&sub, ev.seq, DeliveryUpdate::Requeue)?;
+                        requeued += 1;
+                    }
                 }
             }
             Ok(requeued)

@@ -628,6 +628,45 @@ pub(crate) async fn enqueue_delivery(
     Ok(get::<i64>(&row, 0)? > 0)
 }
 
+/// [`ENQUEUE`] for many events in one statement: every new delivery row, and per subject the head of its
+/// lowest new seq (when lower than the subject's head). Returns the seqs inserted (an existing delivery, or
+/// a repeat of a seq earlier in `seqs`, is not).
+const ENQUEUE_MANY: &str = "
+WITH ins AS (
+    INSERT INTO deliveries (subscription, seq, subject, state, attempts, next_attempt_ms, created_ms,
+        updated_ms, last_status, last_error)
+    SELECT $1::text, e.seq, e.subject, 0, 0, $4::bigint, $4::bigint, $4::bigint, NULL, NULL
+    FROM unnest($2::bigint[], $3::text[]) AS e(seq, subject)
+    ON CONFLICT (subscription, seq) DO NOTHING
+    RETURNING seq, subject
+), head AS (
+    INSERT INTO delivery_heads (subscription, subject, seq, next_attempt_ms)
+    SELECT $1::text, subject, MIN(seq), $4::bigint FROM ins GROUP BY subject
+    ON CONFLICT (subscription, subject) DO UPDATE
+        SET seq = EXCLUDED.seq, next_attempt_ms = EXCLUDED.next_attempt_ms
+        WHERE EXCLUDED.seq < delivery_heads.seq
+)
+SELECT seq FROM ins";
+
+/// Enqueue many deliveries of `subscription` (pending, due at `now_ms`) in one round trip; the seqs that
+/// were new.
+pub(crate) async fn enqueue_deliveries(
+    c: &Conn,
+    now_ms: i64,
+    subscription: &str,
+    seqs: &[i64],
+    subjects: &[&str],
+) -> Result<BTreeSet<i64>> {
+    no_nul("subscription", subscription)?;
+    for subject in subjects {
+        no_nul("subject", subject)?;
+    }
+    let rows = c
+        .query(ENQUEUE_MANY, &[&subscription, &seqs, &subjects, &now_ms])
+        .await?;
+    rows.iter().map(|r| get::<i64>(r, 0)).collect()
+}
+
 /// Apply an attempt's outcome or a requeue. `Invalid` (before any change) when the delivery is unknown.
 pub(crate) async fn update_delivery(
     c: &Conn,

@@ -346,6 +346,31 @@ impl Tx for WriteTx<'_> {
         }
         Ok(inserted)
     }
+    fn enqueue_deliveries(&mut self, subscription: &str, events: &[Event]) -> Result<Vec<bool>> {
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
+        let r = self.rt.block_on(sql::enqueue_deliveries(
+            self.conn,
+            self.now_ms,
+            subscription,
+            &seqs,
+            &subjects,
+        ));
+        let mut new = self.direct(r)?;
+        // In order: the first event of a seq takes it, a repeat finds it taken.
+        let enqueued: Vec<bool> = events.iter().map(|e| new.remove(&e.seq)).collect();
+        for (event, _) in events.iter().zip(&enqueued).filter(|(_, n)| **n) {
+            self.deliveries += 1;
+            if self.record {
+                self.changes.push(Change::Enqueue {
+                    subscription: subscription.to_string(),
+                    seq: event.seq,
+                    subject: event.subject.clone(),
+                });
+            }
+        }
+        Ok(enqueued)
+    }
     fn update_delivery(
         &mut self,
         subscription: &str,

@@ -49,6 +49,7 @@ check!(
     idempotency,
     kv,
     delivery_lifecycle,
+    deliveries_enqueued_together,
     delivery_listing,
     due_per_subscription,
     delivery_no_head_of_line_blocking,

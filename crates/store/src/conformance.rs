@@ -60,6 +60,7 @@ pub async fn run_all<S: Store>(store: Arc<S>) {
     idempotency(&store).await;
     kv(&store).await;
     delivery_lifecycle(&store).await;
+    deliveries_enqueued_together(&store).await;
     delivery_claim_and_put_at(&store).await;
     delivery_listing(&store).await;
     due_per_subscription(&store).await;
@@ -2430,6 +2431,60 @@ fn pairs(items: &[(&str, &Event)]) -> Vec<(String, i64)> {
 
 fn as_set(items: Vec<(String, i64)>) -> BTreeSet<(String, i64)> {
     items.into_iter().collect()
+}
+
+/// `enqueue_deliveries` in one write: per event whether it was new (an existing delivery and a repeat within
+/// the call are not), each subject's head its lowest pending seq, and the next one once that is delivered.
+pub async fn deliveries_enqueued_together<S: Store>(store: &Arc<S>) {
+    let sub = unique_id("dq-many");
+    let s1 = format!("Appointment/{}", unique_id("dq-m1"));
+    let s2 = format!("Appointment/{}", unique_id("dq-m2"));
+    let ev = append_events(store, &[&s1, &s1, &s2, &s1]).await;
+    let (single, _) = enqueue_all(store, &sub, &ev[1..2]).await;
+    assert_eq!(single, vec![true]);
+    let batch = vec![
+        ev[3].clone(),
+        ev[0].clone(),
+        ev[1].clone(),
+        ev[2].clone(),
+        ev[0].clone(),
+    ];
+    let (sub2, events) = (sub.clone(), batch);
+    let (enqueued, now_ms) = store
+        .write(move |tx| Ok((tx.enqueue_deliveries(&sub2, &events)?, tx.now_ms())))
+        .await
+        .unwrap();
+    assert_eq!(
+        enqueued,
+        vec![true, true, false, true, false],
+        "new, new, existing, new, repeated"
+    );
+    assert_eq!(
+        as_set(due_of(store, now_ms, &[&sub]).await),
+        as_set(vec![(sub.clone(), ev[0].seq), (sub.clone(), ev[2].seq)]),
+        "each subject's head is its lowest seq"
+    );
+    for seq in [ev[0].seq, ev[1].seq, ev[3].seq, ev[2].seq] {
+        assert_eq!(
+            delivery_of(store, &sub, seq).await.state,
+            DeliveryState::Pending
+        );
+    }
+    let later = set_delivery(
+        store,
+        &sub,
+        ev[0].seq,
+        DeliveryUpdate::Delivered {
+            attempts: 1,
+            status: 200,
+        },
+    )
+    .await;
+    assert_eq!(
+        as_set(due_of(store, later, &[&sub]).await),
+        as_set(vec![(sub.clone(), ev[1].seq), (sub.clone(), ev[2].seq)]),
+        "after the head is delivered, the subject's next seq is due"
+    );
 }
 
 /// Enqueue, due heads, per-subject order, no head-of-line blocking, every transition, counts, requeues.

@@ -317,6 +317,15 @@ pub trait Tx {
     /// Enqueue the delivery of `event` to `subscription` (pending, due now). Idempotent: returns false when
     /// that delivery already exists (in any state), leaving it unchanged.
     fn enqueue_delivery(&mut self, subscription: &str, event: &Event) -> Result<bool>;
+    /// [`Tx::enqueue_delivery`] of each of `events` in order; per event, whether it was enqueued (false when
+    /// that delivery already existed, or an earlier event of `events` had the same seq). A backend whose
+    /// statements cost a round trip each writes them together (a `$replay` of tens of thousands of events).
+    fn enqueue_deliveries(&mut self, subscription: &str, events: &[Event]) -> Result<Vec<bool>> {
+        events
+            .iter()
+            .map(|ev| self.enqueue_delivery(subscription, ev))
+            .collect()
+    }
     /// Record the outcome of an attempt, or requeue a delivery (replay). `NotFound`-free: updating a delivery
     /// that does not exist is `StoreError::Invalid`.
     fn update_delivery(

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use store::{
     Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
     HistoryQuery, IdempotencyRecord, IndexValue, MULTI_VALUED, NewEvent, Predicate, Put,
-    ResourceType, Result, SearchQuery, SearchResult, Sort, SortField, StoreError, Stored, WIDE,
+    ResourceType, Result, SearchQuery, SearchResult, SortField, StoreError, Stored, WIDE,
 };
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, ToSql, Type};
@@ -1230,27 +1230,26 @@ struct SortRow<'q> {
 /// 320 ms. Joined, PostgreSQL can read `idx_date_lookup` in `low_ms` order from the range's start and stop
 /// once the page is full. Resources without the parameter sort after all others and are not in the join,
 /// so only a full page is the answer; a short one is asked again of the general statement.
-async fn sort_row<'q>(c: &Conn, q: &'q SearchQuery) -> Result<Option<SortRow<'q>>> {
-    let [
-        Sort {
-            field: SortField::Param(param),
-            descending,
-        },
-    ] = q.sort.as_slice()
-    else {
+///
+/// `combined` (this search's [`combined_ranges`]) already says for its parameters what kv lists, so the
+/// lookup is not made twice.
+async fn sort_row<'q>(
+    c: &Conn,
+    q: &'q SearchQuery,
+    combined: &[Combined<'q>],
+) -> Result<Option<SortRow<'q>>> {
+    let Some((param, descending)) = store::single_date_sort(q) else {
         return Ok(None);
     };
-    let date = fhir::search_param(q.rtype, param).is_some_and(|p| p.kind == fhir::ParamKind::Date);
-    if !date || !fhir::single_valued(q.rtype, param) {
-        return Ok(None);
-    }
-    Ok(regular_bound(c, q.rtype, param)
-        .await?
-        .map(|bounded| SortRow {
-            param,
-            bounded,
-            descending: *descending,
-        }))
+    let bounded = match combined.iter().find(|m| m.param == param) {
+        Some(m) => Some(m.bounded),
+        None => regular_bound(c, q.rtype, param).await?,
+    };
+    Ok(bounded.map(|bounded| SortRow {
+        param,
+        bounded,
+        descending,
+    }))
 }
 
 /// `r.rid IN (SELECT rid FROM idx_date WHERE ...)`: the rows of `combined.param` that satisfy every one of
@@ -1424,7 +1423,7 @@ pub(crate) async fn search(c: &Conn, q: &SearchQuery, with_total: bool) -> Resul
     // limit, so only the page's rows are fetched from `versions`.
     const COLUMNS: &str = "SELECT r.id, r.version, r.last_updated_ms, \
          (SELECT v.json FROM versions v WHERE v.rid = r.rid AND v.version = r.version)";
-    if let Some(sort) = sort_row(c, q).await? {
+    if let Some(sort) = sort_row(c, q, &combined).await? {
         let mut f = Frag::default();
         f.push(COLUMNS);
         from_where(&mut f, q, &combined, Some(&sort));

@@ -8,7 +8,7 @@ use serde_json::Value;
 use store::{
     Clause, Cmp, Delivery, DeliveryCounts, DeliveryQuery, DeliveryState, DeliveryUpdate, Event,
     HistoryQuery, IdempotencyRecord, IndexValue, MULTI_VALUED, NewEvent, Predicate, Put,
-    ResourceType, Result, SearchQuery, SearchResult, Sort, SortField, StoreError, Stored, WIDE,
+    ResourceType, Result, SearchQuery, SearchResult, SortField, StoreError, Stored, WIDE,
 };
 
 /// A driver error as a [`StoreError`] (the text is for logs).
@@ -1608,26 +1608,10 @@ pub(crate) fn search_statement(
 /// The parameter (and direction) a search can be answered in the order of: its only sort key, a date
 /// parameter held once per resource (see [`search_in_sort_order`]).
 fn sort_walk_param<'a>(conn: &Connection, q: &'a SearchQuery) -> Result<Option<(&'a str, bool)>> {
-    let [
-        Sort {
-            field: SortField::Param(name),
-            descending,
-        },
-    ] = q.sort.as_slice()
-    else {
-        return Ok(None);
-    };
-    let is_date =
-        fhir::search_param(q.rtype, name).is_some_and(|p| p.kind == fhir::ParamKind::Date);
-    if q.count == 0
-        || !is_date
-        || !fhir::single_valued(q.rtype, name)
-        || !fhir::also_indexed_under(q.rtype, name).is_empty()
-        || listed(conn, MULTI_VALUED, q.rtype, name)?
-    {
-        return Ok(None);
+    match store::single_date_sort(q) {
+        Some((name, _)) if q.count == 0 || listed(conn, MULTI_VALUED, q.rtype, name)? => Ok(None),
+        found => Ok(found),
     }
-    Ok(Some((name.as_str(), *descending)))
 }
 
 /// A search sorted by one single-valued date parameter (`_sort=start`) with no narrow clause to drive it (say

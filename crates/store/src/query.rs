@@ -186,3 +186,25 @@ pub fn instant_start_floor(cmp: Cmp, low_ms: i64, high_ms: i64) -> Option<i64> {
     };
     Some(ends_from.saturating_sub(fhir::INSTANT_WIDTH_MS))
 }
+
+/// The parameter and direction of `q`'s only sort key when that is a date parameter FHIR allows once per
+/// resource (`fhir::single_valued`), read from its own index rows only (no `fhir::also_indexed_under`):
+/// a search the backends can answer by reading that parameter's index in order, provided it was never stored
+/// with several values ([`MULTI_VALUED`], which the backend checks).
+pub fn single_date_sort(q: &SearchQuery) -> Option<(&str, bool)> {
+    let [
+        Sort {
+            field: SortField::Param(name),
+            descending,
+        },
+    ] = q.sort.as_slice()
+    else {
+        return None;
+    };
+    let is_date =
+        fhir::search_param(q.rtype, name).is_some_and(|p| p.kind == fhir::ParamKind::Date);
+    (is_date
+        && fhir::single_valued(q.rtype, name)
+        && fhir::also_indexed_under(q.rtype, name).is_empty())
+    .then_some((name.as_str(), *descending))
+}

@@ -144,6 +144,9 @@ fn serve(args: config::ServeArgs) -> Result<()> {
         cfg.database_url.as_deref(),
         store_sqlite::SqliteOptions {
             durability: cfg.durability,
+            // An escape hatch for the WAL-buffering VFS (ARCHITECTURE.md, store-sqlite): `off` leaves the
+            // writes of WAL frames to SQLite.
+            wal_buffer: std::env::var("CAREBRIDGE_SQLITE_WAL_BUFFER").map_or(true, |v| v != "off"),
             ..Default::default()
         },
     )?;

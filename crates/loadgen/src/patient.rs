@@ -5,7 +5,7 @@
 //! GP practice), and search benchmarks need each patient findable by a distinct NHS number.
 //!
 //! Invariants: every number produced passes the NHS modulus 11 check (a check digit of 10 is never used, those
-//! nine-digit stems are skipped); numbers are in the 999 test range, so never a real person's; the same index
+//! nine-digit stems are skipped) and is not one digit repeated (9999999999 is skipped); numbers are in the 999 test range, so never a real person's; the same index
 //! always gives the same patient.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +39,7 @@ pub fn is_valid_nhs_number(s: &str) -> bool {
     s.len() == 10
         && s.bytes().all(|b| b.is_ascii_digit())
         && s[..9].parse::<u64>().ok().and_then(check_digit) == s[9..].parse::<u64>().ok()
+        && !s.bytes().all(|b| Some(b) == s.bytes().next())
 }
 
 /// A thread-safe source of distinct valid NHS numbers in the 999 test range, starting at a chosen offset.
@@ -60,7 +61,11 @@ impl NhsNumbers {
         loop {
             let stem = STEM_BASE + self.next.fetch_add(1, Ordering::Relaxed) % STEM_SPAN;
             if let Some(d) = check_digit(stem) {
-                return format!("{stem}{d}");
+                let number = format!("{stem}{d}");
+                // 9999999999 passes the check digit, but a number of one repeated digit is not issued.
+                if is_valid_nhs_number(&number) {
+                    return number;
+                }
             }
         }
     }
@@ -143,6 +148,16 @@ mod tests {
         assert!(is_valid_nhs_number("9912003888")); // UK Core example patient
         assert!(is_valid_nhs_number("9000000009"));
         assert!(!is_valid_nhs_number("9912003880"));
+        // Passes the check digit, but the hub refuses a number of one repeated digit.
+        assert!(!is_valid_nhs_number("9999999999"));
+    }
+
+    #[test]
+    fn the_end_of_the_range_skips_the_repeated_digit_number() {
+        let src = NhsNumbers::starting_at(STEM_SPAN - 3);
+        let nums: Vec<String> = (0..6).map(|_| src.next_number()).collect();
+        assert!(nums.iter().all(|n| is_valid_nhs_number(n)), "{nums:?}");
+        assert!(!nums.iter().any(|n| n == "9999999999"), "{nums:?}");
     }
 
     #[test]

@@ -53,6 +53,7 @@ mod checkpoint;
 mod pool;
 mod schema;
 mod sql;
+mod walbuf;
 mod writer;
 
 use std::future::{Future, ready};
@@ -92,6 +93,9 @@ pub struct SqliteOptions {
     pub read_connections: usize,
     /// Most writes committed together in one transaction (at least 1).
     pub max_batch: usize,
+    /// The writer hands each commit's WAL frames to the kernel in one write (`walbuf.rs`); `false` leaves
+    /// them to SQLite (two writes per frame).
+    pub wal_buffer: bool,
 }
 
 impl Default for SqliteOptions {
@@ -100,6 +104,7 @@ impl Default for SqliteOptions {
             durability: Durability::Fsync,
             read_connections: 4,
             max_batch: 256,
+            wal_buffer: true,
         }
     }
 }
@@ -135,7 +140,7 @@ impl SqliteStore {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
         let path = dir.join(DB_FILE);
-        let conn = schema::open_writer(&path)?;
+        let conn = schema::open_writer(&path, options.wal_buffer)?;
         let last_ms = sql::newest_instant(&conn)?;
         let events = Arc::new(watch::Sender::new(sql::last_event_seq(&conn)?));
         let max_batch = options.max_batch.max(1);

@@ -311,11 +311,17 @@ fn unavailable(path: &Path, e: rusqlite::Error) -> StoreError {
 }
 
 /// Open the single read-write connection (the writer's), switch to WAL and bring the schema up to date.
-pub(crate) fn open_writer(path: &Path) -> Result<Connection> {
+pub(crate) fn open_writer(path: &Path, wal_buffer: bool) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| unavailable(path, e))?;
+    // The writer alone writes WAL frames, through the VFS that hands each commit's frames to the kernel in
+    // one write (walbuf.rs).
+    let opened = match crate::walbuf::name().filter(|_| wal_buffer) {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs),
+        None => Connection::open_with_flags(path, flags),
+    };
+    let mut conn = opened.map_err(|e| unavailable(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
     wal(&conn, "main", path)?;
     // NORMAL in both durability modes: COMMIT does not wait for the disk. With `Durability::Fsync` the sync

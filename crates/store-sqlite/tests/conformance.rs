@@ -65,7 +65,8 @@ async fn run_all_on_one_store() {
     conformance::run_all(store).await;
 }
 
-/// The same on a store that commits every write alone and with `synchronous=NORMAL`.
+/// The same on a store that commits every write alone, with `synchronous=NORMAL`, and leaves the writes of
+/// WAL frames to SQLite (without the buffering VFS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn run_all_without_group_commit() {
     let dir = TempDir::new("run_all_single");
@@ -73,6 +74,7 @@ async fn run_all_without_group_commit() {
         durability: store_sqlite::Durability::OsCrash,
         read_connections: 1,
         max_batch: 1,
+        wal_buffer: false,
     };
     let store = Arc::new(SqliteStore::open(dir.path(), options).unwrap());
     conformance::run_all(store).await;

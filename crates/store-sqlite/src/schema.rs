@@ -297,12 +297,16 @@ const STATEMENT_CACHE: usize = 256;
 /// number past the end of the file, and the end-of-transaction truncation then scans every slot), so the
 /// cost of each commit grows with this size.
 const WRITER_CACHE_KIB: i64 = 8 * 1024;
-/// WAL frames after which the writer's automatic checkpoint restarts the WAL file (128 MiB of 4 KiB pages,
+/// WAL frames after which the writer's automatic checkpoint restarts the WAL file (256 MiB of 4 KiB pages,
 /// the most the WAL file grows to in steady use). Each of these checkpoints runs on the writer thread and
-/// fsyncs both files, stalling every queued write for a few milliseconds, so they should be rare: at 4,096
-/// frames they came several times a second under load; 32,768 gave 3,485-3,844 Patient creates/s (p90
-/// 11-13 ms) against 2,614-3,127/s (p90 22-24 ms) in alternating runs, and more bookings/s with a lower p99.
-pub(crate) const WAL_RESTART_PAGES: i64 = 32_768;
+/// fsyncs both files, stalling every queued write (40-50 ms under creates once the database file holds a few
+/// hundred MB: the pages the checkpoint thread copied since its last complete checkpoint are flushed then),
+/// so they should be rare: at 4,096 frames they came several times a second under load; 32,768 gave
+/// 3,485-3,844 Patient creates/s (p90 11-13 ms) against 2,614-3,127/s (p90 22-24 ms) in alternating runs;
+/// 65,536 took the create p99 from 23-78 ms to 10-13 ms over four 10-second runs on a growing store.
+/// (Flushing the database file from the checkpoint thread after every checkpoint instead shortened each
+/// stall but cost 5-10% of the creates.)
+pub(crate) const WAL_RESTART_PAGES: i64 = 65_536;
 /// Largest part of the database file read through a memory map (beyond it, SQLite reads with pread).
 const MMAP_BYTES: i64 = 1 << 30;
 

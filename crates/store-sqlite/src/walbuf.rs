@@ -42,8 +42,11 @@ use rusqlite::ffi;
 const NAME: &CStr = c"carebridge-walbuf";
 /// A WAL frame header's size (the WAL file header is 32 bytes, so only frame headers have this size).
 const FRAME_HEADER: usize = 24;
-/// Buffered bytes after which the buffer is written even without a commit.
+/// Most bytes buffered: a write that would take the buffer past this is preceded by a flush.
 const LIMIT: usize = 1 << 20;
+/// Capacity a buffer keeps after a flush of at most this many bytes (a large transaction, such as the
+/// migrations at start-up, must not leave a mebibyte allocated per WAL file for the life of the process).
+const KEEP: usize = 256 << 10;
 /// Largest single write handed to SQLite's unix VFS: it masks each write's length with `0x1ffff` (its
 /// writes are never larger), so a write of 128 KiB or more would be cut short and reported as a full disk.
 const CHUNK: usize = 31 * 4096;
@@ -237,7 +240,11 @@ unsafe fn flush(w: &mut WalFile) -> c_int {
         }
         at += chunk.len() as i64;
     }
+    let flushed = w.buf.len();
     w.buf.clear();
+    if flushed <= KEEP && w.buf.capacity() > KEEP {
+        w.buf.shrink_to(KEEP);
+    }
     rc
 }
 
@@ -254,7 +261,12 @@ unsafe extern "C" fn write(
         let Ok(len) = usize::try_from(amount) else {
             return ffi::SQLITE_IOERR_WRITE;
         };
-        if !w.buf.is_empty() && offset != w.start + w.buf.len() as i64 {
+        // The page of a commit frame whose header is buffered: written out with it, even if the buffer
+        // has to be flushed first to stay within LIMIT.
+        let commit_page = w.commit_next;
+        if !w.buf.is_empty()
+            && (offset != w.start + w.buf.len() as i64 || w.buf.len() + len > LIMIT)
+        {
             let rc = flush(w);
             if rc != ffi::SQLITE_OK {
                 return rc;
@@ -264,8 +276,14 @@ unsafe extern "C" fn write(
             w.start = offset;
         }
         let bytes = std::slice::from_raw_parts(data.cast::<u8>(), len);
+        let needed = w.buf.len() + len;
+        if needed > w.buf.capacity() {
+            // Doubling, but never past LIMIT (Vec's own growth could reach twice that).
+            let want = (w.buf.capacity() * 2).clamp(needed, LIMIT.max(needed));
+            w.buf.reserve_exact(want - w.buf.len());
+        }
         w.buf.extend_from_slice(bytes);
-        if w.commit_next || w.buf.len() >= LIMIT {
+        if commit_page || w.buf.len() >= LIMIT {
             return flush(w);
         }
         // Bytes 4..8 of a frame header: the database size after a commit, zero in other frames.
@@ -480,5 +498,138 @@ unsafe extern "C" fn unfetch(file: *mut ffi::sqlite3_file, offset: i64, p: *mut 
             |m, f| m.xUnfetch.map(|x| x(f, offset, p)),
             ffi::SQLITE_OK,
         )
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+mod tests {
+    use super::*;
+
+    /// A file that records what reaches it.
+    #[repr(C)]
+    struct Fake {
+        base: ffi::sqlite3_file,
+        bytes: Vec<u8>,
+        writes: usize,
+    }
+
+    unsafe extern "C" fn fake_write(
+        file: *mut ffi::sqlite3_file,
+        data: *const c_void,
+        amount: c_int,
+        offset: i64,
+    ) -> c_int {
+        // SAFETY: only called on the Fake below, with `amount` bytes at `data`.
+        unsafe {
+            let f = &mut *file.cast::<Fake>();
+            let (at, n) = (offset as usize, amount as usize);
+            assert!(
+                n < 0x20000,
+                "a write of {n} bytes (SQLite's unix VFS masks lengths with 0x1ffff)"
+            );
+            if f.bytes.len() < at + n {
+                f.bytes.resize(at + n, 0);
+            }
+            f.bytes[at..at + n].copy_from_slice(std::slice::from_raw_parts(data.cast::<u8>(), n));
+            f.writes += 1;
+            ffi::SQLITE_OK
+        }
+    }
+
+    static FAKE_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
+        iVersion: 1,
+        xClose: None,
+        xRead: None,
+        xWrite: Some(fake_write),
+        xTruncate: None,
+        xSync: None,
+        xFileSize: None,
+        xLock: None,
+        xUnlock: None,
+        xCheckReservedLock: None,
+        xFileControl: None,
+        xSectorSize: None,
+        xDeviceCharacteristics: None,
+        xShmMap: None,
+        xShmLock: None,
+        xShmBarrier: None,
+        xShmUnmap: None,
+        xFetch: None,
+        xUnfetch: None,
+    };
+
+    fn header(commit: u32) -> [u8; FRAME_HEADER] {
+        let mut h = [7u8; FRAME_HEADER];
+        h[4..8].copy_from_slice(&commit.to_be_bytes());
+        h
+    }
+
+    /// Frames of 4 KiB pages written as SQLite does, commits of various sizes; after each commit frame's
+    /// page, the file holds every byte written so far, and no write to it reaches 128 KiB.
+    #[test]
+    fn every_commit_reaches_the_file_whatever_its_size() {
+        let mut fake = Fake {
+            base: ffi::sqlite3_file {
+                pMethods: &FAKE_METHODS,
+            },
+            bytes: Vec::new(),
+            writes: 0,
+        };
+        let mut wal = WalFile {
+            base: ffi::sqlite3_file { pMethods: &METHODS },
+            inner: (&raw mut fake).cast::<ffi::sqlite3_file>(),
+            buf: Vec::new(),
+            start: 0,
+            commit_next: false,
+        };
+        let file = (&raw mut wal).cast::<ffi::sqlite3_file>();
+        let mut expected = vec![0u8; 32];
+        // SAFETY: `file` is the WalFile above, wrapping the Fake; both outlive the calls.
+        unsafe {
+            assert_eq!(write(file, expected.as_ptr().cast(), 32, 0), ffi::SQLITE_OK);
+        }
+        // Commit sizes around the 1 MiB limit and the 124 KiB chunks (a frame is 4,120 bytes).
+        for (n, frames) in [1usize, 3, 30, 31, 32, 250, 254, 255, 256, 400]
+            .iter()
+            .enumerate()
+        {
+            for i in 0..*frames {
+                let last = i + 1 == *frames;
+                let h = header(if last { 10 } else { 0 });
+                let page = vec![(n * 7 + i) as u8; 4096];
+                for part in [&h[..], &page[..]] {
+                    let at = expected.len() as i64;
+                    expected.extend_from_slice(part);
+                    // SAFETY: as above.
+                    let rc = unsafe { write(file, part.as_ptr().cast(), part.len() as c_int, at) };
+                    assert_eq!(rc, ffi::SQLITE_OK);
+                }
+            }
+            let got = &fake.bytes;
+            assert_eq!(got.len(), expected.len(), "commit {n} of {frames} frames");
+            assert!(
+                got == &expected,
+                "commit {n} of {frames} frames: bytes differ"
+            );
+            assert!(wal.buf.is_empty());
+            assert!(wal.buf.capacity() <= LIMIT);
+        }
+        // One commit of 400 frames (1.6 MB) took a handful of writes, not 800.
+        assert!(fake.writes < 150, "{} writes", fake.writes);
+        // A rewrite of an earlier page (SQLite's checksum-rewriting path) lands in place, in order.
+        let page = vec![0xEEu8; 4096];
+        // SAFETY: as above.
+        let rc = unsafe { write(file, page.as_ptr().cast(), 4096, 32 + 24) };
+        assert_eq!(rc, ffi::SQLITE_OK);
+        // SAFETY: as above; flushing through a method that reaches the file.
+        unsafe { flush(&mut wal) };
+        expected[56..56 + 4096].copy_from_slice(&page);
+        assert!(fake.bytes == expected);
     }
 }

@@ -4,9 +4,10 @@
 //! NHS number with its verification-status extension, official name, birth date, address, telecom, registered
 //! GP practice), and search benchmarks need each patient findable by a distinct NHS number.
 //!
-//! Invariants: every number produced passes the NHS modulus 11 check (a check digit of 10 is never used, those
-//! nine-digit stems are skipped) and is not one digit repeated (9999999999 is skipped); numbers are in the 999 test range, so never a real person's; the same index
-//! always gives the same patient.
+//! Invariants: every number produced passes the hub's own NHS number check (`fhir::NhsNumber`: modulus 11,
+//! so nine-digit stems whose check digit would be 10 are skipped; no number of one repeated digit, so
+//! 9999999999 is skipped); numbers are in the 999 test range, so never a real person's; the same index always
+//! gives the same patient.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,28 +19,10 @@ const STEM_BASE: u64 = 999_000_000;
 /// Number of stems in the range.
 const STEM_SPAN: u64 = 1_000_000;
 
-/// The modulus 11 check digit of a nine-digit stem, or `None` when it would be 10 (no valid number).
-pub fn check_digit(stem: u64) -> Option<u64> {
-    let mut sum = 0;
-    let mut rest = stem;
-    // Digit i (1-based, from the left) has weight 11 - i; walk from the right (weight 2 upwards).
-    for weight in 2..=10 {
-        sum += (rest % 10) * weight;
-        rest /= 10;
-    }
-    match 11 - sum % 11 {
-        11 => Some(0),
-        10 => None,
-        d => Some(d),
-    }
-}
-
-/// Whether a ten-digit string is a valid NHS number.
+/// Whether a ten-digit string is a valid NHS number (the hub's own check, `fhir::NhsNumber`: modulus 11,
+/// no number of one repeated digit), written without spaces.
 pub fn is_valid_nhs_number(s: &str) -> bool {
-    s.len() == 10
-        && s.bytes().all(|b| b.is_ascii_digit())
-        && s[..9].parse::<u64>().ok().and_then(check_digit) == s[9..].parse::<u64>().ok()
-        && !s.bytes().all(|b| Some(b) == s.bytes().next())
+    s.len() == 10 && fhir::NhsNumber::parse(s).is_ok()
 }
 
 /// A thread-safe source of distinct valid NHS numbers in the 999 test range, starting at a chosen offset.
@@ -60,9 +43,10 @@ impl NhsNumbers {
     pub fn next_number(&self) -> String {
         loop {
             let stem = STEM_BASE + self.next.fetch_add(1, Ordering::Relaxed) % STEM_SPAN;
-            if let Some(d) = check_digit(stem) {
+            // Stems whose check digit would be 10 have no number; 9999999999 passes the check digit, but a
+            // number of one repeated digit is not issued.
+            if let Some(d) = fhir::NhsNumber::check_digit(&stem.to_string()) {
                 let number = format!("{stem}{d}");
-                // 9999999999 passes the check digit, but a number of one repeated digit is not issued.
                 if is_valid_nhs_number(&number) {
                     return number;
                 }

@@ -32,6 +32,7 @@
 //! one connection at a time (SQLite's rule for VFS files), so the buffer needs no lock.
 #![allow(unsafe_code)]
 
+#[cfg(test)]
 use std::cell::Cell;
 use std::ffi::{CStr, c_int, c_void};
 use std::sync::OnceLock;
@@ -51,9 +52,10 @@ const KEEP: usize = 256 << 10;
 /// writes are never larger), so a write of 128 KiB or more would be cut short and reported as a full disk.
 const CHUNK: usize = 31 * 4096;
 
+#[cfg(test)]
 thread_local! {
-    /// Writes SQLite asked of wrapped files, and writes made to the files beneath, on this thread (for tests
-    /// and for measuring how many calls a commit costs).
+    /// Writes SQLite asked of wrapped files, and writes made to the files beneath, on this thread (tests
+    /// check that a commit costs one write).
     static COUNTS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
@@ -63,12 +65,17 @@ pub(crate) fn write_counts() -> (u64, u64) {
     COUNTS.with(Cell::get)
 }
 
+#[cfg(test)]
 fn count(asked: u64, made: u64) {
     COUNTS.with(|c| {
         let (a, m) = c.get();
         c.set((a + asked, m + made));
     });
 }
+
+/// Counting is for tests only: nothing on the write path outside them.
+#[cfg(not(test))]
+fn count(_asked: u64, _made: u64) {}
 
 /// The wrapper SQLite sees; the wrapped file lives in the same allocation, `INNER_AT` bytes in.
 #[repr(C)]

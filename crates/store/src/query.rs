@@ -165,8 +165,11 @@ pub fn irregular_dates(
             (MULTI_VALUED, repeated && fhir::single_valued(rtype, param)),
             (WIDE, wide && fhir::instant_param(rtype, param)),
         ] {
+            if !irregular {
+                continue;
+            }
             let key = format!("{rtype} {param}");
-            if irregular && !listed.iter().any(|(n, k)| *n == namespace && *k == key) {
+            if !listed.iter().any(|(n, k)| *n == namespace && *k == key) {
                 listed.push((namespace, key));
             }
         }

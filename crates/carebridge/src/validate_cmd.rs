@@ -8,8 +8,8 @@ pub fn run(files: &[PathBuf], json: bool) -> i32 {
     let mut all_valid = true;
     for path in files {
         let issues = match std::fs::read(path) {
-            Ok(bytes) => match fhir::validate_json(&bytes, None) {
-                Ok(v) => v.warnings,
+            Ok(bytes) => match fhir::check_json(&bytes, None) {
+                Ok(warnings) => warnings,
                 Err(issues) => issues,
             },
             Err(e) => vec![fhir::Issue::error(

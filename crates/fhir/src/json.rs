@@ -1,24 +1,24 @@
-//! Fast path for turning request bytes into a `serde_json::Value`.
+//! Fast path for turning request bytes into a [`Node`] tree or a `serde_json::Value`.
 //!
-//! Why it exists: `validate_json` must hand back the resource as a `serde_json::Value` (callers store and
-//! index it), and `serde_json::from_slice` builds one slowly: every object grows its `IndexMap` one insert
-//! at a time (rehashing and reallocating as it goes) and every number goes through a scratch buffer. This
-//! parser builds the *same* `Value` (same keys in the same order, same strings, same number text, the last
-//! of duplicate keys winning in the position of the first) with each map and array allocated once at its
-//! final size.
+//! Why it exists: the validator reads a tree, and callers that keep a resource need a `serde_json::Value`.
+//! `serde_json::from_slice` builds a `Value` slowly: every object grows its `IndexMap` one insert at a time
+//! (rehashing and reallocating as it goes) and every number goes through a scratch buffer. This parser
+//! builds a [`Node`] (strings without escapes borrowed from the input, each array and object allocated once
+//! at its final size), which [`Node::into_value`] turns into the *same* `Value` serde_json builds (same
+//! keys in the same order, same strings, same number text).
 //!
 //! How: a plain recursive-descent parser over the input (checked as UTF-8 once, up front) that only
 //! handles well-formed JSON. Anything else (a syntax error, a lone surrogate escape, nesting deeper than
-//! [`MAX_DEPTH`], serde_json's private marker keys) makes [`parse`] return `None`, and the caller falls back
-//! to `serde_json::from_slice`, which then produces exactly the value or the error message it always did.
-//! So the fast path can only change speed, never results.
+//! [`MAX_DEPTH`], a key repeated in one object, serde_json's private marker keys) makes [`parse_node`]
+//! return `None`, and the caller falls back to `serde_json::from_slice`, which then produces exactly the
+//! value or the error message it always did. So the fast path can only change speed, never results.
 //!
 //! Invariants: never panics on any input (no indexing that can fail, no unwrap); recursion depth is bounded
 //! by [`MAX_DEPTH`]; returns `Some(v)` only when `serde_json::from_slice` would return `Ok(v)` (checked by a
 //! differential test).
 
-use serde_json::{Map, Number, Value};
-use std::cell::Cell;
+use crate::node::{Doc, Kind, Tok};
+use serde_json::{Map, Value};
 
 /// Deepest nesting of arrays and objects the fast path handles; deeper input goes to serde_json (whose own
 /// limit, 128, then applies unchanged).
@@ -27,22 +27,6 @@ const MAX_DEPTH: u32 = 100;
 /// Prefix of the marker keys serde_json uses for `arbitrary_precision` numbers and raw values: an object
 /// with such a key means something else to serde_json, so it is left to serde_json.
 const PRIVATE_KEY: &str = "$serde_json::private::";
-
-/// Work stacks reused across calls on one thread: parsed values (and the keys of object members) wait here
-/// for their container to close, so the container is allocated once at its final size and each value is
-/// moved once into it.
-#[derive(Default)]
-struct Scratch {
-    keys: Vec<String>,
-    values: Vec<Value>,
-}
-
-thread_local! {
-    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
-}
-
-/// Scratch buffers larger than this (in entries) are not kept for the next call.
-const KEEP_SCRATCH: usize = 1024;
 
 /// Parse a JSON text into a `serde_json::Value`: the fast path, else `serde_json::from_str` (so the value or
 /// the error is exactly serde_json's). For stored resources, read back on every update.
@@ -53,41 +37,240 @@ pub fn parse_json(text: &str) -> serde_json::Result<Value> {
     }
 }
 
-/// Parse a complete JSON text; `None` when the fast path cannot (or must not) decide, see the module docs.
+/// Parse a complete JSON text into a `Value`; `None` when the fast path cannot (or must not) decide, see
+/// the module docs.
 pub(crate) fn parse(bytes: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    SCRATCH.with(|cell| {
-        let scratch = cell.take();
-        let mut p = Parser {
-            s: text,
-            b: bytes,
-            i: 0,
-            depth: 0,
-            keys: scratch.keys,
-            values: scratch.values,
-        };
-        let result = p.document();
-        p.keys.clear();
-        p.values.clear();
-        if p.keys.capacity() <= KEEP_SCRATCH && p.values.capacity() <= KEEP_SCRATCH {
-            cell.set(Scratch {
-                keys: p.keys,
-                values: p.values,
-            });
-        }
-        result
-    })
+    let sink = ValueSink {
+        keys: Vec::with_capacity(32),
+        values: Vec::with_capacity(32),
+    };
+    let mut sink = Parser::run(bytes, sink)?;
+    sink.values.pop()
 }
 
-struct Parser<'a> {
+/// Parse a complete JSON text into a [`Doc`] borrowing from `bytes`; `None` as for [`parse`].
+pub(crate) fn parse_doc(bytes: &[u8]) -> Option<Doc<'_>> {
+    let sink = TapeSink {
+        doc: Doc {
+            toks: Vec::with_capacity(bytes.len() / 8 + 4),
+            owned: Vec::new(),
+        },
+        keys: Vec::with_capacity(32),
+    };
+    Parser::run(bytes, sink).map(|t| t.doc)
+}
+
+/// A string as parsed: borrowed from the input, or built when it had escapes.
+enum Text<'a> {
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+impl Text<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Text::Borrowed(s) => s,
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+/// What the parser builds, told one event at a time in document order. Every method returns `None` to
+/// give up (the caller then falls back to serde_json).
+trait Sink<'a> {
+    /// Where a container's children start (returned by `open`, given back to `close`).
+    type Mark: Copy;
+    fn null(&mut self);
+    fn bool(&mut self, b: bool);
+    /// A number's text; `plain` when it is at most 19 digits with no sign, fraction or exponent.
+    fn number(&mut self, text: &'a str, plain: bool) -> Option<()>;
+    fn string(&mut self, s: Text<'a>) -> Option<()>;
+    fn key(&mut self, k: Text<'a>) -> Option<()>;
+    fn open(&mut self, object: bool) -> Self::Mark;
+    /// The container opened at `mark` ends, with `count` items or members.
+    fn close(&mut self, mark: Self::Mark, object: bool, count: usize) -> Option<()>;
+}
+
+/// Builds the `serde_json::Value` directly: values wait on a stack until their container ends, then move
+/// once into a map or vector allocated at its final size.
+struct ValueSink {
+    keys: Vec<String>,
+    values: Vec<Value>,
+}
+
+impl<'a> Sink<'a> for ValueSink {
+    type Mark = (usize, usize);
+    #[inline(always)]
+    fn null(&mut self) {
+        self.values.push(Value::Null);
+    }
+    #[inline(always)]
+    fn bool(&mut self, b: bool) {
+        self.values.push(Value::Bool(b));
+    }
+    #[inline(always)]
+    fn number(&mut self, text: &'a str, _plain: bool) -> Option<()> {
+        self.values.push(Value::Number(crate::node::number(text)?));
+        Some(())
+    }
+    #[inline(always)]
+    fn string(&mut self, s: Text<'a>) -> Option<()> {
+        self.values.push(Value::String(match s {
+            Text::Borrowed(s) => s.to_owned(),
+            Text::Owned(s) => s,
+        }));
+        Some(())
+    }
+    #[inline(always)]
+    fn key(&mut self, k: Text<'a>) -> Option<()> {
+        self.keys.push(match k {
+            Text::Borrowed(s) => s.to_owned(),
+            Text::Owned(s) => s,
+        });
+        Some(())
+    }
+    fn open(&mut self, _object: bool) -> (usize, usize) {
+        (self.keys.len(), self.values.len())
+    }
+    fn close(&mut self, (keys, values): (usize, usize), object: bool, count: usize) -> Option<()> {
+        let v = if object {
+            let mut map = Map::with_capacity(count);
+            for (k, v) in self.keys.drain(keys..).zip(self.values.drain(values..)) {
+                // As serde_json: a repeated key keeps its first position and takes the last value.
+                map.insert(k, v);
+            }
+            Value::Object(map)
+        } else {
+            Value::Array(self.values.drain(values..).collect())
+        };
+        self.values.push(v);
+        Some(())
+    }
+}
+
+/// Builds a [`Doc`]: one token per scalar, key and container.
+struct TapeSink<'a> {
+    doc: Doc<'a>,
+    /// Token indexes of the keys of the objects being parsed, innermost last (for the repeated-key check).
+    keys: Vec<u32>,
+}
+
+impl<'a> TapeSink<'a> {
+    #[inline(always)]
+    fn text(&mut self, s: Text<'a>) -> Option<Tok<'a>> {
+        Some(match s {
+            Text::Borrowed(s) => Tok::leaf(Kind::Str, s),
+            Text::Owned(s) => {
+                let mut t = Tok::leaf(Kind::OwnedStr, "");
+                t.aux = u32::try_from(self.doc.owned.len()).ok()?;
+                self.doc.owned.push(s);
+                t
+            }
+        })
+    }
+
+    fn key_text(&self, i: u32) -> &str {
+        match self.doc.toks.get(i as usize) {
+            Some(t) if t.kind() == Kind::OwnedStr => self
+                .doc
+                .owned
+                .get(t.aux as usize)
+                .map_or("", String::as_str),
+            Some(t) => t.s,
+            None => "",
+        }
+    }
+
+    /// Whether some key appears twice among the key tokens `keys` (serde_json keeps the first position and
+    /// the last value; the fast path leaves that to serde_json).
+    fn repeated_key(&self, keys: &[u32]) -> bool {
+        if keys.len() <= 16 {
+            let mut seen: &[u32] = &[];
+            for (n, k) in keys.iter().enumerate() {
+                let k = self.key_text(*k);
+                if seen
+                    .iter()
+                    .any(|s| crate::schema::bytes_eq(self.key_text(*s).as_bytes(), k.as_bytes()))
+                {
+                    return true;
+                }
+                seen = keys.get(..=n).unwrap_or_default();
+            }
+            false
+        } else {
+            let mut all: Vec<&str> = keys.iter().map(|k| self.key_text(*k)).collect();
+            all.sort_unstable();
+            all.windows(2).any(|w| w.first() == w.last())
+        }
+    }
+}
+
+impl<'a> Sink<'a> for TapeSink<'a> {
+    type Mark = (usize, usize);
+    #[inline(always)]
+    fn null(&mut self) {
+        self.doc.toks.push(Tok::leaf(Kind::Null, ""));
+    }
+    #[inline(always)]
+    fn bool(&mut self, b: bool) {
+        let kind = if b { Kind::True } else { Kind::False };
+        self.doc.toks.push(Tok::leaf(kind, ""));
+    }
+    #[inline(always)]
+    fn number(&mut self, text: &'a str, plain: bool) -> Option<()> {
+        if !plain {
+            // A number serde_json would refuse (none is known) is left to serde_json; one whose text it
+            // rewrites is kept as serde_json writes it.
+            let n = crate::node::number(text)?;
+            if n.as_str() != text {
+                let mut t = Tok::leaf(Kind::OwnedNumber, "");
+                t.aux = u32::try_from(self.doc.owned.len()).ok()?;
+                self.doc.owned.push(n.as_str().to_owned());
+                self.doc.toks.push(t);
+                return Some(());
+            }
+        }
+        self.doc.toks.push(Tok::leaf(Kind::Number, text));
+        Some(())
+    }
+    #[inline(always)]
+    fn string(&mut self, s: Text<'a>) -> Option<()> {
+        let t = self.text(s)?;
+        self.doc.toks.push(t);
+        Some(())
+    }
+    #[inline(always)]
+    fn key(&mut self, k: Text<'a>) -> Option<()> {
+        let t = self.text(k)?;
+        self.keys.push(u32::try_from(self.doc.toks.len()).ok()?);
+        self.doc.toks.push(t);
+        Some(())
+    }
+    fn open(&mut self, object: bool) -> (usize, usize) {
+        let kind = if object { Kind::Object } else { Kind::Array };
+        (self.doc.open(kind, 0), self.keys.len())
+    }
+    fn close(&mut self, (at, keys): (usize, usize), object: bool, count: usize) -> Option<()> {
+        if object {
+            if self.repeated_key(self.keys.get(keys..).unwrap_or_default()) {
+                return None;
+            }
+            self.keys.truncate(keys);
+        }
+        self.doc.close(at);
+        if let Some(t) = self.doc.toks.get_mut(at) {
+            t.set_count(count);
+        }
+        Some(())
+    }
+}
+
+struct Parser<'a, S> {
     s: &'a str,
     b: &'a [u8],
     i: usize,
     depth: u32,
-    /// Keys of the members of the objects being parsed, innermost last.
-    keys: Vec<String>,
-    /// Values parsed and not yet in their container, innermost last.
-    values: Vec<Value>,
+    sink: S,
 }
 
 /// Bytes with the high bit of each lane set where `x` has a byte equal to `n` (exact in the lowest such
@@ -104,7 +287,21 @@ fn has_control(x: u64) -> u64 {
     x.wrapping_sub(0x2020_2020_2020_2020) & !x & 0x8080_8080_8080_8080
 }
 
-impl Parser<'_> {
+impl<'a, S: Sink<'a>> Parser<'a, S> {
+    /// Parse all of `bytes` into `sink`.
+    fn run(bytes: &'a [u8], sink: S) -> Option<S> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut p = Parser {
+            s: text,
+            b: bytes,
+            i: 0,
+            depth: 0,
+            sink,
+        };
+        p.document()?;
+        Some(p.sink)
+    }
+
     #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
@@ -121,41 +318,48 @@ impl Parser<'_> {
         }
     }
 
-    fn document(&mut self) -> Option<Value> {
+    fn document(&mut self) -> Option<()> {
         self.ws();
         self.value()?;
         self.ws();
-        if self.i == self.b.len() {
-            self.values.pop()
-        } else {
-            None
+        (self.i == self.b.len()).then_some(())
+    }
+
+    /// Parse one value into the sink.
+    fn value(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => {
+                self.i += 1;
+                let t = self.string()?;
+                self.sink.string(t)
+            }
+            b'{' => self.object(),
+            b'[' => self.array(),
+            b't' => {
+                self.literal(b"true")?;
+                self.sink.bool(true);
+                Some(())
+            }
+            b'f' => {
+                self.literal(b"false")?;
+                self.sink.bool(false);
+                Some(())
+            }
+            b'n' => {
+                self.literal(b"null")?;
+                self.sink.null();
+                Some(())
+            }
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
         }
     }
 
-    /// Parse one value and push it on `values`.
-    fn value(&mut self) -> Option<()> {
-        let v = match self.peek()? {
-            b'"' => {
-                self.i += 1;
-                Value::String(self.string()?)
-            }
-            b'{' => return self.object(),
-            b'[' => return self.array(),
-            b't' => self.literal(b"true", Value::Bool(true))?,
-            b'f' => self.literal(b"false", Value::Bool(false))?,
-            b'n' => self.literal(b"null", Value::Null)?,
-            b'-' | b'0'..=b'9' => self.number()?,
-            _ => return None,
-        };
-        self.values.push(v);
-        Some(())
-    }
-
-    fn literal(&mut self, word: &[u8], v: Value) -> Option<Value> {
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
         let end = self.i + word.len();
         if self.b.get(self.i..end) == Some(word) {
             self.i = end;
-            Some(v)
+            Some(())
         } else {
             None
         }
@@ -185,15 +389,23 @@ impl Parser<'_> {
     }
 
     /// A string body (the opening quote already consumed), up to and including the closing quote.
-    fn string(&mut self) -> Option<String> {
+    #[inline(always)]
+    fn string(&mut self) -> Option<Text<'a>> {
         let start = self.i;
         let end = self.scan_plain();
+        let text: &'a str = self.s;
         if self.b.get(end) == Some(&b'"') {
-            let s = self.s.get(start..end)?;
+            let s = text.get(start..end)?;
             self.i = end + 1;
-            return Some(s.to_owned());
+            return Some(Text::Borrowed(s));
         }
-        // Escapes (or an error): build the string piece by piece.
+        self.escaped_string(start, end)
+    }
+
+    /// The rest of a string with escapes (or an error) from `end`: built piece by piece.
+    #[cold]
+    #[inline(never)]
+    fn escaped_string(&mut self, start: usize, end: usize) -> Option<Text<'a>> {
         let mut out = String::with_capacity(end - start + 16);
         out.push_str(self.s.get(start..end)?);
         self.i = end;
@@ -201,7 +413,7 @@ impl Parser<'_> {
             match self.peek()? {
                 b'"' => {
                     self.i += 1;
-                    return Some(out);
+                    return Some(Text::Owned(out));
                 }
                 b'\\' => {
                     self.i += 1;
@@ -273,7 +485,7 @@ impl Parser<'_> {
         self.i - start
     }
 
-    fn number(&mut self) -> Option<Value> {
+    fn number(&mut self) -> Option<()> {
         let start = self.i;
         let negative = self.peek() == Some(b'-');
         if negative {
@@ -304,15 +516,10 @@ impl Parser<'_> {
                 return None;
             }
         }
-        let text = self.s.get(start..self.i)?;
-        if plain
-            && !negative
-            && let Ok(u) = text.parse::<u64>()
-        {
-            return Some(Value::Number(Number::from(u)));
-        }
-        // Exactly what serde_json does with the number's text (`1E5` becomes `1e+5`, `-0` stays `-0`).
-        text.parse::<Number>().ok().map(Value::Number)
+        let s: &'a str = self.s;
+        let text = s.get(start..self.i)?;
+        self.sink
+            .number(text, plain && !negative && text.len() < 20)
     }
 
     fn enter(&mut self) -> Option<()> {
@@ -327,84 +534,74 @@ impl Parser<'_> {
 
     fn object(&mut self) -> Option<()> {
         self.enter()?;
+        let mark = self.sink.open(true);
+        let mut count = 0;
         if self.peek() == Some(b'}') {
             self.i += 1;
-            self.depth -= 1;
-            self.values.push(Value::Object(Map::new()));
-            return Some(());
-        }
-        let (key_base, value_base) = (self.keys.len(), self.values.len());
-        loop {
-            if self.peek() != Some(b'"') {
-                return None;
-            }
-            self.i += 1;
-            let key = self.string()?;
-            if key.starts_with(PRIVATE_KEY) {
-                return None;
-            }
-            self.keys.push(key);
-            self.ws();
-            if self.peek() != Some(b':') {
-                return None;
-            }
-            self.i += 1;
-            self.ws();
-            self.value()?;
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
+        } else {
+            loop {
+                if self.peek() != Some(b'"') {
+                    return None;
                 }
-                b'}' => {
-                    self.i += 1;
-                    break;
+                self.i += 1;
+                let key = self.string()?;
+                if key.as_str().starts_with(PRIVATE_KEY) {
+                    return None;
                 }
-                _ => return None,
+                self.sink.key(key)?;
+                self.ws();
+                if self.peek() != Some(b':') {
+                    return None;
+                }
+                self.i += 1;
+                self.ws();
+                self.value()?;
+                count += 1;
+                self.ws();
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                    }
+                    b'}' => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
             }
         }
-        let mut map = Map::with_capacity(self.keys.len() - key_base);
-        for (k, v) in self
-            .keys
-            .drain(key_base..)
-            .zip(self.values.drain(value_base..))
-        {
-            // As serde_json: a repeated key keeps its first position and takes the last value.
-            map.insert(k, v);
-        }
+        self.sink.close(mark, true, count)?;
         self.depth -= 1;
-        self.values.push(Value::Object(map));
         Some(())
     }
 
     fn array(&mut self) -> Option<()> {
         self.enter()?;
+        let mark = self.sink.open(false);
+        let mut count = 0;
         if self.peek() == Some(b']') {
             self.i += 1;
-            self.depth -= 1;
-            self.values.push(Value::Array(Vec::new()));
-            return Some(());
-        }
-        let base = self.values.len();
-        loop {
-            self.value()?;
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
+        } else {
+            loop {
+                self.value()?;
+                count += 1;
+                self.ws();
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                    }
+                    b']' => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return None,
                 }
-                b']' => {
-                    self.i += 1;
-                    break;
-                }
-                _ => return None,
             }
         }
-        let items: Vec<Value> = self.values.drain(base..).collect();
+        self.sink.close(mark, false, count)?;
         self.depth -= 1;
-        self.values.push(Value::Array(items));
         Some(())
     }
 }

@@ -5,7 +5,8 @@
 //! FHIRPath expression (`Patient.identifier[0].value`, `Patient.deceased.ofType(dateTime)`,
 //! `Patient.name[0].given[1].extension[0].url`), so a client can fix its payload in one round trip.
 //!
-//! How: the JSON (`serde_json::Value`) is walked against the element tables of `schema.rs`. The walk keeps a
+//! How: the JSON, seen through [`Node`] (a view of a `serde_json::Value`, or of a tape parsed from the
+//! bytes: `node.rs`), is walked against the element tables of `schema.rs`. The walk keeps a
 //! stack of path segments borrowed from the JSON and renders an expression only when it reports an issue,
 //! so a valid resource costs no string building. Checked: `resourceType`; JSON kinds and R4 lexical rules
 //! of primitives (`primitive.rs`); arrays against max cardinality; min cardinality; unknown elements;
@@ -19,17 +20,20 @@
 //!
 //! Speed: `validate_json` builds the Value with the fast parser of `json.rs` (serde_json's exact result, with
 //! serde_json itself as the fallback for anything unusual, so results and error messages are unchanged);
-//! keys resolve through the per-type index of `schema.rs`; members of the small objects FHIR is made of are
-//! found by a scan ([`member`]) rather than by hashing the name.
+//! `check_json`, which needs no Value, walks a tape of the bytes from the same parser instead (no allocation
+//! per key or string), falling back to serde_json the same way, so both report the same issues. Keys
+//! resolve through the per-type index of `schema.rs`; members of the small objects FHIR is made of are found
+//! by a scan ([`member`]) rather than by hashing the name.
 //!
 //! Invariants: never panics on any input value (no unwrap, no panicking index); recursion is bounded.
 
 mod primitive;
 mod rules;
 
+use crate::node::{Node, Obj};
 use crate::schema::{self, Elem, Kind, Prim, Ty, TypeDef};
 use crate::{Issue, IssueType, ResourceType, Severity};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// A resource that passed validation (possibly normalised), with any warnings.
 #[derive(Debug, Clone)]
@@ -44,7 +48,7 @@ pub struct Validated {
 pub fn validate(rtype: ResourceType, resource: &mut Value) -> Vec<Issue> {
     let (issues, fixes) = {
         let mut cx = Ctx::new();
-        cx.root(rtype, resource);
+        cx.root(rtype, Node::of(resource));
         (cx.issues, cx.fixes)
     };
     for fix in &fixes {
@@ -53,8 +57,9 @@ pub fn validate(rtype: ResourceType, resource: &mut Value) -> Vec<Issue> {
     issues
 }
 
-/// Parse bytes and validate whatever supported resource they hold (used by `$validate` and `carebridge validate`).
-/// `expected`: if set, `resourceType` must equal it.
+/// Parse bytes and validate whatever supported resource they hold; on success the resource as a
+/// `serde_json::Value`, normalised, with any warnings (used by writes). `expected`: if set, `resourceType`
+/// must equal it.
 pub fn validate_json(
     bytes: &[u8],
     expected: Option<ResourceType>,
@@ -62,33 +67,67 @@ pub fn validate_json(
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     // The fast parser builds the same Value as serde_json; whatever it cannot decide (including every
     // malformed input) goes to serde_json, so values and error messages are serde_json's.
-    let parsed = match crate::json::parse(bytes) {
-        Some(v) => Ok(v),
-        None => serde_json::from_slice::<Value>(bytes),
+    let mut resource = match crate::json::parse(bytes) {
+        Some(v) => v,
+        None => parse_slow(bytes)?,
     };
-    let mut value: Value = match parsed {
-        Ok(v) => v,
-        Err(e) => {
-            let text = e.to_string();
-            let suffix = format!(" at line {} column {}", e.line(), e.column());
-            let what = text.strip_suffix(&suffix).unwrap_or(&text);
-            return Err(vec![Issue::error(
-                IssueType::Structure,
-                format!(
-                    "The body is not valid JSON (line {}, column {}): {what}",
-                    e.line(),
-                    e.column()
-                ),
-            )]);
+    let (rtype, warnings, fixes) = check_node(Node::of(&resource), expected)?;
+    for fix in &fixes {
+        fix.apply(&mut resource);
+    }
+    Ok(Validated {
+        rtype,
+        resource,
+        warnings,
+    })
+}
+
+/// Parse bytes and validate whatever supported resource they hold, without building the resource: the
+/// warnings when it is valid, else every issue (used by `$validate` and `carebridge validate`). Same
+/// verdict and issues as [`validate_json`].
+pub fn check_json(bytes: &[u8], expected: Option<ResourceType>) -> Result<Vec<Issue>, Vec<Issue>> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    match crate::json::parse_doc(bytes) {
+        // The parser checks every number as serde_json would, so a tape here is what validate_json sees.
+        Some(doc) => check_node(doc.root(), expected).map(|(_, warnings, _)| warnings),
+        None => {
+            let resource = parse_slow(bytes)?;
+            check_node(Node::of(&resource), expected).map(|(_, warnings, _)| warnings)
         }
-    };
+    }
+}
+
+/// serde_json's own parse, its error as the OperationOutcome issue a client gets (the fast parser leaves
+/// every malformed input here, so error messages are serde_json's).
+fn parse_slow(bytes: &[u8]) -> Result<Value, Vec<Issue>> {
+    serde_json::from_slice::<Value>(bytes).map_err(|e| {
+        let text = e.to_string();
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        let what = text.strip_suffix(&suffix).unwrap_or(&text);
+        vec![Issue::error(
+            IssueType::Structure,
+            format!(
+                "The body is not valid JSON (line {}, column {}): {what}",
+                e.line(),
+                e.column()
+            ),
+        )]
+    })
+}
+
+/// The resource type of a parsed document, then the walk: `(type, warnings, fixes)` when valid, else
+/// every issue.
+fn check_node(
+    node: Node<'_>,
+    expected: Option<ResourceType>,
+) -> Result<(ResourceType, Vec<Issue>, Vec<Fix>), Vec<Issue>> {
     let rtype = {
-        let Some(obj) = value.as_object() else {
+        let Some(obj) = node.as_object() else {
             return Err(vec![Issue::error(
                 IssueType::Structure,
                 format!(
                     "A FHIR resource must be a JSON object, found {}",
-                    primitive::json_kind(&value)
+                    primitive::json_kind(node)
                 ),
             )]);
         };
@@ -99,7 +138,7 @@ pub fn validate_json(
                         .at("resourceType"),
                 ]);
             }
-            Some(Value::String(s)) => s.as_str(),
+            Some(Node::String(s)) => s,
             Some(other) => {
                 return Err(vec![
                     Issue::error(
@@ -133,15 +172,12 @@ pub fn validate_json(
             None => return Err(vec![unsupported_type(name).at("resourceType")]),
         }
     };
-    let issues = validate(rtype, &mut value);
-    if issues.iter().any(Issue::is_error) {
-        Err(issues)
+    let mut cx = Ctx::new();
+    cx.root(rtype, node);
+    if cx.issues.iter().any(Issue::is_error) {
+        Err(cx.issues)
     } else {
-        Ok(Validated {
-            rtype,
-            resource: value,
-            warnings: issues,
-        })
+        Ok((rtype, cx.issues, cx.fixes))
     }
 }
 
@@ -164,21 +200,16 @@ fn unsupported_type(name: &str) -> Issue {
     )
 }
 
-/// `obj.get(name)`: a scan for the small objects FHIR is made of (cheaper than hashing `name`), the map's
-/// own index for large ones. Keys are unique, so both find the same member.
+/// `obj.get(name)`: a scan (FHIR objects are small; keys are unique).
 #[inline]
-pub(crate) fn member<'v>(obj: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
-    if obj.len() <= 16 {
-        obj.iter().find(|(k, _)| k.as_str() == name).map(|(_, v)| v)
-    } else {
-        obj.get(name)
-    }
+pub(crate) fn member<'v>(obj: Obj<'v>, name: &str) -> Option<Node<'v>> {
+    obj.get(name)
 }
 
 /// `v.get(name)` for a `&str` key, via [`member`].
 #[inline]
-pub(crate) fn field<'v>(v: &'v Value, name: &str) -> Option<&'v Value> {
-    v.as_object().and_then(|o| member(o, name))
+pub(crate) fn field<'v>(v: Node<'v>, name: &str) -> Option<Node<'v>> {
+    v.get(name)
 }
 
 /// Deepest nesting of complex elements followed (JSON from `serde_json` is at most 128 deep anyway; this
@@ -346,7 +377,7 @@ impl<'a> Ctx<'a> {
 
     // ---- resources -------------------------------------------------------------------------------------
 
-    fn root(&mut self, rtype: ResourceType, resource: &'a Value) {
+    fn root(&mut self, rtype: ResourceType, resource: Node<'a>) {
         let Some(obj) = resource.as_object() else {
             self.error(
                 IssueType::Structure,
@@ -358,7 +389,7 @@ impl<'a> Ctx<'a> {
             return;
         };
         match member(obj, "resourceType") {
-            Some(Value::String(s)) if s == rtype.as_str() => {}
+            Some(Node::String(s)) if s == rtype.as_str() => {}
             None => self.issues.push(
                 Issue::error(
                     IssueType::Required,
@@ -366,7 +397,7 @@ impl<'a> Ctx<'a> {
                 )
                 .at("resourceType"),
             ),
-            Some(Value::String(s)) => {
+            Some(Node::String(s)) => {
                 self.issues.push(
                     Issue::error(
                         IssueType::Invalid,
@@ -393,10 +424,10 @@ impl<'a> Ctx<'a> {
                 return;
             }
         }
-        if let Some(Value::Array(items)) = member(obj, "contained") {
+        if let Some(Node::Array(items)) = member(obj, "contained") {
             self.contained_ids = items
                 .iter()
-                .filter_map(|c| field(c, "id").and_then(Value::as_str))
+                .filter_map(|c| field(c, "id").and_then(Node::as_str))
                 .collect::<Vec<&'a str>>();
         }
         self.path.push(Seg::Root(rtype.as_str()));
@@ -405,14 +436,14 @@ impl<'a> Ctx<'a> {
         self.path.pop();
     }
 
-    fn resource(&mut self, rtype: ResourceType, obj: &'a Map<String, Value>) {
+    fn resource(&mut self, rtype: ResourceType, obj: Obj<'a>) {
         self.walk_object(schema::resource_def(rtype), obj);
         self.resource_rules(rtype, obj);
     }
 
     /// One item of `contained` (the path already ends with its index).
-    fn contained(&mut self, v: &'a Value, index: usize) {
-        let Value::Object(obj) = v else {
+    fn contained(&mut self, v: Node<'a>, index: usize) {
+        let Node::Object(obj) = v else {
             self.error(
                 IssueType::Structure,
                 format!(
@@ -437,7 +468,7 @@ impl<'a> Ctx<'a> {
                 );
                 return;
             }
-            Some(Value::String(s)) => match ResourceType::parse(s) {
+            Some(Node::String(s)) => match ResourceType::parse(s) {
                 Some(t) => t,
                 None => {
                     self.error(
@@ -472,7 +503,7 @@ impl<'a> Ctx<'a> {
     // ---- the walk --------------------------------------------------------------------------------------
 
     /// Validate an object of type `def` (the path points at it).
-    fn walk_object(&mut self, def: &'static TypeDef, obj: &'a Map<String, Value>) {
+    fn walk_object(&mut self, def: &'static TypeDef, obj: Obj<'a>) {
         if obj.is_empty() {
             self.error(
                 IssueType::Structure,
@@ -494,7 +525,6 @@ impl<'a> Ctx<'a> {
         let has_underscore = obj.keys().any(|k| k.starts_with('_'));
         let mut present: u64 = 0;
         for (key, val) in obj {
-            let key = key.as_str();
             if def.kind == Kind::Resource && key == "resourceType" {
                 continue;
             }
@@ -604,13 +634,13 @@ impl<'a> Ctx<'a> {
         &mut self,
         elem: &'static Elem,
         ty: Ty,
-        value: Option<&'a Value>,
-        ext: Option<&'a Value>,
+        value: Option<Node<'a>>,
+        ext: Option<Node<'a>>,
     ) {
         if elem.many {
             let items = match value {
                 None => None,
-                Some(Value::Array(a)) => Some(a),
+                Some(Node::Array(a)) => Some(a),
                 Some(other) => {
                     self.error(
                         IssueType::Structure,
@@ -625,7 +655,7 @@ impl<'a> Ctx<'a> {
             };
             let exts = match ext {
                 None => None,
-                Some(Value::Array(a)) => Some(a),
+                Some(Node::Array(a)) => Some(a),
                 Some(other) => {
                     self.error(
                         IssueType::Structure,
@@ -639,7 +669,7 @@ impl<'a> Ctx<'a> {
                     return;
                 }
             };
-            if items.is_some_and(Vec::is_empty) {
+            if items.is_some_and(|a| a.is_empty()) {
                 self.error(
                     IssueType::Structure,
                     format!(
@@ -649,7 +679,7 @@ impl<'a> Ctx<'a> {
                 );
                 return;
             }
-            if exts.is_some_and(Vec::is_empty) {
+            if exts.is_some_and(|a| a.is_empty()) {
                 self.error(
                     IssueType::Structure,
                     format!(
@@ -659,7 +689,7 @@ impl<'a> Ctx<'a> {
                 );
                 return;
             }
-            let (n_items, n_exts) = (items.map_or(0, Vec::len), exts.map_or(0, Vec::len));
+            let (n_items, n_exts) = (items.map_or(0, |a| a.len()), exts.map_or(0, |a| a.len()));
             if items.is_some() && exts.is_some() && n_items != n_exts {
                 self.error(
                     IssueType::Structure,
@@ -669,19 +699,22 @@ impl<'a> Ctx<'a> {
                     ),
                 );
             }
+            // Both arrays walked in step (the shorter one runs out first).
+            let mut item_iter = items.map(|a| a.iter());
+            let mut ext_iter = exts.map(|a| a.iter());
             for i in 0..n_items.max(n_exts) {
                 self.path.push(Seg::Index(i));
                 self.item(
                     elem,
                     ty,
-                    items.and_then(|a| a.get(i)),
-                    exts.and_then(|a| a.get(i)),
+                    item_iter.as_mut().and_then(Iterator::next),
+                    ext_iter.as_mut().and_then(Iterator::next),
                     i,
                 );
                 self.path.pop();
             }
         } else {
-            if let Some(Value::Array(_)) = value {
+            if let Some(Node::Array(_)) = value {
                 self.error(
                     IssueType::Structure,
                     format!(
@@ -691,7 +724,7 @@ impl<'a> Ctx<'a> {
                 );
                 return;
             }
-            if let Some(Value::Array(_)) = ext {
+            if let Some(Node::Array(_)) = ext {
                 self.error(
                     IssueType::Structure,
                     format!(
@@ -701,13 +734,13 @@ impl<'a> Ctx<'a> {
                 );
                 return;
             }
-            if matches!(value, Some(Value::Null)) {
+            if matches!(value, Some(Node::Null)) {
                 self.error(
                     IssueType::Structure,
                     format!("{}: null is not allowed (null only aligns array entries); leave the element out", elem.name),
                 );
             }
-            if matches!(ext, Some(Value::Null)) {
+            if matches!(ext, Some(Node::Null)) {
                 self.error(
                     IssueType::Structure,
                     format!("_{}: null is not allowed; leave it out", elem.name),
@@ -722,8 +755,8 @@ impl<'a> Ctx<'a> {
         &mut self,
         elem: &'static Elem,
         ty: Ty,
-        value: Option<&'a Value>,
-        ext: Option<&'a Value>,
+        value: Option<Node<'a>>,
+        ext: Option<Node<'a>>,
         index: usize,
     ) {
         let v = value.filter(|v| !v.is_null());
@@ -752,7 +785,7 @@ impl<'a> Ctx<'a> {
         }
         if let Some(e) = e {
             match e {
-                Value::Object(o) => self.walk_object(&schema::ELEMENT, o),
+                Node::Object(o) => self.walk_object(&schema::ELEMENT, o),
                 other => self.error(
                     IssueType::Structure,
                     format!(
@@ -765,12 +798,12 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn value(&mut self, elem: &'static Elem, ty: Ty, v: &'a Value, index: usize) {
+    fn value(&mut self, elem: &'static Elem, ty: Ty, v: Node<'a>, index: usize) {
         match ty {
             Ty::P(p) => match primitive::check(p, v) {
                 Err(f) => self.error(f.code, f.msg),
                 Ok(()) => {
-                    let Value::String(s) = v else { return };
+                    let Node::String(s) = v else { return };
                     if let Some(b) = elem.binding
                         && !b
                             .codes
@@ -794,7 +827,7 @@ impl<'a> Ctx<'a> {
                 }
             },
             Ty::C(def) => match v {
-                Value::Object(o) => self.walk_object(def, o),
+                Node::Object(o) => self.walk_object(def, o),
                 other => self.error(
                     IssueType::Structure,
                     format!(

@@ -12,7 +12,7 @@
 
 #![allow(clippy::panic, reason = "tests")]
 
-use fhir::{ResourceType, Severity, operation_outcome, validate_json};
+use fhir::{ResourceType, Severity, check_json, operation_outcome, validate_json};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -104,6 +104,12 @@ fn corpus_resources_are_valid_or_listed() {
     let (mut valid, mut refused) = (0, 0);
     for (key, bytes) in &resources {
         let result = validate_json(bytes, None);
+        let checked = check_json(bytes, None);
+        if format!("{:?}", result.as_ref().map(|v| &v.warnings))
+            != format!("{:?}", checked.as_ref())
+        {
+            failures.push(format!("{key}: check_json and validate_json disagree"));
+        }
         match (&result, listed.get(key)) {
             (Ok(v), None) => {
                 valid += 1;

@@ -9,7 +9,9 @@
 
 #![allow(clippy::panic, reason = "tests")]
 
-use fhir::{IssueType, ResourceType, Severity, operation_outcome, validate, validate_json};
+use fhir::{
+    IssueType, ResourceType, Severity, check_json, operation_outcome, validate, validate_json,
+};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -17,11 +19,25 @@ fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
 }
 
-fn outcome_text(bytes: &[u8]) -> String {
-    let issues = match validate_json(bytes, None) {
-        Ok(v) => v.warnings,
+/// The issues of `validate_json`, after checking that `check_json` (which reads the bytes without building
+/// a `Value`) reports exactly the same.
+fn issues_of(bytes: &[u8], expected: Option<ResourceType>) -> Vec<fhir::Issue> {
+    let full = validate_json(bytes, expected).map(|v| v.warnings);
+    let checked = check_json(bytes, expected);
+    assert_eq!(
+        format!("{full:?}"),
+        format!("{checked:?}"),
+        "check_json and validate_json disagree on {}",
+        String::from_utf8_lossy(bytes)
+    );
+    match full {
+        Ok(warnings) => warnings,
         Err(issues) => issues,
-    };
+    }
+}
+
+fn outcome_text(bytes: &[u8]) -> String {
+    let issues = issues_of(bytes, None);
     let mut text = serde_json::to_string_pretty(&operation_outcome(&issues)).unwrap_or_default();
     text.push('\n');
     text
@@ -329,13 +345,15 @@ mod no_panic {
         fn arbitrary_json_never_panics((rtype, mut v) in resource()) {
             let text = serde_json::to_vec(&v).unwrap_or_default();
             let _ = validate(rtype, &mut v);
-            let _ = validate_json(&text, None);
-            let _ = validate_json(&text, Some(rtype));
+            let _ = issues_of(&text, None);
+            let _ = issues_of(&text, Some(rtype));
+            let pretty = serde_json::to_vec_pretty(&v).unwrap_or_default();
+            let _ = issues_of(&pretty, Some(rtype));
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = validate_json(&bytes, None);
+            let _ = issues_of(&bytes, None);
         }
     }
 }

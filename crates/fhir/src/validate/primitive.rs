@@ -9,8 +9,8 @@
 //! [`Fail`] whose message names the value, the type and the expected form.
 
 use crate::IssueType;
+use crate::node::Node;
 use crate::schema::Prim;
-use serde_json::Value;
 
 /// Why a primitive value was refused.
 pub(crate) struct Fail {
@@ -22,14 +22,14 @@ pub(crate) struct Fail {
 const MAX_STRING_CHARS: usize = 1024 * 1024;
 
 /// Name of a JSON value's kind, for diagnostics.
-pub(crate) fn json_kind(v: &Value) -> &'static str {
+pub(crate) fn json_kind(v: Node<'_>) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Node::Null => "null",
+        Node::Bool(_) => "a boolean",
+        Node::Number(_) => "a number",
+        Node::String(_) => "a string",
+        Node::Array(_) => "an array",
+        Node::Object(_) => "an object",
     }
 }
 
@@ -56,30 +56,30 @@ fn lexical(p: Prim, s: &str, rule: &str) -> Result<(), Fail> {
 }
 
 /// Check one (non-null) JSON value against primitive type `p`.
-pub(crate) fn check(p: Prim, v: &Value) -> Result<(), Fail> {
+pub(crate) fn check(p: Prim, v: Node<'_>) -> Result<(), Fail> {
     match p {
         Prim::Boolean => match v {
-            Value::Bool(_) => Ok(()),
+            Node::Bool(_) => Ok(()),
             other => wrong_json(p, "boolean", other),
         },
         Prim::Integer | Prim::PositiveInt | Prim::UnsignedInt => match v {
-            Value::Number(n) => check_integer(p, n.as_str()),
+            Node::Number(n) => check_integer(p, n),
             other => wrong_json(p, "number", other),
         },
         // A JSON number is exactly the R4 decimal grammar; its text (kept by arbitrary_precision) is stored
         // as sent, so `1.50` keeps its precision.
         Prim::Decimal => match v {
-            Value::Number(_) => Ok(()),
+            Node::Number(_) => Ok(()),
             other => wrong_json(p, "number", other),
         },
         _ => match v {
-            Value::String(s) => check_string(p, s),
+            Node::String(s) => check_string(p, s),
             other => wrong_json(p, "string", other),
         },
     }
 }
 
-fn wrong_json(p: Prim, expected: &str, found: &Value) -> Result<(), Fail> {
+fn wrong_json(p: Prim, expected: &str, found: Node<'_>) -> Result<(), Fail> {
     fail(
         IssueType::Structure,
         format!(
@@ -528,10 +528,10 @@ fn check_xhtml(s: &str) -> Result<(), Fail> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn ok(p: Prim, v: Value) -> bool {
-        check(p, &v).is_ok()
+        check(p, Node::of(&v)).is_ok()
     }
 
     #[test]

@@ -12,13 +12,13 @@
 //! one NHS number per Patient, the NHS number verification status encodings, ODS system normalisation.
 
 use super::{Ctx, Fix, Seg, field, member};
+use crate::node::{Node, Obj};
 use crate::schema::{self, Hook};
 use crate::validate::primitive::shown;
 use crate::{
     IssueType, NHS_NUMBER_SYSTEM, NhsNumber, ResourceType, Severity, parse_date_range,
     parse_instant_ms,
 };
-use serde_json::{Map, Value};
 
 /// UK Core extension carrying the NHS number verification status (on `Patient.identifier`).
 pub(crate) const VERIFICATION_STATUS_URL: &str =
@@ -59,13 +59,13 @@ pub(crate) fn ods_canonical(system: &str) -> Option<&'static str> {
 }
 
 /// Whether element `name` is present (as a value or as a `_name` primitive extension).
-fn has(obj: &Map<String, Value>, name: &str) -> bool {
+fn has(obj: Obj<'_>, name: &str) -> bool {
     obj.iter()
         .any(|(k, v)| (k == name || k.strip_prefix('_') == Some(name)) && !v.is_null())
 }
 
-fn str_of<'v>(obj: &'v Map<String, Value>, name: &str) -> Option<&'v str> {
-    member(obj, name).and_then(Value::as_str)
+fn str_of<'v>(obj: Obj<'v>, name: &str) -> Option<&'v str> {
+    member(obj, name).and_then(Node::as_str)
 }
 
 /// Whether (system, code) is an accepted NHS number verification status; `None` for an unknown system.
@@ -90,7 +90,7 @@ const VALUE_CC: Seg<'static> = Seg::Choice("valueCodeableConcept", "value", "Cod
 
 impl<'a> Ctx<'a> {
     /// Rules of a datatype, run after its object was walked (the path points at the object).
-    pub(super) fn hook(&mut self, hook: Hook, obj: &'a Map<String, Value>) {
+    pub(super) fn hook(&mut self, hook: Hook, obj: Obj<'a>) {
         match hook {
             Hook::None => {}
             Hook::Identifier => self.identifier_rules(obj),
@@ -133,9 +133,9 @@ impl<'a> Ctx<'a> {
             Hook::Range => {
                 let value_of = |side: &str| -> Option<(f64, Option<&str>)> {
                     let q = member(obj, side)?;
-                    let n = field(q, "value").and_then(Value::as_number)?;
-                    let v: f64 = n.as_str().parse().ok()?;
-                    Some((v, field(q, "code").and_then(Value::as_str)))
+                    let n = field(q, "value").and_then(Node::as_number)?;
+                    let v: f64 = n.parse().ok()?;
+                    Some((v, field(q, "code").and_then(Node::as_str)))
                 };
                 if let (Some((lo, lo_code)), Some((hi, hi_code))) =
                     (value_of("low"), value_of("high"))
@@ -187,7 +187,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// UK Core rules of any Identifier: ODS normalisation, NHS number, its verification status.
-    fn identifier_rules(&mut self, obj: &'a Map<String, Value>) {
+    fn identifier_rules(&mut self, obj: Obj<'a>) {
         let system = str_of(obj, "system");
         if let Some(s) = system {
             if let Some(canonical) = ods_canonical(s) {
@@ -220,7 +220,7 @@ impl<'a> Ctx<'a> {
         }
         if system == Some(NHS_NUMBER_SYSTEM) {
             match member(obj, "value") {
-                Some(Value::String(v)) => {
+                Some(Node::String(v)) => {
                     if let Err(e) = NhsNumber::check(v) {
                         self.error_at(
                             IssueType::Value,
@@ -241,7 +241,7 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        let Some(Value::Array(exts)) = member(obj, "extension") else {
+        let Some(Node::Array(exts)) = member(obj, "extension") else {
             return;
         };
         let mut seen = 0;
@@ -262,8 +262,8 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn verification_status(&mut self, ext: &'a Map<String, Value>, j: usize) {
-        let Some(Value::Object(cc)) = member(ext, "valueCodeableConcept") else {
+    fn verification_status(&mut self, ext: Obj<'a>, j: usize) {
+        let Some(Node::Object(cc)) = member(ext, "valueCodeableConcept") else {
             if member(ext, "valueCodeableConcept").is_none() {
                 self.error_at(
                     IssueType::CodeInvalid,
@@ -276,16 +276,16 @@ impl<'a> Ctx<'a> {
             return;
         };
         let codings = match member(cc, "coding") {
-            Some(Value::Array(c)) => c.as_slice(),
-            _ => &[],
+            Some(Node::Array(c)) => Some(c),
+            _ => None,
         };
         let mut accepted = false;
         let mut reported = false;
-        for (k, c) in codings.iter().enumerate() {
-            let Some(system) = field(c, "system").and_then(Value::as_str) else {
+        for (k, c) in codings.into_iter().flatten().enumerate() {
+            let Some(system) = field(c, "system").and_then(Node::as_str) else {
                 continue;
             };
-            let code = field(c, "code").and_then(Value::as_str);
+            let code = field(c, "code").and_then(Node::as_str);
             match verification_code_ok(system, code) {
                 Some(true) => accepted = true,
                 Some(false) => {
@@ -319,7 +319,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// Rules of a whole resource (the path points at the resource).
-    pub(super) fn resource_rules(&mut self, rtype: ResourceType, obj: &'a Map<String, Value>) {
+    pub(super) fn resource_rules(&mut self, rtype: ResourceType, obj: Obj<'a>) {
         match rtype {
             ResourceType::Patient => self.patient_rules(obj),
             ResourceType::Appointment => self.appointment_rules(obj),
@@ -334,8 +334,8 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn patient_rules(&mut self, obj: &'a Map<String, Value>) {
-        if let Some(Value::Array(contacts)) = member(obj, "contact") {
+    fn patient_rules(&mut self, obj: Obj<'a>) {
+        if let Some(Node::Array(contacts)) = member(obj, "contact") {
             for (i, c) in contacts.iter().enumerate() {
                 let Some(co) = c.as_object() else { continue };
                 if !co.is_empty()
@@ -351,10 +351,10 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        if let Some(Value::Array(ids)) = member(obj, "identifier") {
+        if let Some(Node::Array(ids)) = member(obj, "identifier") {
             let mut first: Option<usize> = None;
             for (k, id) in ids.iter().enumerate() {
-                if field(id, "system").and_then(Value::as_str) != Some(NHS_NUMBER_SYSTEM) {
+                if field(id, "system").and_then(Node::as_str) != Some(NHS_NUMBER_SYSTEM) {
                     continue;
                 }
                 match first {
@@ -376,8 +376,8 @@ impl<'a> Ctx<'a> {
     /// app-4 note: R4 4.0.1 writes app-4 as `cancelationReason.exists() implies (status='no-show' or
     /// status='cancelled')`, but the status code is `noshow`, so a strict R4 validator refuses any noshow
     /// appointment with a cancelationReason. The hub accepts it (that is the intent of the rule) and warns.
-    fn appointment_rules(&mut self, obj: &'a Map<String, Value>) {
-        if let Some(Value::Array(ps)) = member(obj, "participant") {
+    fn appointment_rules(&mut self, obj: Obj<'a>) {
+        if let Some(Node::Array(ps)) = member(obj, "participant") {
             for (i, p) in ps.iter().enumerate() {
                 let Some(po) = p.as_object() else { continue };
                 if !po.is_empty() && !has(po, "type") && !has(po, "actor") {
@@ -432,7 +432,7 @@ impl<'a> Ctx<'a> {
         self.end_not_before_start(obj);
     }
 
-    fn end_not_before_start(&mut self, obj: &'a Map<String, Value>) {
+    fn end_not_before_start(&mut self, obj: Obj<'a>) {
         if let (Some(s), Some(e)) = (str_of(obj, "start"), str_of(obj, "end"))
             && let (Some(a), Some(b)) = (parse_instant_ms(s), parse_instant_ms(e))
             && b < a
@@ -445,7 +445,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn organization_rules(&mut self, obj: &'a Map<String, Value>) {
+    fn organization_rules(&mut self, obj: Obj<'a>) {
         if !has(obj, "identifier") && !has(obj, "name") {
             self.error(
                 IssueType::Invariant,
@@ -462,9 +462,9 @@ impl<'a> Ctx<'a> {
                 "org-3: The telecom of an organization can never be of use 'home'",
             ),
         ] {
-            if let Some(Value::Array(items)) = member(obj, list) {
+            if let Some(Node::Array(items)) = member(obj, list) {
                 for (i, item) in items.iter().enumerate() {
-                    if field(item, "use").and_then(Value::as_str) == Some("home") {
+                    if field(item, "use").and_then(Node::as_str) == Some("home") {
                         self.error_at(
                             IssueType::Invariant,
                             rule,
@@ -477,8 +477,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// dom-4 and dom-5 on a contained resource (the path points at it).
-    pub(super) fn contained_meta_rules(&mut self, obj: &'a Map<String, Value>) {
-        let Some(Value::Object(meta)) = member(obj, "meta") else {
+    pub(super) fn contained_meta_rules(&mut self, obj: Obj<'a>) {
+        let Some(Node::Object(meta)) = member(obj, "meta") else {
             return;
         };
         if has(meta, "versionId") || has(meta, "lastUpdated") {
@@ -498,14 +498,14 @@ impl<'a> Ctx<'a> {
     }
 
     /// dom-3: every contained resource is referenced (`#id`) from elsewhere or refers to its container (`#`).
-    pub(super) fn dom3(&mut self, obj: &'a Map<String, Value>) {
-        let Some(Value::Array(items)) = member(obj, "contained") else {
+    pub(super) fn dom3(&mut self, obj: Obj<'a>) {
+        let Some(Node::Array(items)) = member(obj, "contained") else {
             return;
         };
         for (i, c) in items.iter().enumerate() {
             let Some(co) = c.as_object() else { continue };
             if member(co, "resourceType")
-                .and_then(Value::as_str)
+                .and_then(Node::as_str)
                 .and_then(ResourceType::parse)
                 .is_none()
             {

@@ -557,23 +557,31 @@ impl<'a, S: Sink<'a>> Parser<'a, S> {
                 self.ws();
                 self.value()?;
                 count += 1;
-                self.ws();
-                match self.peek()? {
-                    b',' => {
-                        self.i += 1;
-                        self.ws();
-                    }
-                    b'}' => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !self.more(b'}')? {
+                    break;
                 }
             }
         }
         self.sink.close(mark, true, count)?;
         self.depth -= 1;
         Some(())
+    }
+
+    /// After an item or member: `true` past a `,` (another follows), `false` past `close`; `None` for
+    /// anything else.
+    #[inline(always)]
+    fn more(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        let c = self.peek()?;
+        self.i += 1;
+        if c == b',' {
+            self.ws();
+            Some(true)
+        } else if c == close {
+            Some(false)
+        } else {
+            None
+        }
     }
 
     fn array(&mut self) -> Option<()> {
@@ -586,17 +594,8 @@ impl<'a, S: Sink<'a>> Parser<'a, S> {
             loop {
                 self.value()?;
                 count += 1;
-                self.ws();
-                match self.peek()? {
-                    b',' => {
-                        self.i += 1;
-                        self.ws();
-                    }
-                    b']' => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !self.more(b']')? {
+                    break;
                 }
             }
         }

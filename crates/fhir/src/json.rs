@@ -52,7 +52,8 @@ pub(crate) fn parse(bytes: &[u8]) -> Option<Value> {
 pub(crate) fn parse_doc(bytes: &[u8]) -> Option<Doc<'_>> {
     let sink = TapeSink {
         doc: Doc {
-            toks: Vec::with_capacity(bytes.len() / 8 + 4),
+            // About one token per 8 bytes of a FHIR resource; a large body grows the vector as it goes.
+            toks: Vec::with_capacity((bytes.len() / 8 + 4).min(4096)),
             owned: Vec::new(),
         },
         keys: Vec::with_capacity(32),

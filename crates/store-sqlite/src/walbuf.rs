@@ -14,8 +14,14 @@
 //!   the new frames in the WAL index, so no reader and no checkpoint can look for a frame still in the
 //!   buffer. With `synchronous=NORMAL` (the writer's setting) SQLite calls no `xSync` at commit, so this is
 //!   the flush point that matters;
-//! - before any write that does not continue the run (SQLite rewriting a frame it wrote earlier in the same
-//!   transaction), so writes reach the file in the order SQLite issued them;
+//! - before any write that does not continue the run, so writes reach the file in the order SQLite issued
+//!   them;
+//! - right after any write below the furthest point this WAL generation has reached: SQLite rewriting a
+//!   frame it wrote earlier in the same transaction, or, after a large transaction's commit frame, the
+//!   checksums of the frames it rewrote, the commit frame's own header included. Nothing contiguous follows
+//!   such a write, so it must not wait in the buffer: a rewritten commit header once waited there for the
+//!   next transaction, and until then recovery (after `kill -9`) stopped at the broken checksum chain and
+//!   readers of the running hub could report a malformed database;
 //! - before every other operation on the file (read, sync, truncate, size, file control, close): the
 //!   wrapped file then behaves exactly as if nothing had been buffered;
 //! - when it holds 1 MiB (a large transaction spilling pages before its commit).
@@ -88,6 +94,8 @@ struct WalFile {
     start: i64,
     /// The buffer ends with a commit frame's header: write it out after the next (the page).
     commit_next: bool,
+    /// End of the furthest write of this WAL generation (a write at offset 0, the WAL header, starts one).
+    end: i64,
 }
 
 /// Where the wrapped file starts (8-byte aligned, as SQLite aligns the whole allocation).
@@ -177,6 +185,7 @@ unsafe extern "C" fn open(
             buf: Vec::new(),
             start: 0,
             commit_next: false,
+            end: 0,
         });
         ffi::SQLITE_OK
     }
@@ -290,7 +299,15 @@ unsafe extern "C" fn write(
             w.buf.reserve_exact(want - w.buf.len());
         }
         w.buf.extend_from_slice(bytes);
-        if commit_page || w.buf.len() >= LIMIT {
+        // A write below the end of what this generation has written rewrites a frame (a page written again
+        // in its transaction, or the checksums SQLite recomputes after the commit frame): written out at
+        // once, as nothing may follow it.
+        let rewrite = offset != 0 && offset + len as i64 <= w.end;
+        if offset == 0 {
+            w.end = 0;
+        }
+        w.end = w.end.max(offset + len as i64);
+        if commit_page || rewrite || w.buf.len() >= LIMIT {
             return flush(w);
         }
         // Bytes 4..8 of a frame header: the database size after a commit, zero in other frames.
@@ -594,6 +611,7 @@ mod tests {
             buf: Vec::new(),
             start: 0,
             commit_next: false,
+            end: 0,
         };
         let file = (&raw mut wal).cast::<ffi::sqlite3_file>();
         let mut expected = vec![0u8; 32];

@@ -68,6 +68,13 @@ enum Text<'a> {
 }
 
 impl Text<'_> {
+    fn into_string(self) -> String {
+        match self {
+            Text::Borrowed(s) => s.to_owned(),
+            Text::Owned(s) => s,
+        }
+    }
+
     fn as_str(&self) -> &str {
         match self {
             Text::Borrowed(s) => s,
@@ -116,18 +123,12 @@ impl<'a> Sink<'a> for ValueSink {
     }
     #[inline(always)]
     fn string(&mut self, s: Text<'a>) -> Option<()> {
-        self.values.push(Value::String(match s {
-            Text::Borrowed(s) => s.to_owned(),
-            Text::Owned(s) => s,
-        }));
+        self.values.push(Value::String(s.into_string()));
         Some(())
     }
     #[inline(always)]
     fn key(&mut self, k: Text<'a>) -> Option<()> {
-        self.keys.push(match k {
-            Text::Borrowed(s) => s.to_owned(),
-            Text::Owned(s) => s,
-        });
+        self.keys.push(k.into_string());
         Some(())
     }
     fn open(&mut self, _object: bool) -> (usize, usize) {
@@ -161,25 +162,8 @@ impl<'a> TapeSink<'a> {
     fn text(&mut self, s: Text<'a>) -> Option<Tok<'a>> {
         Some(match s {
             Text::Borrowed(s) => Tok::leaf(Kind::Str, s),
-            Text::Owned(s) => {
-                let mut t = Tok::leaf(Kind::OwnedStr, "");
-                t.aux = u32::try_from(self.doc.owned.len()).ok()?;
-                self.doc.owned.push(s);
-                t
-            }
+            Text::Owned(s) => self.doc.owned_token(Kind::OwnedStr, s)?,
         })
-    }
-
-    fn key_text(&self, i: u32) -> &str {
-        match self.doc.toks.get(i as usize) {
-            Some(t) if t.kind() == Kind::OwnedStr => self
-                .doc
-                .owned
-                .get(t.aux as usize)
-                .map_or("", String::as_str),
-            Some(t) => t.s,
-            None => "",
-        }
     }
 
     /// Whether some key appears twice among the key tokens `keys` (serde_json keeps the first position and
@@ -188,10 +172,10 @@ impl<'a> TapeSink<'a> {
         if keys.len() <= 16 {
             let mut seen: &[u32] = &[];
             for (n, k) in keys.iter().enumerate() {
-                let k = self.key_text(*k);
+                let k = self.doc.text(*k);
                 if seen
                     .iter()
-                    .any(|s| crate::schema::bytes_eq(self.key_text(*s).as_bytes(), k.as_bytes()))
+                    .any(|s| crate::schema::bytes_eq(self.doc.text(*s).as_bytes(), k.as_bytes()))
                 {
                     return true;
                 }
@@ -199,7 +183,7 @@ impl<'a> TapeSink<'a> {
             }
             false
         } else {
-            let mut all: Vec<&str> = keys.iter().map(|k| self.key_text(*k)).collect();
+            let mut all: Vec<&str> = keys.iter().map(|k| self.doc.text(*k)).collect();
             all.sort_unstable();
             all.windows(2).any(|w| w.first() == w.last())
         }
@@ -224,9 +208,9 @@ impl<'a> Sink<'a> for TapeSink<'a> {
             // rewrites is kept as serde_json writes it.
             let n = crate::node::number(text)?;
             if n.as_str() != text {
-                let mut t = Tok::leaf(Kind::OwnedNumber, "");
-                t.aux = u32::try_from(self.doc.owned.len()).ok()?;
-                self.doc.owned.push(n.as_str().to_owned());
+                let t = self
+                    .doc
+                    .owned_token(Kind::OwnedNumber, n.as_str().to_owned())?;
                 self.doc.toks.push(t);
                 return Some(());
             }

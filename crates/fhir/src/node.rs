@@ -42,16 +42,15 @@ pub(crate) enum Kind {
     Object,
 }
 
-/// One token of the tape.
+/// One token of the tape. Every field is 32 bits or more: a token with padding is copied in pieces of odd
+/// sizes, which stalls the processor when it is read back.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tok<'a> {
     pub(crate) s: &'a str,
     pub(crate) aux: u32,
     /// A container's item or member count (saturated at `u32::MAX`).
-    count: u32,
-    /// A 32-bit field, as are the others: a token with padding is copied in pieces of odd sizes, which
-    /// stalls the processor when it is read back.
-    kind: Kind,
+    pub(crate) count: u32,
+    pub(crate) kind: Kind,
 }
 
 impl<'a> Tok<'a> {
@@ -63,16 +62,6 @@ impl<'a> Tok<'a> {
             count: 0,
             kind,
         }
-    }
-
-    #[inline(always)]
-    pub(crate) fn kind(&self) -> Kind {
-        self.kind
-    }
-
-    #[inline(always)]
-    fn count(&self) -> u32 {
-        self.count
     }
 
     pub(crate) fn set_count(&mut self, n: usize) {
@@ -130,9 +119,9 @@ impl<'a> Doc<'a> {
 
     /// The text of the string token `i` (a key or a value).
     #[inline(always)]
-    fn text(&self, i: u32) -> &str {
+    pub(crate) fn text(&self, i: u32) -> &str {
         match self.tok(i) {
-            Some(t) if t.kind() == Kind::OwnedStr => {
+            Some(t) if t.kind == Kind::OwnedStr => {
                 self.owned.get(t.aux as usize).map_or("", String::as_str)
             }
             Some(t) => t.s,
@@ -143,8 +132,8 @@ impl<'a> Doc<'a> {
     /// The item or member count of the container token `at` (counted when it did not fit the token).
     fn count(&self, at: u32) -> usize {
         match self.tok(at) {
-            Some(t) if t.count() < u32::MAX => t.count() as usize,
-            Some(t) if t.kind() == Kind::Array => Items::Tape {
+            Some(t) if t.count < u32::MAX => t.count as usize,
+            Some(t) if t.kind == Kind::Array => Items::Tape {
                 doc: self,
                 i: at + 1,
                 end: t.aux,
@@ -170,7 +159,7 @@ impl<'a> Doc<'a> {
     #[inline(always)]
     fn skip(&self, i: u32) -> u32 {
         match self.tok(i) {
-            Some(t) if matches!(t.kind(), Kind::Array | Kind::Object) => t.aux,
+            Some(t) if matches!(t.kind, Kind::Array | Kind::Object) => t.aux,
             _ => i + 1,
         }
     }
@@ -180,7 +169,7 @@ impl<'a> Doc<'a> {
         let Some(t) = self.tok(i) else {
             return Node::Null;
         };
-        match t.kind() {
+        match t.kind {
             Kind::Null => Node::Null,
             Kind::True => Node::Bool(true),
             Kind::False => Node::Bool(false),
@@ -193,6 +182,15 @@ impl<'a> Doc<'a> {
             Kind::Array => Node::Array(Arr::Tape { doc: self, at: i }),
             Kind::Object => Node::Object(Obj::Tape { doc: self, at: i }),
         }
+    }
+
+    /// A token of `kind` whose text `s` (unescaped, or rewritten as serde_json writes it) is kept in
+    /// [`Doc::owned`].
+    pub(crate) fn owned_token(&mut self, kind: Kind, s: String) -> Option<Tok<'a>> {
+        let mut t = Tok::leaf(kind, "");
+        t.aux = u32::try_from(self.owned.len()).ok()?;
+        self.owned.push(s);
+        Some(t)
     }
 
     /// Push a container's token (its end is set by [`Doc::close`]); its index.

@@ -131,7 +131,7 @@ fn check_node(
                 ),
             )]);
         };
-        let name = match member(obj, "resourceType") {
+        let name = match obj.get("resourceType") {
             None => {
                 return Err(vec![
                     Issue::error(IssueType::Required, "The resource has no resourceType")
@@ -198,18 +198,6 @@ fn unsupported_type(name: &str) -> Issue {
             supported_list()
         ),
     )
-}
-
-/// `obj.get(name)`: a scan (FHIR objects are small; keys are unique).
-#[inline]
-pub(crate) fn member<'v>(obj: Obj<'v>, name: &str) -> Option<Node<'v>> {
-    obj.get(name)
-}
-
-/// `v.get(name)` for a `&str` key, via [`member`].
-#[inline]
-pub(crate) fn field<'v>(v: Node<'v>, name: &str) -> Option<Node<'v>> {
-    v.get(name)
 }
 
 /// Deepest nesting of complex elements followed (JSON from `serde_json` is at most 128 deep anyway; this
@@ -388,7 +376,7 @@ impl<'a> Ctx<'a> {
             );
             return;
         };
-        match member(obj, "resourceType") {
+        match obj.get("resourceType") {
             Some(Node::String(s)) if s == rtype.as_str() => {}
             None => self.issues.push(
                 Issue::error(
@@ -424,10 +412,10 @@ impl<'a> Ctx<'a> {
                 return;
             }
         }
-        if let Some(Node::Array(items)) = member(obj, "contained") {
+        if let Some(Node::Array(items)) = obj.get("contained") {
             self.contained_ids = items
                 .iter()
-                .filter_map(|c| field(c, "id").and_then(Node::as_str))
+                .filter_map(|c| c.get("id").and_then(Node::as_str))
                 .collect::<Vec<&'a str>>();
         }
         self.path.push(Seg::Root(rtype.as_str()));
@@ -460,7 +448,7 @@ impl<'a> Ctx<'a> {
             );
             return;
         }
-        let rtype = match member(obj, "resourceType") {
+        let rtype = match obj.get("resourceType") {
             None => {
                 self.error(
                     IssueType::Required,
@@ -549,7 +537,7 @@ impl<'a> Ctx<'a> {
                     );
                     continue;
                 }
-                if member(obj, name).is_some() {
+                if obj.get(name).is_some() {
                     continue; // validated together with the value
                 }
             }

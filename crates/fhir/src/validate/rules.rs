@@ -11,7 +11,7 @@
 //! org-1, org-2, org-3, end not before start (Appointment, Slot); UK Core: NHS number check digit, at most
 //! one NHS number per Patient, the NHS number verification status encodings, ODS system normalisation.
 
-use super::{Ctx, Fix, Seg, field, member};
+use super::{Ctx, Fix, Seg};
 use crate::node::{Node, Obj};
 use crate::schema::{self, Hook};
 use crate::validate::primitive::shown;
@@ -65,7 +65,7 @@ fn has(obj: Obj<'_>, name: &str) -> bool {
 }
 
 fn str_of<'v>(obj: Obj<'v>, name: &str) -> Option<&'v str> {
-    member(obj, name).and_then(Node::as_str)
+    obj.get(name).and_then(Node::as_str)
 }
 
 /// Whether (system, code) is an accepted NHS number verification status; `None` for an unknown system.
@@ -132,10 +132,10 @@ impl<'a> Ctx<'a> {
             }
             Hook::Range => {
                 let value_of = |side: &str| -> Option<(f64, Option<&str>)> {
-                    let q = member(obj, side)?;
-                    let n = field(q, "value").and_then(Node::as_number)?;
+                    let q = obj.get(side)?;
+                    let n = q.get("value").and_then(Node::as_number)?;
                     let v: f64 = n.parse().ok()?;
-                    Some((v, field(q, "code").and_then(Node::as_str)))
+                    Some((v, q.get("code").and_then(Node::as_str)))
                 };
                 if let (Some((lo, lo_code)), Some((hi, hi_code))) =
                     (value_of("low"), value_of("high"))
@@ -153,7 +153,7 @@ impl<'a> Ctx<'a> {
                     let n = k.strip_prefix('_').unwrap_or(k);
                     n.starts_with("value") && schema::EXTENSION.lookup(n).is_some()
                 });
-                let has_children = member(obj, "extension").is_some_and(|v| !v.is_null());
+                let has_children = obj.get("extension").is_some_and(|v| !v.is_null());
                 if has_value && has_children {
                     self.error(
                         IssueType::Invariant,
@@ -219,7 +219,7 @@ impl<'a> Ctx<'a> {
             }
         }
         if system == Some(NHS_NUMBER_SYSTEM) {
-            match member(obj, "value") {
+            match obj.get("value") {
                 Some(Node::String(v)) => {
                     if let Err(e) = NhsNumber::check(v) {
                         self.error_at(
@@ -241,7 +241,7 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        let Some(Node::Array(exts)) = member(obj, "extension") else {
+        let Some(Node::Array(exts)) = obj.get("extension") else {
             return;
         };
         let mut seen = 0;
@@ -263,8 +263,8 @@ impl<'a> Ctx<'a> {
     }
 
     fn verification_status(&mut self, ext: Obj<'a>, j: usize) {
-        let Some(Node::Object(cc)) = member(ext, "valueCodeableConcept") else {
-            if member(ext, "valueCodeableConcept").is_none() {
+        let Some(Node::Object(cc)) = ext.get("valueCodeableConcept") else {
+            if ext.get("valueCodeableConcept").is_none() {
                 self.error_at(
                     IssueType::CodeInvalid,
                     format!(
@@ -275,17 +275,17 @@ impl<'a> Ctx<'a> {
             }
             return;
         };
-        let codings = match member(cc, "coding") {
+        let codings = match cc.get("coding") {
             Some(Node::Array(c)) => Some(c),
             _ => None,
         };
         let mut accepted = false;
         let mut reported = false;
         for (k, c) in codings.into_iter().flatten().enumerate() {
-            let Some(system) = field(c, "system").and_then(Node::as_str) else {
+            let Some(system) = c.get("system").and_then(Node::as_str) else {
                 continue;
             };
-            let code = field(c, "code").and_then(Node::as_str);
+            let code = c.get("code").and_then(Node::as_str);
             match verification_code_ok(system, code) {
                 Some(true) => accepted = true,
                 Some(false) => {
@@ -335,7 +335,7 @@ impl<'a> Ctx<'a> {
     }
 
     fn patient_rules(&mut self, obj: Obj<'a>) {
-        if let Some(Node::Array(contacts)) = member(obj, "contact") {
+        if let Some(Node::Array(contacts)) = obj.get("contact") {
             for (i, c) in contacts.iter().enumerate() {
                 let Some(co) = c.as_object() else { continue };
                 if !co.is_empty()
@@ -351,10 +351,10 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        if let Some(Node::Array(ids)) = member(obj, "identifier") {
+        if let Some(Node::Array(ids)) = obj.get("identifier") {
             let mut first: Option<usize> = None;
             for (k, id) in ids.iter().enumerate() {
-                if field(id, "system").and_then(Node::as_str) != Some(NHS_NUMBER_SYSTEM) {
+                if id.get("system").and_then(Node::as_str) != Some(NHS_NUMBER_SYSTEM) {
                     continue;
                 }
                 match first {
@@ -377,7 +377,7 @@ impl<'a> Ctx<'a> {
     /// status='cancelled')`, but the status code is `noshow`, so a strict R4 validator refuses any noshow
     /// appointment with a cancelationReason. The hub accepts it (that is the intent of the rule) and warns.
     fn appointment_rules(&mut self, obj: Obj<'a>) {
-        if let Some(Node::Array(ps)) = member(obj, "participant") {
+        if let Some(Node::Array(ps)) = obj.get("participant") {
             for (i, p) in ps.iter().enumerate() {
                 let Some(po) = p.as_object() else { continue };
                 if !po.is_empty() && !has(po, "type") && !has(po, "actor") {
@@ -462,9 +462,9 @@ impl<'a> Ctx<'a> {
                 "org-3: The telecom of an organization can never be of use 'home'",
             ),
         ] {
-            if let Some(Node::Array(items)) = member(obj, list) {
+            if let Some(Node::Array(items)) = obj.get(list) {
                 for (i, item) in items.iter().enumerate() {
-                    if field(item, "use").and_then(Node::as_str) == Some("home") {
+                    if item.get("use").and_then(Node::as_str) == Some("home") {
                         self.error_at(
                             IssueType::Invariant,
                             rule,
@@ -478,7 +478,7 @@ impl<'a> Ctx<'a> {
 
     /// dom-4 and dom-5 on a contained resource (the path points at it).
     pub(super) fn contained_meta_rules(&mut self, obj: Obj<'a>) {
-        let Some(Node::Object(meta)) = member(obj, "meta") else {
+        let Some(Node::Object(meta)) = obj.get("meta") else {
             return;
         };
         if has(meta, "versionId") || has(meta, "lastUpdated") {
@@ -499,12 +499,13 @@ impl<'a> Ctx<'a> {
 
     /// dom-3: every contained resource is referenced (`#id`) from elsewhere or refers to its container (`#`).
     pub(super) fn dom3(&mut self, obj: Obj<'a>) {
-        let Some(Node::Array(items)) = member(obj, "contained") else {
+        let Some(Node::Array(items)) = obj.get("contained") else {
             return;
         };
         for (i, c) in items.iter().enumerate() {
             let Some(co) = c.as_object() else { continue };
-            if member(co, "resourceType")
+            if co
+                .get("resourceType")
                 .and_then(Node::as_str)
                 .and_then(ResourceType::parse)
                 .is_none()

@@ -14,6 +14,9 @@ use store::{Result, StoreError};
 /// create databases).
 pub const TEST_DATABASE_ENV: &str = "CAREBRIDGE_TEST_DATABASE_URL";
 
+/// The transaction advisory lock every write batch takes (a test holds it to line writes up).
+pub const WRITE_LOCK: i64 = crate::writer::WRITE_LOCK;
+
 /// `url` with its database replaced by `dbname` (key-value and URL forms alike).
 pub fn database_url(url: &str, dbname: &str) -> String {
     let url = url.trim();

@@ -258,6 +258,151 @@ async fn version_conflicts_across_processes_have_one_winner() {
     assert_eq!(current.version, 2);
 }
 
+/// Holds the write lock of the database at `url` from a connection of its own until
+/// [`LockHolder::release`]; [`LockHolder::wait_for_waiters`] waits until `n` sessions wait for it.
+struct LockHolder {
+    client: tokio_postgres::Client,
+}
+
+impl LockHolder {
+    async fn take(url: &str) -> LockHolder {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({})",
+                store_postgres::testing::WRITE_LOCK
+            ))
+            .await
+            .unwrap();
+        LockHolder { client }
+    }
+
+    async fn wait_for_waiters(&self, n: i64) {
+        for _ in 0..1000 {
+            let waiting: i64 = self
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{n} writers never waited for the write lock");
+    }
+
+    async fn release(self) {
+        self.client.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+fn ahead_of(id: &str) -> store::ReadAhead {
+    store::ReadAhead {
+        keys: vec![(ResourceType::Patient, id.to_string())],
+        follow: None,
+    }
+}
+
+/// Two processes' writes of one resource lined up on the write lock, each told to read it ahead: the second
+/// builds on the version the first committed while it waited, not on the one that was current when it
+/// asked (reading ahead before taking the lock without checking again would write version 2 twice, and
+/// its COMMIT would fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_waiting_for_the_lock_builds_on_the_version_committed_meanwhile() {
+    let Some((a, b, f)) = two_stores("ahead-ver", PgOptions::default()) else {
+        return;
+    };
+    a.write(|tx| tx.put(patient("shared", "s0"))).await.unwrap();
+    let holder = LockHolder::take(f.db.url()).await;
+    // b waits for the lock first, a behind it; both asked to read the patient (version 1 now).
+    let b_write = tokio::spawn({
+        let b = b.clone();
+        async move {
+            b.write_reading(ahead_of("shared"), |tx| tx.put(patient("shared", "s-b")))
+                .await
+        }
+    });
+    holder.wait_for_waiters(1).await;
+    let a_write = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.write_reading(ahead_of("shared"), |tx| {
+                let read = tx.read(ResourceType::Patient, "shared")?.map(|s| s.version);
+                let stored = tx.put(patient("shared", "s-a"))?;
+                Ok((read, stored.version))
+            })
+            .await
+        }
+    });
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    assert_eq!(b_write.await.unwrap().unwrap().version, 2);
+    assert_eq!(a_write.await.unwrap().unwrap(), (Some(2), 3));
+    let history = a
+        .history(&store::HistoryQuery {
+            rtype: ResourceType::Patient,
+            id: Some("shared".into()),
+            since_ms: None,
+            count: 10,
+            offset: 0,
+        })
+        .await
+        .unwrap();
+    let versions: Vec<u64> = history.resources.iter().map(|s| s.version).collect();
+    assert_eq!(versions.len(), 3, "{versions:?}");
+}
+
+/// The same for a subject: the events the first process appended while the second waited are counted, so
+/// the second's event gets the next subject seq (not a second seq 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_waiting_for_the_lock_counts_the_events_appended_meanwhile() {
+    let Some((a, b, f)) = two_stores("ahead-subj", PgOptions::default()) else {
+        return;
+    };
+    a.write(|tx| {
+        tx.put(patient("shared", "s0"))?;
+        tx.append_event(event("Patient/shared"))
+    })
+    .await
+    .unwrap();
+    let holder = LockHolder::take(f.db.url()).await;
+    let b_write = tokio::spawn({
+        let b = b.clone();
+        async move {
+            b.write_reading(ahead_of("shared"), |tx| {
+                tx.append_event(event("Patient/shared"))
+            })
+            .await
+        }
+    });
+    holder.wait_for_waiters(1).await;
+    let a_write = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.write_reading(ahead_of("shared"), |tx| {
+                tx.put(patient("shared", "s-a"))?;
+                tx.append_event(event("Patient/shared"))
+            })
+            .await
+        }
+    });
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    assert_eq!(b_write.await.unwrap().unwrap().subject_seq, 2);
+    let a_event = a_write.await.unwrap().unwrap();
+    assert_eq!(a_event.subject_seq, 3);
+    assert_eq!(a_event.seq, 3);
+}
+
 /// Events appended through both stores: one outbox, seqs 1..=n without gaps or duplicates, per-subject
 /// sequence gap-free, and each store reads the other's events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

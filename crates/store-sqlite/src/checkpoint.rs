@@ -2,28 +2,92 @@
 //! threshold copies the WAL into the database file (and fsyncs it) on the writer thread, stalling every write
 //! queued behind it (measured: about an eighth of the writer's time under a steady create load). The writer's
 //! automatic checkpoint is therefore only a rare backstop that restarts the WAL file (`WAL_RESTART_PAGES` in
-//! schema.rs), and this thread, with a connection of its own, runs a PASSIVE checkpoint (which never blocks
-//! readers or the writer) every `INTERVAL`. If the WAL still grows
-//! past `TRUNCATE_FRAMES` (checkpoints could not catch up), it asks for a TRUNCATE checkpoint, which waits
-//! briefly for the writer and resets the file. The log file (`carebridge-log.db`, attached) is checkpointed the
-//! same way.
+//! schema.rs), and this thread, with a connection of its own, runs PASSIVE checkpoints (which never block
+//! readers or the writer).
+//!
+//! When: the writer's WAL hook publishes the main WAL's frame count after every commit ([`WalFrames`]), and
+//! this thread, looking at it every [`TICK`], checkpoints once [`STEP_FRAMES`] frames were added since its
+//! last checkpoint, or [`MAX_INTERVAL`] after it when anything was added, and at every tick within
+//! [`NEAR_FRAMES`] of the writer's restart (which copies on the writer thread whatever this thread has not
+//! copied yet, while every queued write waits). Each checkpoint fsyncs the WAL and the database file, so
+//! fewer of them leave the disk to the commits' own fsyncs: against a checkpoint every 50 ms, MLLP ingest at
+//! window 1 went from 3,729-3,916 to 3,939-4,030 messages/s (p99 3.4-3.9 -> 2.9-3.0 ms) and Patient creates
+//! from 6,708-6,770 to 6,981-7,328/s in alternating runs.
+//!
+//! If the WAL still grows past `TRUNCATE_FRAMES` (checkpoints could not catch up), it asks for a TRUNCATE
+//! checkpoint, which waits briefly for the writer and resets the file. The log file (`carebridge-log.db`,
+//! attached) is checkpointed with the main one.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
-const INTERVAL: Duration = Duration::from_millis(50);
+/// How often the thread looks at the frame count while the WAL grows.
+const TICK: Duration = Duration::from_millis(10);
+/// How often it looks while nothing is written.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+/// Frames added since the last checkpoint that make the next one due (64 MiB of 4 KiB pages).
+const STEP_FRAMES: i64 = 16_384;
+/// The longest a written WAL goes without a checkpoint.
+const MAX_INTERVAL: Duration = Duration::from_secs(1);
 const TRUNCATE_FRAMES: i64 = 200_000;
-/// Within this many frames of the writer's WAL restart (`schema::WAL_RESTART_PAGES`), checkpoint every
-/// `NEAR_INTERVAL` instead: the restart copies on the writer thread whatever this thread has not copied yet,
-/// while every queued write waits, so the less is left the shorter the stall.
+/// Within this many frames of the writer's WAL restart (`schema::WAL_RESTART_PAGES`), checkpoint at every
+/// tick.
 const NEAR_FRAMES: i64 = 4_096;
-const NEAR_INTERVAL: Duration = Duration::from_millis(2);
+
+/// What the writer's WAL hook tells the checkpoint thread.
+#[derive(Debug, Default)]
+pub(crate) struct WalFrames {
+    /// Frames in the main database's WAL after the last commit (smaller again after a restart).
+    pub(crate) main: AtomicI64,
+    /// Commits that wrote WAL frames, the log file's included.
+    pub(crate) commits: AtomicU64,
+}
+
+impl WalFrames {
+    /// Called by the writer's WAL hook after a commit of database `db` left `frames` frames in its WAL.
+    pub(crate) fn committed(&self, db: &std::ffi::CStr, frames: i64) {
+        if db == c"main" {
+            self.main.store(frames, Ordering::Relaxed);
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// When the next checkpoint is due, given what the WAL hook published.
+#[derive(Debug)]
+struct Schedule {
+    /// The main WAL's frame count at the last checkpoint.
+    frames: i64,
+    /// The commit count at the last checkpoint.
+    commits: u64,
+    at: Instant,
+}
+
+impl Schedule {
+    /// Whether to checkpoint now, the WAL holding `frames` frames after `commits` commits.
+    fn due(&self, frames: i64, commits: u64, now: Instant) -> bool {
+        if commits == self.commits {
+            return false;
+        }
+        // A restart starts the count again from the WAL's beginning.
+        let added = if frames < self.frames {
+            frames
+        } else {
+            frames - self.frames
+        };
+        added >= STEP_FRAMES
+            || frames >= crate::schema::WAL_RESTART_PAGES - NEAR_FRAMES
+            || now.duration_since(self.at) >= MAX_INTERVAL
+    }
+}
 
 /// Run until `stop` is signalled or dropped, then make a last checkpoint.
-pub(crate) fn run(path: &Path, stop: Receiver<()>) {
+pub(crate) fn run(path: &Path, stop: Receiver<()>, wal: Arc<WalFrames>) {
     let Ok(conn) = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -35,28 +99,74 @@ pub(crate) fn run(path: &Path, stop: Receiver<()>) {
     // every attached database.
     let log = path.with_file_name(crate::LOG_FILE);
     let _ = conn.execute("ATTACH DATABASE ?1 AS log", [log.to_string_lossy()]);
-    let mut wait = INTERVAL;
+    let mut last = Schedule {
+        frames: 0,
+        commits: 0,
+        at: Instant::now(),
+    };
+    let mut wait = IDLE_TICK;
     loop {
         let stopping = match stop.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => false,
             Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
         };
-        // The second column: frames in the WAL (the first is `busy`, the third the frames checkpointed).
-        let frames = conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
-            .unwrap_or(0);
-        wait = if frames >= crate::schema::WAL_RESTART_PAGES - NEAR_FRAMES {
-            NEAR_INTERVAL
+        let commits = wal.commits.load(Ordering::Relaxed);
+        let frames = wal.main.load(Ordering::Relaxed);
+        let now = Instant::now();
+        wait = if commits == last.commits {
+            IDLE_TICK
         } else {
-            INTERVAL
+            TICK
         };
-        if frames > TRUNCATE_FRAMES {
-            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            });
+        if stopping || last.due(frames, commits, now) {
+            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+            last = Schedule {
+                frames,
+                commits,
+                at: now,
+            };
+            if frames > TRUNCATE_FRAMES {
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                });
+            }
         }
         if stopping {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(frames: i64, commits: u64, start: Instant) -> Schedule {
+        Schedule {
+            frames,
+            commits,
+            at: start,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_due_after_a_step_of_frames_a_restart_s_approach_or_a_second() {
+        let t0 = Instant::now();
+        let soon = t0 + Duration::from_millis(20);
+        let last = at(1_000, 10, t0);
+        // Nothing committed since: never, however long ago.
+        assert!(!last.due(1_000, 10, t0 + Duration::from_secs(5)));
+        // A few frames shortly after: not yet; a second after: yes.
+        assert!(!last.due(1_200, 11, soon));
+        assert!(last.due(1_200, 11, t0 + MAX_INTERVAL));
+        // A step of frames: at once.
+        assert!(!last.due(1_000 + STEP_FRAMES - 1, 11, soon));
+        assert!(last.due(1_000 + STEP_FRAMES, 11, soon));
+        // Near the writer's restart: at every tick.
+        let near = crate::schema::WAL_RESTART_PAGES - NEAR_FRAMES;
+        assert!(at(near, 10, t0).due(near + 1, 11, soon));
+        // After a restart the count starts again: frames written since count from zero.
+        assert!(!at(60_000, 10, t0).due(500, 11, soon));
+        assert!(at(60_000, 10, t0).due(STEP_FRAMES, 11, soon));
     }
 }

@@ -140,7 +140,8 @@ impl SqliteStore {
             StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
         let path = dir.join(DB_FILE);
-        let conn = schema::open_writer(&path, options.wal_buffer)?;
+        let wal_frames = std::sync::Arc::new(checkpoint::WalFrames::default());
+        let conn = schema::open_writer(&path, options.wal_buffer, wal_frames.clone())?;
         let last_ms = sql::newest_instant(&conn)?;
         let events = Arc::new(watch::Sender::new(sql::last_event_seq(&conn)?));
         let max_batch = options.max_batch.max(1);
@@ -167,7 +168,7 @@ impl SqliteStore {
         let checkpoint_path = path.clone();
         let checkpointer = std::thread::Builder::new()
             .name("carebridge-sqlite-checkpoint".into())
-            .spawn(move || checkpoint::run(&checkpoint_path, stop_rx))
+            .spawn(move || checkpoint::run(&checkpoint_path, stop_rx, wal_frames))
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot start the checkpoint thread: {e}"))
             })?;

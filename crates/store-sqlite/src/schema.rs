@@ -315,7 +315,11 @@ fn unavailable(path: &Path, e: rusqlite::Error) -> StoreError {
 }
 
 /// Open the single read-write connection (the writer's), switch to WAL and bring the schema up to date.
-pub(crate) fn open_writer(path: &Path, wal_buffer: bool) -> Result<Connection> {
+pub(crate) fn open_writer(
+    path: &Path,
+    wal_buffer: bool,
+    frames_seen: std::sync::Arc<crate::checkpoint::WalFrames>,
+) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -332,10 +336,22 @@ pub(crate) fn open_writer(path: &Path, wal_buffer: bool) -> Result<Connection> {
     // thread fsyncs the WAL after COMMIT and before any job of the batch is answered (writer.rs).
     let sync = "NORMAL";
     conn.pragma_update(None, "synchronous", sync).map_err(db)?;
-    // The checkpoint thread (checkpoint.rs) keeps the WAL backfilled; the writer's own automatic checkpoint
-    // is only the backstop that restarts the WAL file, so it rarely has anything left to copy.
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_RESTART_PAGES)
-        .map_err(db)?;
+    // The checkpoint thread (checkpoint.rs) keeps the WAL backfilled; the writer's own checkpoint is only
+    // the backstop that restarts the WAL file, so it rarely has anything left to copy. This hook is what
+    // `wal_autocheckpoint` would install (a PASSIVE checkpoint once a database's WAL holds
+    // `WAL_RESTART_PAGES` frames), and it tells the checkpoint thread how far the WAL has grown. Its errors
+    // are ignored: an error from a WAL hook becomes the COMMIT's, although the commit is done.
+    conn.wal_hook(Some(
+        move |wal: &mut rusqlite::hooks::Wal, frames: std::ffi::c_int| {
+            let frames = i64::from(frames);
+            frames_seen.committed(wal.name(), frames);
+            if frames >= WAL_RESTART_PAGES {
+                let _ = wal.checkpoint();
+            }
+            Ok(())
+        },
+    ))
+    .map_err(db)?;
     tune(&conn, WRITER_CACHE_KIB)?;
     migrate(&mut conn)?;
     attach_log(&conn, path, Some(sync))?;

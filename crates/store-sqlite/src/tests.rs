@@ -1752,3 +1752,31 @@ fn walbuf_keeps_spilled_rewritten_and_rolled_back_frames_in_order() {
     let c = rusqlite::Connection::open(&path).unwrap();
     assert_eq!(count_and_sum(&c), expected);
 }
+
+/// The checkpoint thread copies committed writes into the database file without being asked: within about a
+/// second of a write (its longest interval), a copy of the database file alone, without its WAL, holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_thread_copies_a_write_into_the_database_file() {
+    let dir = TempDir::new("checkpoint-thread");
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+    store.write(|tx| tx.put(patient("p1"))).await.unwrap();
+    let copy = TempDir::new("checkpoint-copy");
+    let mut found = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        std::fs::copy(dir.path().join(DB_FILE), copy.path().join(DB_FILE)).unwrap();
+        let conn = rusqlite::Connection::open(copy.path().join(DB_FILE)).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM resources WHERE rtype = 'Patient' AND id = 'p1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(0);
+        if n == 1 {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "the write never reached the database file");
+}

@@ -305,6 +305,36 @@ impl LockHolder {
     }
 }
 
+/// `first` through `b`, then `second` through `a`, each told to read Patient/shared ahead, lined up on the
+/// write lock: the test holds it until both wait for it, `b` first. Their results, in that order.
+async fn lined_up<T1, T2, F1, F2>(
+    a: &Arc<PgStore>,
+    b: &Arc<PgStore>,
+    url: &str,
+    first: F1,
+    second: F2,
+) -> (store::Result<T1>, store::Result<T2>)
+where
+    F1: FnOnce(&mut dyn store::Tx) -> store::Result<T1> + Send + 'static,
+    F2: FnOnce(&mut dyn store::Tx) -> store::Result<T2> + Send + 'static,
+    T1: Send + 'static,
+    T2: Send + 'static,
+{
+    let holder = LockHolder::take(url).await;
+    let b_write = {
+        let b = b.clone();
+        tokio::spawn(async move { b.write_reading(ahead_of("shared"), first).await })
+    };
+    holder.wait_for_waiters(1).await;
+    let a_write = {
+        let a = a.clone();
+        tokio::spawn(async move { a.write_reading(ahead_of("shared"), second).await })
+    };
+    holder.wait_for_waiters(2).await;
+    holder.release().await;
+    (b_write.await.unwrap(), a_write.await.unwrap())
+}
+
 fn ahead_of(id: &str) -> store::ReadAhead {
     store::ReadAhead {
         keys: vec![(ResourceType::Patient, id.to_string())],
@@ -322,31 +352,21 @@ async fn a_write_waiting_for_the_lock_builds_on_the_version_committed_meanwhile(
         return;
     };
     a.write(|tx| tx.put(patient("shared", "s0"))).await.unwrap();
-    let holder = LockHolder::take(f.db.url()).await;
     // b waits for the lock first, a behind it; both asked to read the patient (version 1 now).
-    let b_write = tokio::spawn({
-        let b = b.clone();
-        async move {
-            b.write_reading(ahead_of("shared"), |tx| tx.put(patient("shared", "s-b")))
-                .await
-        }
-    });
-    holder.wait_for_waiters(1).await;
-    let a_write = tokio::spawn({
-        let a = a.clone();
-        async move {
-            a.write_reading(ahead_of("shared"), |tx| {
-                let read = tx.read(ResourceType::Patient, "shared")?.map(|s| s.version);
-                let stored = tx.put(patient("shared", "s-a"))?;
-                Ok((read, stored.version))
-            })
-            .await
-        }
-    });
-    holder.wait_for_waiters(2).await;
-    holder.release().await;
-    assert_eq!(b_write.await.unwrap().unwrap().version, 2);
-    assert_eq!(a_write.await.unwrap().unwrap(), (Some(2), 3));
+    let (first, second) = lined_up(
+        &a,
+        &b,
+        f.db.url(),
+        |tx| tx.put(patient("shared", "s-b")),
+        |tx| {
+            let read = tx.read(ResourceType::Patient, "shared")?.map(|s| s.version);
+            let stored = tx.put(patient("shared", "s-a"))?;
+            Ok((read, stored.version))
+        },
+    )
+    .await;
+    assert_eq!(first.unwrap().version, 2);
+    assert_eq!(second.unwrap(), (Some(2), 3));
     let history = a
         .history(&store::HistoryQuery {
             rtype: ResourceType::Patient,
@@ -374,31 +394,19 @@ async fn a_write_waiting_for_the_lock_counts_the_events_appended_meanwhile() {
     })
     .await
     .unwrap();
-    let holder = LockHolder::take(f.db.url()).await;
-    let b_write = tokio::spawn({
-        let b = b.clone();
-        async move {
-            b.write_reading(ahead_of("shared"), |tx| {
-                tx.append_event(event("Patient/shared"))
-            })
-            .await
-        }
-    });
-    holder.wait_for_waiters(1).await;
-    let a_write = tokio::spawn({
-        let a = a.clone();
-        async move {
-            a.write_reading(ahead_of("shared"), |tx| {
-                tx.put(patient("shared", "s-a"))?;
-                tx.append_event(event("Patient/shared"))
-            })
-            .await
-        }
-    });
-    holder.wait_for_waiters(2).await;
-    holder.release().await;
-    assert_eq!(b_write.await.unwrap().unwrap().subject_seq, 2);
-    let a_event = a_write.await.unwrap().unwrap();
+    let (first, second) = lined_up(
+        &a,
+        &b,
+        f.db.url(),
+        |tx| tx.append_event(event("Patient/shared")),
+        |tx| {
+            tx.put(patient("shared", "s-a"))?;
+            tx.append_event(event("Patient/shared"))
+        },
+    )
+    .await;
+    assert_eq!(first.unwrap().subject_seq, 2);
+    let a_event = second.unwrap();
     assert_eq!(a_event.subject_seq, 3);
     assert_eq!(a_event.seq, 3);
 }

@@ -23,7 +23,7 @@
 //! `check_json`, which needs no Value, walks a tape of the bytes from the same parser instead (no allocation
 //! per key or string), falling back to serde_json the same way, so both report the same issues. Keys
 //! resolve through the per-type index of `schema.rs`; members of the small objects FHIR is made of are found
-//! by a scan ([`member`]) rather than by hashing the name.
+//! by a scan (`Obj::get` in `node.rs`) rather than by hashing the name.
 //!
 //! Invariants: never panics on any input value (no unwrap, no panicking index); recursion is bounded.
 

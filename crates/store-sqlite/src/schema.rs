@@ -297,8 +297,8 @@ const STATEMENT_CACHE: usize = 256;
 /// number past the end of the file, and the end-of-transaction truncation then scans every slot), so the
 /// cost of each commit grows with this size.
 const WRITER_CACHE_KIB: i64 = 8 * 1024;
-/// WAL frames after which the writer's automatic checkpoint restarts the WAL file (256 MiB of 4 KiB pages,
-/// the most the WAL file grows to in steady use). Each of these checkpoints runs on the writer thread and
+/// WAL frames after which the writer's own checkpoint (its WAL hook) restarts the WAL file (256 MiB of 4 KiB
+/// pages, the most the WAL file grows to in steady use). Each of these checkpoints runs on the writer thread and
 /// fsyncs both files, stalling every queued write (40-50 ms under creates once the database file holds a few
 /// hundred MB: the pages the checkpoint thread copied since its last complete checkpoint are flushed then),
 /// so they should be rare: at 4,096 frames they came several times a second under load; 32,768 gave

@@ -1585,6 +1585,26 @@ fn walbuf_conn(path: &Path, cache_pages: i64) -> rusqlite::Connection {
     conn
 }
 
+/// A copy of `w.db` and its WAL in `dir` (what `kill -9` leaves when taken with the writer open), in a
+/// directory of its own: the copy's path.
+fn crash_copy(dir: &TempDir, tag: &str) -> (TempDir, PathBuf) {
+    let copy = TempDir::new(tag);
+    std::fs::copy(dir.path().join("w.db"), copy.path().join("w.db")).unwrap();
+    std::fs::copy(dir.path().join("w.db-wal"), copy.path().join("w.db-wal")).unwrap();
+    let path = copy.path().join("w.db");
+    (copy, path)
+}
+
+/// Open the database at `path` through SQLite's own VFS and require that it passes `integrity_check`.
+fn open_checked(path: &Path, what: &str) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let check: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok", "{what}");
+    c
+}
+
 fn count_and_sum(conn: &rusqlite::Connection) -> (i64, i64) {
     conn.query_row(
         "SELECT count(*), coalesce(sum(length(v)), 0) FROM t",
@@ -1625,14 +1645,8 @@ fn walbuf_hands_a_commits_frames_to_the_file_in_one_write_and_readers_see_each_c
     assert!(asked >= 40 * 4, "SQLite asked {asked} writes");
     assert_eq!(made, 40, "{asked} writes asked, {made} made");
     // A copy of the files taken now, with the writer still open (what `kill -9` leaves), holds every commit.
-    let copy = TempDir::new("walbuf-copy");
-    std::fs::copy(&path, copy.path().join("w.db")).unwrap();
-    std::fs::copy(dir.path().join("w.db-wal"), copy.path().join("w.db-wal")).unwrap();
-    let recovered = rusqlite::Connection::open(copy.path().join("w.db")).unwrap();
-    let check: String = recovered
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(check, "ok");
+    let (_copy, copied) = crash_copy(&dir, "walbuf-copy");
+    let recovered = open_checked(&copied, "the copy");
     assert_eq!(count_and_sum(&recovered), count_and_sum(&reader));
 }
 
@@ -1668,17 +1682,11 @@ fn walbuf_writes_out_rewritten_checksums_before_the_commit_returns() {
         tx.commit().unwrap();
         // The writer does nothing more (even a read of its own would write its buffer out): what the files
         // hold now is what a crash would leave.
-        let copy = TempDir::new("walbuf-rewrite-copy");
-        std::fs::copy(&path, copy.path().join("w.db")).unwrap();
-        std::fs::copy(dir.path().join("w.db-wal"), copy.path().join("w.db-wal")).unwrap();
+        let (_copy, copied) = crash_copy(&dir, "walbuf-rewrite-copy");
         let from_reader = count_and_sum(&reader);
         expected = count_and_sum(&writer);
         assert_eq!(from_reader, expected, "reader after round {round}");
-        let c = rusqlite::Connection::open(copy.path().join("w.db")).unwrap();
-        let check: String = c
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(check, "ok", "copy after round {round}");
+        let c = open_checked(&copied, &format!("copy after round {round}"));
         assert_eq!(count_and_sum(&c), expected, "copy after round {round}");
     }
     reader
@@ -1734,15 +1742,9 @@ fn walbuf_keeps_spilled_rewritten_and_rolled_back_frames_in_order() {
     let expected = (n - 100, sum - deleted);
     assert_eq!(count_and_sum(&writer), expected);
     // Read back through SQLite's own VFS, from a copy taken with the writer open, and after a checkpoint.
-    let copy = TempDir::new("walbuf-spill-copy");
-    std::fs::copy(&path, copy.path().join("w.db")).unwrap();
-    std::fs::copy(dir.path().join("w.db-wal"), copy.path().join("w.db-wal")).unwrap();
-    for p in [copy.path().join("w.db"), path.clone()] {
-        let c = rusqlite::Connection::open(&p).unwrap();
-        let check: String = c
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(check, "ok");
+    let (_copy, copied) = crash_copy(&dir, "walbuf-spill-copy");
+    for p in [copied, path.clone()] {
+        let c = open_checked(&p, "copy and original");
         assert_eq!(count_and_sum(&c), expected);
     }
     writer

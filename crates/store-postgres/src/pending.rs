@@ -185,24 +185,67 @@ ON CONFLICT (rid) DO UPDATE
 const INSERT_VERSIONS: &str = "
 INSERT INTO versions (rid, rtype, version, last_updated_ms, deleted, json)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::boolean[], $6::text[])";
-/// Replace the index rows of the rids in `$1`. The DELETE runs on the statement's snapshot, so it never
-/// sees the rows the INSERT adds.
-const REPLACE_TOKENS: &str = "
-WITH d AS (DELETE FROM idx_token WHERE rid = ANY($1::bigint[]))
+/// Make the index rows of the rids in `$1` exactly the rows given (deduplicated), touching only what
+/// changed: a row of those rids that is not given is deleted, a given row that is not there is inserted,
+/// and a row that stays (most of an update's: a Slot that becomes busy changes one token of several) is
+/// neither deleted nor written again, so it costs an index probe instead of a dead heap tuple, a new one,
+/// two index entries and their WAL. Both parts run on the statement's snapshot: the DELETE never sees the
+/// rows the INSERT adds, and the INSERT sees the rows the DELETE keeps. The given rows' text is compared
+/// in the columns' collation ("C"), so the probes use the lookup index.
+const REPLACE_TOKENS: &str = r#"
+WITH n AS (
+    SELECT rtype COLLATE "C" AS rtype, param COLLATE "C" AS param, code COLLATE "C" AS code,
+           system COLLATE "C" AS system, rid
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) AS n(rtype, param, code, system, rid)
+), d AS (
+    DELETE FROM idx_token t WHERE t.rid = ANY($1::bigint[]) AND NOT EXISTS (
+        SELECT 1 FROM n WHERE n.rid = t.rid AND n.param = t.param AND n.code = t.code
+            AND n.system = t.system AND n.rtype = t.rtype)
+)
 INSERT INTO idx_token (rtype, param, code, system, rid)
-SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])";
-const REPLACE_STRINGS: &str = "
-WITH d AS (DELETE FROM idx_string WHERE rid = ANY($1::bigint[]))
+SELECT * FROM n WHERE NOT EXISTS (
+    SELECT 1 FROM idx_token t WHERE t.rtype = n.rtype AND t.param = n.param AND t.code = n.code
+        AND t.system = n.system AND t.rid = n.rid)"#;
+const REPLACE_STRINGS: &str = r#"
+WITH n AS (
+    SELECT rtype COLLATE "C" AS rtype, param COLLATE "C" AS param, value COLLATE "C" AS value,
+           exact COLLATE "C" AS exact, rid
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) AS n(rtype, param, value, exact, rid)
+), d AS (
+    DELETE FROM idx_string t WHERE t.rid = ANY($1::bigint[]) AND NOT EXISTS (
+        SELECT 1 FROM n WHERE n.rid = t.rid AND n.param = t.param AND n.value = t.value
+            AND n.exact = t.exact AND n.rtype = t.rtype)
+)
 INSERT INTO idx_string (rtype, param, value, exact, rid)
-SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])";
-const REPLACE_DATES: &str = "
-WITH d AS (DELETE FROM idx_date WHERE rid = ANY($1::bigint[]))
+SELECT * FROM n WHERE NOT EXISTS (
+    SELECT 1 FROM idx_string t WHERE t.rtype = n.rtype AND t.param = n.param AND t.value = n.value
+        AND t.exact = n.exact AND t.rid = n.rid)"#;
+const REPLACE_DATES: &str = r#"
+WITH n AS (
+    SELECT rtype COLLATE "C" AS rtype, param COLLATE "C" AS param, low_ms, high_ms, rid
+    FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) AS n(rtype, param, low_ms, high_ms, rid)
+), d AS (
+    DELETE FROM idx_date t WHERE t.rid = ANY($1::bigint[]) AND NOT EXISTS (
+        SELECT 1 FROM n WHERE n.rid = t.rid AND n.param = t.param AND n.low_ms = t.low_ms
+            AND n.high_ms = t.high_ms AND n.rtype = t.rtype)
+)
 INSERT INTO idx_date (rtype, param, low_ms, high_ms, rid)
-SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])";
-const REPLACE_REFERENCES: &str = "
-WITH d AS (DELETE FROM idx_reference WHERE rid = ANY($1::bigint[]))
+SELECT * FROM n WHERE NOT EXISTS (
+    SELECT 1 FROM idx_date t WHERE t.rtype = n.rtype AND t.param = n.param AND t.low_ms = n.low_ms
+        AND t.high_ms = n.high_ms AND t.rid = n.rid)"#;
+const REPLACE_REFERENCES: &str = r#"
+WITH n AS (
+    SELECT rtype COLLATE "C" AS rtype, param COLLATE "C" AS param, target COLLATE "C" AS target, rid
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[]) AS n(rtype, param, target, rid)
+), d AS (
+    DELETE FROM idx_reference t WHERE t.rid = ANY($1::bigint[]) AND NOT EXISTS (
+        SELECT 1 FROM n WHERE n.rid = t.rid AND n.param = t.param AND n.target = t.target
+            AND n.rtype = t.rtype)
+)
 INSERT INTO idx_reference (rtype, param, target, rid)
-SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[])";
+SELECT * FROM n WHERE NOT EXISTS (
+    SELECT 1 FROM idx_reference t WHERE t.rtype = n.rtype AND t.param = n.param
+        AND t.target = n.target AND t.rid = n.rid)"#;
 const UPSERT_SUBJECTS: &str = "
 INSERT INTO subjects (subject, last_seq)
 SELECT * FROM unnest($1::text[], $2::bigint[])

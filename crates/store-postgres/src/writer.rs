@@ -558,6 +558,22 @@ pub(crate) fn publish(events: &watch::Sender<i64>, seq: i64) {
     });
 }
 
+/// A resource's key: its type and id.
+type Key = (ResourceType, String);
+
+/// The first round of reads ahead: every key the jobs named, once (up to [`READ_AHEAD_MAX`]), and the set
+/// of keys asked for (a key left out is neither asked nor refused: the job reads it when it needs it).
+fn first_round(aheads: &[&ReadAhead]) -> (Vec<Key>, HashSet<Key>) {
+    let mut asked = HashSet::new();
+    let mut round = Vec::new();
+    for key in aheads.iter().flat_map(|a| a.keys.iter()) {
+        if round.len() < READ_AHEAD_MAX && asked.insert(key.clone()) {
+            round.push(key.clone());
+        }
+    }
+    (round, asked)
+}
+
 /// Parse one column of the batch's opening query.
 fn parse_i64(what: &str, v: Option<&str>) -> Result<i64> {
     let v = v.ok_or_else(|| {
@@ -634,44 +650,68 @@ impl Writer {
     }
 
     /// Start the batch transaction: take the write lock, catch up with the shared clock and the outbox,
-    /// and set the savepoint a failed job rolls back to. Reconnects first if the connection was lost.
-    fn begin(&mut self) -> Result<()> {
-        match self.try_begin() {
+    /// set the savepoint a failed job rolls back to, and read ahead what the batch's jobs said they will
+    /// read ([`ReadAhead`]) into `seen`. Reconnects first if the connection was lost.
+    ///
+    /// Two round trips at most: the first round of reads ahead (the keys the jobs named) is sent right
+    /// behind BEGIN and the lock in the same round trip (the server runs them in order, so the reads see
+    /// the database under the lock, as a job's own first read would); the second round (where the found
+    /// resources lead) follows. The reads ahead are fetched for the transaction's start, before any job.
+    fn begin(&mut self, seen: &mut Seen, aheads: &[&ReadAhead]) -> Result<()> {
+        let (first, mut asked) = first_round(aheads);
+        let opened = match self.try_begin(seen, &first) {
             // A connection that died while idle is noticed only when used: connect again, once.
-            Err(_) if self.lost() => self.try_begin(),
+            Err(_) if self.lost() => {
+                *seen = Seen::default();
+                self.try_begin(seen, &first)
+            }
             other => other,
-        }
+        };
+        opened.and_then(|()| self.follow_round(seen, aheads, &mut asked))
     }
 
-    fn try_begin(&mut self) -> Result<()> {
+    fn try_begin(&mut self, seen: &mut Seen, first: &[(ResourceType, String)]) -> Result<()> {
         if self.lost() {
             self.conn = None;
             self.connect()?;
         }
         let conn = self.conn()?;
-        let opened = self.rt.block_on(async {
-            let messages = conn
-                .client
-                .simple_query(&format!(
-                    "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}); \
-                     SELECT last_ms, (SELECT COALESCE(MAX(seq), 0) FROM outbox) FROM store_clock; \
-                     SAVEPOINT batch"
+        let (opened, read) = self.rt.block_on(async {
+            let begin = async {
+                let messages = conn
+                    .client
+                    .simple_query(&format!(
+                        "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}); \
+                         SELECT last_ms, (SELECT COALESCE(MAX(seq), 0) FROM outbox) FROM store_clock; \
+                         SAVEPOINT batch"
+                    ))
+                    .await
+                    .map_err(crate::conn::db)?;
+                let row = messages.iter().rev().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                    _ => None,
+                });
+                let row = row.ok_or_else(|| {
+                    StoreError::Backend(
+                        "store_clock is empty (was the schema changed by hand?)".into(),
+                    )
+                })?;
+                Ok((
+                    parse_i64("store_clock.last_ms", row.get(0))?,
+                    parse_i64("the highest outbox seq", row.get(1))?,
                 ))
-                .await
-                .map_err(crate::conn::db)?;
-            let row = messages.iter().rev().find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-                _ => None,
-            });
-            let row = row.ok_or_else(|| {
-                StoreError::Backend("store_clock is empty (was the schema changed by hand?)".into())
-            })?;
-            Ok((
-                parse_i64("store_clock.last_ms", row.get(0))?,
-                parse_i64("the highest outbox seq", row.get(1))?,
-            ))
+            };
+            // Sent after the BEGIN (biased: polled second, so queued behind it on the connection).
+            let read = async {
+                if first.is_empty() {
+                    Ok(())
+                } else {
+                    sql::read_ahead(conn, seen, first).await
+                }
+            };
+            tokio::join!(biased; begin, read)
         });
-        match opened {
+        match opened.and_then(|o| read.map(|()| o)) {
             Ok((clock, max_seq)) => {
                 self.last_ms = self.last_ms.max(clock);
                 self.next_seq = max_seq + 1;
@@ -684,30 +724,15 @@ impl Writer {
         }
     }
 
-    /// Fetch what the batch's jobs said they will read ([`ReadAhead`]) into `seen`, in two round trips (the
-    /// keys, then where the found resources lead) instead of one per read inside the jobs. Right after
-    /// `begin`, so `seen` holds the database as of the batch's start, as a job's own first read would.
-    fn read_ahead(&self, seen: &mut Seen, aheads: &[&ReadAhead]) -> Result<()> {
-        let mut asked: HashSet<(ResourceType, String)> = HashSet::new();
-        // Adds to the round what is neither known nor asked for yet (up to the bound).
-        let mut want = |round: &mut Vec<_>, seen: &Seen, key: &(ResourceType, String)| {
-            if round.len() < READ_AHEAD_MAX
-                && !seen.resources.contains_key(key)
-                && asked.insert(key.clone())
-            {
-                round.push(key.clone());
-            }
-        };
-        let conn = self.conn()?;
+    /// The second round of reads ahead: where the resources found in the first lead
+    /// ([`ReadAhead::follow`]), except what was read or asked for already.
+    fn follow_round(
+        &self,
+        seen: &mut Seen,
+        aheads: &[&ReadAhead],
+        asked: &mut HashSet<(ResourceType, String)>,
+    ) -> Result<()> {
         let mut round: Vec<(ResourceType, String)> = Vec::new();
-        for key in aheads.iter().flat_map(|a| a.keys.iter()) {
-            want(&mut round, seen, key);
-        }
-        if round.is_empty() {
-            return Ok(());
-        }
-        self.rt.block_on(sql::read_ahead(conn, seen, &round))?;
-        round.clear();
         for ahead in aheads {
             let Some(follow) = ahead.follow else { continue };
             for key in &ahead.keys {
@@ -715,7 +740,12 @@ impl Writer {
                     && !found.deleted
                 {
                     for next in follow(found) {
-                        want(&mut round, seen, &next);
+                        if round.len() < READ_AHEAD_MAX
+                            && !seen.resources.contains_key(&next)
+                            && asked.insert(next.clone())
+                        {
+                            round.push(next);
+                        }
                     }
                 }
             }
@@ -723,7 +753,13 @@ impl Writer {
         if round.is_empty() {
             return Ok(());
         }
-        self.rt.block_on(sql::read_ahead(conn, seen, &round))
+        let conn = self.conn()?;
+        let read = self.rt.block_on(sql::read_ahead(conn, seen, &round));
+        if read.is_err() {
+            // Only a SELECT failed, but the transaction is unusable.
+            self.rollback_all();
+        }
+        read
     }
 
     /// Roll back whatever is open, ignoring errors.
@@ -812,7 +848,12 @@ impl Writer {
                 // A new transaction (the first, or after the batch's one was given up): other processes may
                 // have committed since anything was read.
                 seen = Seen::default();
-                if let Err(e) = self.begin() {
+                let aheads: Vec<&ReadAhead> = std::iter::once(job.ahead())
+                    .chain(jobs.as_slice().iter().map(|j| j.ahead()))
+                    .collect();
+                if let Err(e) = self.begin(&mut seen, &aheads) {
+                    // Nothing began, or only a SELECT failed but the transaction is unusable (rolled
+                    // back): give up on the batch.
                     job.fail(e.clone());
                     for job in jobs.by_ref() {
                         job.fail(e.clone());
@@ -820,19 +861,6 @@ impl Writer {
                     return;
                 }
                 open = true;
-                let aheads: Vec<&ReadAhead> = std::iter::once(job.ahead())
-                    .chain(jobs.as_slice().iter().map(|j| j.ahead()))
-                    .collect();
-                if let Err(e) = self.read_ahead(&mut seen, &aheads) {
-                    // Only a SELECT failed, but the transaction is unusable: give up on the batch, as
-                    // when it could not begin.
-                    self.rollback_all();
-                    job.fail(e.clone());
-                    for job in jobs.by_ref() {
-                        job.fail(e.clone());
-                    }
-                    return;
-                }
             }
             if savepoints && let Err(e) = self.exec("SAVEPOINT job") {
                 // The transaction is unusable: give up on the batch so far.

@@ -1235,3 +1235,136 @@ fn migration_3_lists_irregular_dates() {
         1
     );
 }
+
+/// A Patient put with these index rows: identifiers, one family name, a birth date and a GP reference.
+fn indexed_patient(identifiers: &[&str], birth_ms: i64, gps: &[&str]) -> Put {
+    let mut index: Vec<IndexEntry> = identifiers
+        .iter()
+        .map(|code| IndexEntry {
+            param: "identifier",
+            value: IndexValue::Token {
+                system: Some("urn:test".into()),
+                code: (*code).to_string(),
+            },
+        })
+        .collect();
+    index.push(IndexEntry {
+        param: "family",
+        value: IndexValue::String {
+            value: "smith".into(),
+            exact: "Smith".into(),
+        },
+    });
+    index.push(IndexEntry {
+        param: "birthdate",
+        value: IndexValue::Date {
+            low_ms: birth_ms,
+            high_ms: birth_ms + 86_399_999,
+        },
+    });
+    index.extend(gps.iter().map(|gp| IndexEntry {
+        param: "general-practitioner",
+        value: IndexValue::Reference((*gp).to_string()),
+    }));
+    Put {
+        index,
+        ..patient("indexed", "unused")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_rewrites_only_the_index_rows_that_changed() {
+    let Some(f) = common::fresh("index_diff", PgOptions::default()) else {
+        return;
+    };
+    let url = f.db.url().to_string();
+    f.store
+        .write(|tx| tx.put(indexed_patient(&["a", "b"], 0, &["Practitioner/1"])))
+        .await
+        .unwrap();
+    let q = |sql: &str| common::query_i64(&url, sql);
+    // The transaction that wrote a row last (`xmin`), and how many rows a table holds.
+    let xmin = |table: &str, cond: &str| {
+        q(&format!(
+            "SELECT xmin::text::bigint FROM {table} WHERE {cond}"
+        ))
+    };
+    let kept_token = xmin("idx_token", "code = 'b'");
+    let kept_string = xmin("idx_string", "value = 'smith'");
+    let kept_reference = xmin("idx_reference", "target = 'Practitioner/1'");
+
+    // Identifier a goes and c comes, the name stays, the birth date changes, a second GP is added.
+    f.store
+        .write(|tx| {
+            tx.put(Put {
+                expected_version: Some(1),
+                ..indexed_patient(
+                    &["b", "c"],
+                    86_400_000,
+                    &["Practitioner/1", "Practitioner/2"],
+                )
+            })
+        })
+        .await
+        .unwrap();
+
+    assert_eq!(
+        q("SELECT count(*) FROM idx_token WHERE param = 'identifier'"),
+        2
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM idx_token WHERE code IN ('b', 'c')"),
+        2
+    );
+    assert_eq!(q("SELECT count(*) FROM idx_string"), 1);
+    assert_eq!(q("SELECT count(*) FROM idx_date"), 1);
+    assert_eq!(
+        q("SELECT count(*) FROM idx_date WHERE low_ms = 86400000"),
+        1
+    );
+    assert_eq!(q("SELECT count(*) FROM idx_reference"), 2);
+    // The rows that stayed were not written again.
+    assert_eq!(xmin("idx_token", "code = 'b'"), kept_token);
+    assert_eq!(xmin("idx_string", "value = 'smith'"), kept_string);
+    assert_eq!(
+        xmin("idx_reference", "target = 'Practitioner/1'"),
+        kept_reference
+    );
+    assert_ne!(
+        xmin("idx_token", "code = 'c'"),
+        kept_token,
+        "the new row comes from the update"
+    );
+    // Searches agree.
+    let ids = |code: &'static str| {
+        let store = f.store.clone();
+        async move { ids_found(&store, &by_identifier(code)).await }
+    };
+    assert!(ids("a").await.is_empty());
+    assert_eq!(ids("b").await, vec!["indexed".to_string()]);
+    assert_eq!(ids("c").await, vec!["indexed".to_string()]);
+
+    // A delete removes every row; a put after it brings back exactly its own.
+    f.store
+        .write(|tx| tx.delete(ResourceType::Patient, "indexed", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        q(
+            "SELECT (SELECT count(*) FROM idx_token) + (SELECT count(*) FROM idx_string)
+                + (SELECT count(*) FROM idx_date) + (SELECT count(*) FROM idx_reference)"
+        ),
+        0
+    );
+    f.store
+        .write(|tx| tx.put(indexed_patient(&["b"], 0, &[])))
+        .await
+        .unwrap();
+    assert_eq!(
+        q(
+            "SELECT (SELECT count(*) FROM idx_token) + (SELECT count(*) FROM idx_string)
+                + (SELECT count(*) FROM idx_date) + (SELECT count(*) FROM idx_reference)"
+        ),
+        3
+    );
+}

@@ -15,8 +15,9 @@
 //!   transaction (group commit); each closure stays all-or-nothing (see `writer.rs`). The rows of a batch's
 //!   resources, versions, index entries and events are held back and written by one fixed-shape statement
 //!   per table, pipelined with the COMMIT (or with a search inside the batch) in one round trip
-//!   (`pending.rs`); reads inside the batch see them. Index rows that an update keeps are left as they
-//!   are (only removed rows are deleted, only new ones inserted). What the batch reads from the database
+//!   (`pending.rs`); reads inside the batch see them. A created resource's index rows are inserted
+//!   plainly; those an update keeps are left as they are (only removed rows are deleted, only new ones
+//!   inserted). What the batch reads from the database
 //!   (a resource's rid, version and subject seq) is remembered until the batch ends, which the write lock
 //!   makes safe.
 //! - A write is acknowledged only after COMMIT returned (the server's `synchronous_commit` decides what that

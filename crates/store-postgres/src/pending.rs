@@ -193,8 +193,9 @@ SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::b
 /// rows the INSERT adds, and the INSERT sees the rows the DELETE keeps. The INSERT compares with `old`,
 /// the rows of those rids read through the rid index, never with the whole table: a generic plan made
 /// while the table was empty hashes what it compares with, and hashing the table made every flush read
-/// all of it (Patient creates fell from 1,431/s to 404/s). The given rows' text is compared in the
-/// columns' collation ("C").
+/// all of it (Patient creates fell from 1,431/s to 404/s). The DELETE reads those rows again by rid rather
+/// than by the row ids `old` holds: a delete by row id was planned as a sequential scan of a table that was
+/// empty at planning time. The given rows' text is compared in the columns' collation ("C").
 ///
 /// `replace_rows!(table, [text column, ...], [other column, ...], "unnest arguments")` is that statement for
 /// `table`, whose columns are its text columns (compared in "C") and then the others, ending with `rid`; the

@@ -670,7 +670,7 @@ impl Writer {
         opened.and_then(|()| self.follow_round(seen, aheads, &mut asked))
     }
 
-    fn try_begin(&mut self, seen: &mut Seen, first: &[(ResourceType, String)]) -> Result<()> {
+    fn try_begin(&mut self, seen: &mut Seen, first: &[Key]) -> Result<()> {
         if self.lost() {
             self.conn = None;
             self.connect()?;
@@ -730,9 +730,9 @@ impl Writer {
         &self,
         seen: &mut Seen,
         aheads: &[&ReadAhead],
-        asked: &mut HashSet<(ResourceType, String)>,
+        asked: &mut HashSet<Key>,
     ) -> Result<()> {
-        let mut round: Vec<(ResourceType, String)> = Vec::new();
+        let mut round: Vec<Key> = Vec::new();
         for ahead in aheads {
             let Some(follow) = ahead.follow else { continue };
             for key in &ahead.keys {

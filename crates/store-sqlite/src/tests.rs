@@ -1595,6 +1595,15 @@ fn crash_copy(dir: &TempDir, tag: &str) -> (TempDir, PathBuf) {
     (copy, path)
 }
 
+/// Insert row `k` with value `v` into the walbuf tests' table.
+fn insert_row(c: &rusqlite::Connection, k: i64, v: &str) {
+    c.execute(
+        "INSERT INTO t (k, v) VALUES (?1, ?2)",
+        rusqlite::params![k, v],
+    )
+    .unwrap();
+}
+
 /// Open the database at `path` through SQLite's own VFS and require that it passes `integrity_check`.
 fn open_checked(path: &Path, what: &str) -> rusqlite::Connection {
     let c = rusqlite::Connection::open(path).unwrap();
@@ -1627,11 +1636,7 @@ fn walbuf_hands_a_commits_frames_to_the_file_in_one_write_and_readers_see_each_c
         let tx = writer.unchecked_transaction().unwrap();
         for i in 0..25 {
             let k = commit * 1000 + i;
-            tx.execute(
-                "INSERT INTO t (k, v) VALUES (?1, ?2)",
-                rusqlite::params![k, format!("{k:0>300}")],
-            )
-            .unwrap();
+            insert_row(&tx, k, &format!("{k:0>300}"));
             rows += 1;
         }
         tx.commit().unwrap();
@@ -1667,11 +1672,7 @@ fn walbuf_writes_out_rewritten_checksums_before_the_commit_returns() {
         let tx = writer.unchecked_transaction().unwrap();
         for k in 0..2000 {
             let k = round * 10_000 + k;
-            tx.execute(
-                "INSERT INTO t (k, v) VALUES (?1, ?2)",
-                rusqlite::params![k, format!("{k:x>150}")],
-            )
-            .unwrap();
+            insert_row(&tx, k, &format!("{k:x>150}"));
         }
         // Pages spilled above are changed again: SQLite rewrites their frames and then the checksums.
         tx.execute(
@@ -1706,11 +1707,7 @@ fn walbuf_keeps_spilled_rewritten_and_rolled_back_frames_in_order() {
     let writer = walbuf_conn(&path, 10);
     let tx = writer.unchecked_transaction().unwrap();
     for k in 0..3000 {
-        tx.execute(
-            "INSERT INTO t (k, v) VALUES (?1, ?2)",
-            rusqlite::params![k, format!("{k:x>200}")],
-        )
-        .unwrap();
+        insert_row(&tx, k, &format!("{k:x>200}"));
     }
     for round in 0..3 {
         tx.execute(
@@ -1724,11 +1721,7 @@ fn walbuf_keeps_spilled_rewritten_and_rolled_back_frames_in_order() {
     // A spilled transaction that is rolled back leaves frames nobody may use; the next commit overwrites them.
     let tx = writer.unchecked_transaction().unwrap();
     for k in 10_000..13_000 {
-        tx.execute(
-            "INSERT INTO t (k, v) VALUES (?1, ?2)",
-            rusqlite::params![k, format!("{k:z>400}")],
-        )
-        .unwrap();
+        insert_row(&tx, k, &format!("{k:z>400}"));
     }
     tx.rollback().unwrap();
     writer.execute("DELETE FROM t WHERE k < 100", []).unwrap();

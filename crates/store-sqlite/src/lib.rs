@@ -109,11 +109,18 @@ impl Default for SqliteOptions {
     }
 }
 
+/// Connections of the pool for the outbox's tail and the due deliveries (its readers are the dispatcher, the
+/// delivery sender and the event feed's long polls).
+const TAIL_CONNECTIONS: usize = 2;
+
 /// The SQLite store. Dropping it stops the writer after the writes already queued, and closes the database.
 pub struct SqliteStore {
     jobs: Option<mpsc::Sender<JobBox>>,
     writer: Option<JoinHandle<()>>,
     reads: ReadPool,
+    /// For the background readers that look at the outbox's tail and the due deliveries after every commit:
+    /// without a memory map (see `schema::open_reader_mapped`).
+    tail: ReadPool,
     path: PathBuf,
     /// The highest durable outbox seq (published after each COMMIT that appended events, after its fsync with
     /// [`Durability::Fsync`]); `events_after` reads no further.
@@ -175,7 +182,8 @@ impl SqliteStore {
         Ok(SqliteStore {
             jobs: Some(tx),
             writer: Some(handle),
-            reads: ReadPool::new(path.clone(), options.read_connections),
+            reads: ReadPool::new(path.clone(), options.read_connections, true),
+            tail: ReadPool::new(path.clone(), TAIL_CONNECTIONS, false),
             path,
             events,
             checkpoint_stop: Some(stop_tx),
@@ -273,10 +281,7 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = Result<Vec<Event>>> + Send {
         // Only durable events: a batch is visible from its COMMIT but published on the watch after its fsync.
         let upto = *self.events.borrow();
-        ready(
-            self.reads
-                .with(|c| sql::events_after(c, after, upto, limit)),
-        )
+        ready(self.tail.with(|c| sql::events_after(c, after, upto, limit)))
     }
 
     fn watch_events(&self) -> watch::Receiver<i64> {
@@ -296,7 +301,7 @@ impl Store for SqliteStore {
         now_ms: i64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Delivery>>> + Send {
-        ready(self.reads.with(|c| sql::due_deliveries(c, now_ms, limit)))
+        ready(self.tail.with(|c| sql::due_deliveries(c, now_ms, limit)))
     }
 
     fn due_deliveries_for(
@@ -306,13 +311,13 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Delivery>>> + Send {
         ready(
-            self.reads
+            self.tail
                 .with(|c| sql::due_deliveries_for(c, subscription, now_ms, limit)),
         )
     }
 
     fn next_due_ms(&self) -> impl Future<Output = Result<Option<i64>>> + Send {
-        ready(self.reads.with(sql::next_due_ms))
+        ready(self.tail.with(sql::next_due_ms))
     }
 
     fn deliveries(

@@ -13,6 +13,8 @@ use crate::schema;
 pub(crate) struct ReadPool {
     path: PathBuf,
     max: usize,
+    /// Whether its connections read the database file through a memory map (see [`schema::open_reader`]).
+    mapped: bool,
     state: Mutex<State>,
     returned: Condvar,
 }
@@ -39,10 +41,11 @@ impl Drop for Checkout<'_> {
 }
 
 impl ReadPool {
-    pub(crate) fn new(path: PathBuf, max: usize) -> ReadPool {
+    pub(crate) fn new(path: PathBuf, max: usize, mapped: bool) -> ReadPool {
         ReadPool {
             path,
             max: max.max(1),
+            mapped,
             state: Mutex::new(State {
                 idle: Vec::new(),
                 open: 0,
@@ -66,7 +69,7 @@ impl ReadPool {
             if state.open < self.max {
                 state.open += 1;
                 drop(state);
-                return schema::open_reader(&self.path).inspect_err(|_| {
+                return schema::open_reader_mapped(&self.path, self.mapped).inspect_err(|_| {
                     self.lock().open -= 1;
                     self.returned.notify_one();
                 });

@@ -1775,3 +1775,20 @@ async fn the_checkpoint_thread_copies_a_write_into_the_database_file() {
     }
     assert!(found, "the write never reached the database file");
 }
+
+#[test]
+fn the_readers_of_the_outbox_tail_read_without_a_memory_map() {
+    // The first read after a commit unmaps a mapped reader's file (and the unmap interrupts the other core
+    // to flush its TLB); the dispatcher and the delivery sender read the tail after every commit.
+    let dir = TempDir::new("tail-unmapped");
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+    let mmap = |pool: &crate::pool::ReadPool| {
+        pool.with(|c| {
+            c.pragma_query_value(None, "mmap_size", |r| r.get::<_, i64>(0))
+                .map_err(crate::sql::db)
+        })
+        .unwrap()
+    };
+    assert_eq!(mmap(&store.tail), 0);
+    assert!(mmap(&store.reads) > 0);
+}

@@ -86,8 +86,20 @@ impl Schedule {
     }
 }
 
+/// How much the thread lowers its scheduling priority (raises its nice value, at most to 19): its work is never
+/// on a write's path, so on a busy machine it gives way to the writer, the sync thread and the request
+/// threads. In alternating runs, MLLP ingest at window 1 went from 4,601-4,770 to 4,840-5,124 messages/s;
+/// with the thread reniced by hand, Patient creates at C=32 went from 6,705-8,223/s (p99 9.2-14.9 ms) to
+/// 7,076-8,432/s (p99 8.7-9.8 ms).
+pub(crate) const NICENESS: i32 = 10;
+
 /// Run until `stop` is signalled or dropped, then make a last checkpoint.
 pub(crate) fn run(path: &Path, stop: Receiver<()>, wal: Arc<WalFrames>) {
+    // Linux keeps a nice value per thread: this lowers this thread's only, from wherever the hub was started.
+    let me = Some(rustix::thread::gettid());
+    if let Ok(current) = rustix::process::getpriority_process(me) {
+        let _ = rustix::process::setpriority_process(me, (current + NICENESS).min(19));
+    }
     let Ok(conn) = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,

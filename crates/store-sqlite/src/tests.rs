@@ -1792,3 +1792,43 @@ fn the_readers_of_the_outbox_tail_read_without_a_memory_map() {
     assert_eq!(mmap(&store.tail), 0);
     assert!(mmap(&store.reads) > 0);
 }
+
+#[test]
+fn the_checkpoint_thread_runs_at_a_lower_priority() {
+    // Linux keeps a nice value per thread (field 19 of /proc/self/task/TID/stat).
+    fn nice(task: &Path) -> i32 {
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // The name is in parentheses; the fields after it start at field 3.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(19 - 3).unwrap().parse().unwrap()
+    }
+    // The process's own (the tests may run under `nice`).
+    let base = nice(Path::new("/proc/thread-self"));
+    let dir = TempDir::new("ckpt-nice");
+    let _store = SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap();
+    let lowered = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .map(|t| t.unwrap().path())
+            .find(|t| nice(t) != base)
+    };
+    // The thread lowers its priority once it runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let checkpoint = loop {
+        match lowered() {
+            Some(t) => break t,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            None if base == 19 => return, // already as low as it goes
+            None => panic!("no thread of the store lowered its priority"),
+        }
+    };
+    assert_eq!(
+        nice(&checkpoint),
+        (base + crate::checkpoint::NICENESS).min(19)
+    );
+    // Thread names are cut to 15 bytes there.
+    let name = std::fs::read_to_string(checkpoint.join("comm")).unwrap();
+    assert_eq!(name.trim_end(), &"carebridge-sqlite-checkpoint"[..15]);
+}

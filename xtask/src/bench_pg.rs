@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::bench::{TempDir, json_field, progress};
 
+/// NHS number stems per block (see `loadgen::patient`): one block per cb-loadgen process of a run.
+const NHS_BLOCK: u64 = 90_000;
+
 /// Target of the issue: PostgreSQL booking rate as a share of the embedded store's.
 const PG_SHARE_TARGET: f64 = 0.6;
 
@@ -147,7 +150,10 @@ fn load(
                 "--patients",
                 "200",
             ])
-            .args(["--nhs-start", &(nhs_base + i as u64 * 90_000).to_string()])
+            .args([
+                "--nhs-start",
+                &(nhs_base + i as u64 * NHS_BLOCK).to_string(),
+            ])
             .args(extra)
             .stdin(Stdio::null());
             std::thread::spawn(move || cmd.output())
@@ -295,7 +301,7 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
                 urls.push(u);
             }
         }
-        // Blocks of 90,000 NHS number stems, ten per setup (each setup has a store of its own): the create run
+        // Blocks of NHS number stems, ten per setup (each setup has a store of its own): the create run
         // has blocks 1-4 to itself (a 12-second run at 7,400 creates/s used up more than one block and ran
         // into the seeding's numbers, whose creates were then all refused as duplicates); the seeding 5-6, the
         // booking run 7-8 and the free-slot run 9-10, a block per process.
@@ -307,7 +313,7 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
             &["create"],
             c,
             duration,
-            (base + 1) * 90_000,
+            (base + 1) * NHS_BLOCK,
             &[],
         )?;
         progress(&format!("{name}: read and search-identifier c={c}"));
@@ -317,7 +323,7 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
             &["read", "search-identifier"],
             c,
             duration,
-            (base + 5) * 90_000,
+            (base + 5) * NHS_BLOCK,
             &["--seed".to_string(), seed.to_string()],
         )?;
         progress(&format!("{name}: book c={c}"));
@@ -327,7 +333,7 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
             &["book"],
             c,
             duration,
-            (base + 7) * 90_000,
+            (base + 7) * NHS_BLOCK,
             &[],
         )?;
         progress(&format!("{name}: free-slots c={c}"));
@@ -337,7 +343,7 @@ pub fn run(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
             &["free-slots"],
             c,
             duration,
-            (base + 9) * 90_000,
+            (base + 9) * NHS_BLOCK,
             &["--slots".to_string(), free_slots.to_string()],
         )?;
         rows.push(Rows {

@@ -13,7 +13,7 @@ use crate::schema;
 pub(crate) struct ReadPool {
     path: PathBuf,
     max: usize,
-    /// Whether its connections read the database file through a memory map (see [`schema::open_reader`]).
+    /// Whether its connections read the database file through a memory map (see [`schema::open_reader_mapped`]).
     mapped: bool,
     state: Mutex<State>,
     returned: Condvar,

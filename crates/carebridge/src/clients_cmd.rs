@@ -76,8 +76,8 @@ pub enum ClientsCommand {
         /// JWKS file whose keys are added (a kid already registered is replaced).
         #[arg(long)]
         jwks: Option<String>,
-        /// Remove the key with this kid.
-        #[arg(long)]
+        /// Remove the key with this kid (which may begin with '-', as RFC 7638 thumbprints can).
+        #[arg(long, allow_hyphen_values = true)]
         remove_kid: Option<String>,
         #[command(flatten)]
         cert: CertArgs,
@@ -112,8 +112,9 @@ pub struct CertArgs {
     /// request tokens over mutual TLS with it, and its tokens work only on connections presenting it.
     #[arg(long, conflicts_with = "cert_thumbprint")]
     pub cert: Option<PathBuf>,
-    /// The same binding by the certificate's x5t#S256 thumbprint (base64url SHA-256 of its DER).
-    #[arg(long)]
+    /// The same binding by the certificate's x5t#S256 thumbprint (base64url SHA-256 of its DER; one in 32
+    /// begins with '-', which is taken as the value, not as an option).
+    #[arg(long, allow_hyphen_values = true)]
     pub cert_thumbprint: Option<String>,
 }
 
@@ -146,8 +147,8 @@ pub struct TokenArgs {
     /// Base URL of the hub, e.g. http://127.0.0.1:8080.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// kid of the key [default: admin-1].
-    #[arg(long, default_value = ADMIN_KID)]
+    /// kid of the key [default: admin-1]; it may begin with '-'.
+    #[arg(long, default_value = ADMIN_KID, allow_hyphen_values = true)]
     pub kid: String,
     /// Scopes to ask for (default: all the client was granted).
     #[arg(long)]

@@ -392,3 +392,73 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
         eprintln!("carebridge: shutdown requested, draining in-flight requests");
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// base64url values (certificate thumbprints, RFC 7638 kids) begin with '-' one time in 32: they must be
+    /// taken as the option's value, not refused as an unknown option.
+    #[test]
+    fn values_that_begin_with_a_hyphen_are_taken_as_values() {
+        let tp = "-bjkUpE85zIg1Cjb-BiKHaKIV9agqanJ9JP5-6Gti6M";
+        let cli = Cli::try_parse_from([
+            "carebridge",
+            "clients",
+            "add",
+            "--id",
+            "c",
+            "--ods",
+            "RA1",
+            "--scopes",
+            "system/Patient.rs",
+            "--jwks",
+            "k.jwks",
+            "--cert-thumbprint",
+            tp,
+        ])
+        .expect("a thumbprint beginning with '-' parses");
+        let Command::Clients(clients_cmd::ClientsCommand::Add { cert, .. }) = cli.command else {
+            panic!("parsed as another command: {:?}", cli.command)
+        };
+        assert_eq!(cert.cert_thumbprint.as_deref(), Some(tp));
+
+        let cli = Cli::try_parse_from([
+            "carebridge",
+            "clients",
+            "rotate-key",
+            "--id",
+            "c",
+            "--remove-kid",
+            "-kid",
+            "--cert-thumbprint",
+            tp,
+        ])
+        .expect("a kid beginning with '-' parses");
+        let Command::Clients(clients_cmd::ClientsCommand::RotateKey {
+            remove_kid, cert, ..
+        }) = cli.command
+        else {
+            panic!("parsed as another command: {:?}", cli.command)
+        };
+        assert_eq!(remove_kid.as_deref(), Some("-kid"));
+        assert_eq!(cert.cert_thumbprint.as_deref(), Some(tp));
+
+        let cli = Cli::try_parse_from([
+            "carebridge",
+            "token",
+            "--key",
+            "k.pem",
+            "--client",
+            "c",
+            "--kid",
+            "-k1",
+        ]);
+        match cli {
+            Ok(Cli {
+                command: Command::Token(t),
+            }) => assert_eq!(t.kid, "-k1"),
+            other => panic!("token --kid -k1: {other:?}"),
+        }
+    }
+}

@@ -1749,21 +1749,6 @@ fn python_validate(
     Ok((name, rate))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_fields() {
-        let l = r#"{"scenario":"read","ok_per_s":12.5,"first_error":"a \"b\", c","x":null}"#;
-        assert_eq!(json_field(l, "ok_per_s"), Some("12.5"));
-        assert_eq!(json_field(l, "scenario"), Some("\"read\""));
-        assert_eq!(json_field(l, "first_error"), Some(r#""a \"b\", c""#));
-        assert_eq!(json_field(l, "x"), Some("null"));
-        assert_eq!(json_field(l, "missing"), None);
-    }
-}
-
 /// `bench/mesh_roundtrip.py` (its own mesh-sandbox; the hub's Rust client beside mesh-client), in the test venv.
 fn mesh_roundtrip(root: &Path, target: &Path, quick: bool) -> Result<String, String> {
     let venv = crate::python_env()?;
@@ -1962,4 +1947,19 @@ fn auth_onoff(bin: &dyn Fn(&str) -> PathBuf, tmp: &Path, s: &Settings) -> Result
         let _ = writeln!(md, "- {v}");
     }
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_fields() {
+        let l = r#"{"scenario":"read","ok_per_s":12.5,"first_error":"a \"b\", c","x":null}"#;
+        assert_eq!(json_field(l, "ok_per_s"), Some("12.5"));
+        assert_eq!(json_field(l, "scenario"), Some("\"read\""));
+        assert_eq!(json_field(l, "first_error"), Some(r#""a \"b\", c""#));
+        assert_eq!(json_field(l, "x"), Some("null"));
+        assert_eq!(json_field(l, "missing"), None);
+    }
 }

@@ -442,7 +442,7 @@ pub fn put_client(tx: &mut dyn Tx, client: &Client) -> Result<(), StoreError> {
     tx.kv_put(CLIENT_NAMESPACE, &client.id, Some(&client.to_json()))
 }
 
-/// One stored audit record, parsed back from its line (see [`AuditLine`]) to be served as an AuditEvent.
+/// One stored audit record, parsed back from its line (see `AuditLine`) to be served as an AuditEvent.
 #[derive(Debug, Clone)]
 pub struct AuditRecord {
     /// When, ms since the epoch.

@@ -1013,7 +1013,8 @@ async fn run_search<S: Store>(
         out.push('}');
     }
     out.push(']');
-    if !parsed.summary_count && !(result.resources.is_empty() && included.is_empty()) {
+    let any_entry = !(result.resources.is_empty() && included.is_empty());
+    if !parsed.summary_count && any_entry {
         out.push_str(",\"entry\":[");
         for s in &result.resources {
             push_entry(&mut out, &base, s, "match");

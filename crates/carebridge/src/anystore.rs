@@ -74,6 +74,10 @@ macro_rules! delegate {
     };
 }
 
+#[allow(
+    clippy::manual_async_fn,
+    reason = "each method repeats the trait's signature, which promises a Send future"
+)]
 impl Store for AnyStore {
     fn write<T, F>(&self, f: F) -> impl Future<Output = store::Result<T>> + Send
     where

@@ -394,6 +394,7 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::panic, reason = "tests")]
 mod tests {
     use super::*;
 

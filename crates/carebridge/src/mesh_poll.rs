@@ -302,6 +302,10 @@ struct Poller<S> {
 
 /// Start one polling task per mailbox (and, when `sweep` is set because no MLLP listener runs one, the sweep
 /// of parked HL7 messages). The tasks stop when `stop` turns true.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the serve command's wiring, each argument named at its one caller"
+)]
 pub fn spawn<S: Store>(
     store: Arc<S>,
     clients: &[Arc<mesh::MeshClient>],

@@ -246,7 +246,7 @@ fn now_s() -> i64 {
 
 #[derive(Args, Debug)]
 pub struct OutboundArgs {
-    /// TOML configuration file with [outbound] keys and profiles (the same file `serve` reads).
+    /// TOML configuration file with `[outbound]` keys and profiles (the same file `serve` reads).
     #[arg(long, env = "CAREBRIDGE_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -269,7 +269,7 @@ enum OutboundCommand {
         #[arg(required = true)]
         paths: Vec<String>,
     },
-    /// Check the [outbound] configuration (keys, environments, profiles) without any network call.
+    /// Check the `[outbound]` configuration (keys, environments, profiles) without any network call.
     Check,
 }
 

@@ -1,6 +1,12 @@
 //! The booking engine through the FHIR REST API, in-process: availability, booking races, reschedule by PUT
 //! and JSON Patch, transitions, cancel-and-rebook, merge, and golden OperationOutcomes of refused changes.
 //! Set `UPDATE_GOLDEN=1` to rewrite the golden files after checking the new output by hand.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -1,4 +1,10 @@
 //! `carebridge slots generate` and `carebridge deliveries list|replay` on a store written by the test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use serde_json::json;
 use std::process::Command;

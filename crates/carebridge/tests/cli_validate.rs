@@ -1,4 +1,10 @@
 //! `carebridge validate FILE...`: exit codes and both output forms, on files written by the test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use std::process::Command;
 

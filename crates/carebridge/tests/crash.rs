@@ -5,6 +5,12 @@
 //!   there at version 1, and the type history must agree exactly with what is stored.
 //! - `sigterm_drains_in_flight_requests_and_exits_zero`: SIGTERM while requests are in flight; the process
 //!   exits 0, and every request that got a response got a complete one.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 

@@ -1,5 +1,11 @@
 //! In-process tests of the FHIR REST API over the embedded store (the router driven directly, no sockets).
 //! The same behaviours are exercised over real HTTP by a real FHIR client library in `tests/python`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -19,7 +19,7 @@ impl Severity {
     }
 }
 
-/// `OperationOutcome.issue.code` values used by the hub (http://hl7.org/fhir/issue-type).
+/// `OperationOutcome.issue.code` values used by the hub (<http://hl7.org/fhir/issue-type>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IssueType {
     Invalid,

@@ -149,6 +149,10 @@ fn ack_for(
     ack.encode()
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the columns of one inbound-message record"
+)]
 fn record(
     tx: &mut dyn Tx,
     key: &str,

@@ -4,7 +4,7 @@
 //! at `/`), so everything is relative to a [`Target`] base path.
 //!
 //! Model: closed loop. `C` connections, each with exactly one request in flight; a run stops at a deadline or
-//! after a total request count. Read and search runs work over patients created beforehand by [`seed`], whose
+//! after a total request count. Read and search runs work over patients created beforehand by [`Runner::seed`], whose
 //! server-assigned ids come from the `Location` header (or the body's `id`).
 
 use crate::http::{Client, Response};
@@ -59,7 +59,7 @@ pub enum Scenario {
     Create,
     /// GET {base}/Patient/{id} over the seeded ids.
     Read,
-    /// GET {base}/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{n} over the seeded NHS numbers.
+    /// `GET {base}/Patient?identifier=https://fhir.nhs.uk/Id/nhs-number|{n}` over the seeded NHS numbers.
     SearchIdentifier,
 }
 

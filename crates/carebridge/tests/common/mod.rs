@@ -9,7 +9,12 @@
 //! - [`nhs_number`]: valid (modulus 11) NHS numbers from a counter, for unique test identifiers.
 //!
 //! No crates beyond the package's own dependencies (`serde_json`) and std.
-
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 #![allow(dead_code)]
 
 use std::fmt;

@@ -1,6 +1,11 @@
 //! The in-process hub shared by the API test files: the router over a fresh embedded store in a temporary
 //! directory (removed on drop), driven without sockets.
-
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 #![allow(dead_code)]
 
 use std::sync::Arc;

@@ -152,11 +152,11 @@ fn main() {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() % 100_000);
     // Warm-up on one connection (not measured).
-    if warmup > 0 {
-        if let Err(e) = run_conn(&addr, &kind, 99, 0, warmup, window, run) {
-            println!("{{\"error\":\"warm-up: {e}\"}}");
-            std::process::exit(1);
-        }
+    if warmup > 0
+        && let Err(e) = run_conn(&addr, &kind, 99, 0, warmup, window, run)
+    {
+        println!("{{\"error\":\"warm-up: {e}\"}}");
+        std::process::exit(1);
     }
     let per = total / conns.max(1);
     let started = Instant::now();

@@ -362,7 +362,8 @@ pub async fn create<S: Store>(
         obj.insert("id".into(), Value::String(id.clone()));
     }
     let base = app.fhir_base();
-    let ahead = booking::ahead::for_write(rtype, &id, &resource);
+    let mut ahead = booking::ahead::for_write(rtype, &id, &resource);
+    ahead.searches.extend(condition.clone());
     let resource = booking::Incoming::prepare(rtype, &id, resource);
     idempotent_write_reading(app.store.as_ref(), ahead, key, hash, move |tx| {
         if let Some(q) = &condition {

@@ -10,15 +10,20 @@ use crate::util::local_id;
 
 /// For a create or update of `rtype/id` with `resource` as its new content: the resource itself and, for
 /// an Appointment, the Slots and Patients it names; then the Schedules of those Slots, and what the
-/// current version of the Appointment names (the slots a reschedule releases).
+/// current version of the Appointment names (the slots a reschedule releases). For an active Patient, the
+/// searches for another active Patient holding one of its NHS numbers.
 pub fn for_write(rtype: RT, id: &str, resource: &Value) -> ReadAhead {
     let mut keys = vec![(rtype, id.to_string())];
-    if rtype == RT::Appointment {
-        keys.extend(named_by_appointment(resource));
+    let mut searches = Vec::new();
+    match rtype {
+        RT::Appointment => keys.extend(named_by_appointment(resource)),
+        RT::Patient => searches = crate::patient::holder_searches(resource),
+        _ => {}
     }
     ReadAhead {
         keys,
         follow: Some(follow),
+        searches,
     }
 }
 
@@ -27,6 +32,7 @@ pub fn for_transition(id: &str) -> ReadAhead {
     ReadAhead {
         keys: vec![(RT::Appointment, id.to_string())],
         follow: Some(follow),
+        searches: Vec::new(),
     }
 }
 

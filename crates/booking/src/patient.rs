@@ -8,7 +8,8 @@ use store::{Clause, Predicate, SearchQuery, Stored, Tx};
 use crate::appointment::replaced_by;
 use crate::error::BookingError;
 use crate::util::{
-    Incoming, check_expected, event, is_active, json_of, live, put, reference, search_all,
+    Incoming, check_expected, event, first_page, is_active, json_of, live, put, reference,
+    search_all,
 };
 use crate::{MergeResult, Outcome, Refusal, event_kind};
 
@@ -79,9 +80,34 @@ fn nhs_numbers(resource: &Value) -> Vec<String> {
     out
 }
 
-/// Another active Patient (id != `except`) holding `number`. The index keeps identifier values as written, so
-/// the usual spellings (`9434765919`, `943 476 5919`, `943-476-5919`) are all looked up.
+/// The searches [`write_patient`] runs for `resource` (the first page of each), to be told ahead.
+pub(crate) fn holder_searches(resource: &Value) -> Vec<SearchQuery> {
+    if !is_active(resource) {
+        return Vec::new();
+    }
+    nhs_numbers(resource)
+        .iter()
+        .map(|n| first_page(holder_query(n)))
+        .collect()
+}
+
+/// Another active Patient (id != `except`) holding `number`.
 fn active_holder(tx: &mut dyn Tx, number: &str, except: &str) -> store::Result<Option<Stored>> {
+    for candidate in search_all(tx, holder_query(number))? {
+        if candidate.id == except {
+            continue;
+        }
+        let json = json_of(&candidate)?;
+        if is_active(&json) && nhs_numbers(&json).iter().any(|n| n == number) {
+            return Ok(Some(candidate));
+        }
+    }
+    Ok(None)
+}
+
+/// Patients with `number` as an NHS number. The index keeps identifier values as written, so the usual
+/// spellings (`9434765919`, `943 476 5919`, `943-476-5919`) are all looked up.
+fn holder_query(number: &str) -> SearchQuery {
     let mut spellings = vec![number.to_owned()];
     if let (Some(a), Some(b), Some(c)) = (number.get(..3), number.get(3..6), number.get(6..))
         && number.len() == 10
@@ -89,7 +115,7 @@ fn active_holder(tx: &mut dyn Tx, number: &str, except: &str) -> store::Result<O
         spellings.push(format!("{a} {b} {c}"));
         spellings.push(format!("{a}-{b}-{c}"));
     }
-    let query = SearchQuery {
+    SearchQuery {
         clauses: vec![Clause {
             param: "identifier".into(),
             any_of: spellings
@@ -101,17 +127,7 @@ fn active_holder(tx: &mut dyn Tx, number: &str, except: &str) -> store::Result<O
                 .collect(),
         }],
         ..SearchQuery::new(RT::Patient)
-    };
-    for candidate in search_all(tx, query)? {
-        if candidate.id == except {
-            continue;
-        }
-        let json = json_of(&candidate)?;
-        if is_active(&json) && nhs_numbers(&json).iter().any(|n| n == number) {
-            return Ok(Some(candidate));
-        }
     }
-    Ok(None)
 }
 
 /// Merge `source` into `target`. See [`crate::merge_patients`].

@@ -187,8 +187,9 @@ pub(crate) fn reference(rtype: ResourceType, id: &str) -> String {
     format!("{rtype}/{id}")
 }
 
-/// Every match of `query` (paged by id inside the transaction).
-pub(crate) fn search_all(tx: &mut dyn Tx, mut query: SearchQuery) -> store::Result<Vec<Stored>> {
+/// The first page of `query` as [`search_all`] asks for it (what a write tells the store it will search for,
+/// [`store::ReadAhead::searches`]).
+pub(crate) fn first_page(mut query: SearchQuery) -> SearchQuery {
     query.sort = vec![Sort {
         field: SortField::Id,
         descending: false,
@@ -196,6 +197,12 @@ pub(crate) fn search_all(tx: &mut dyn Tx, mut query: SearchQuery) -> store::Resu
     query.count = PAGE;
     query.offset = 0;
     query.want_total = false;
+    query
+}
+
+/// Every match of `query` (paged by id inside the transaction).
+pub(crate) fn search_all(tx: &mut dyn Tx, query: SearchQuery) -> store::Result<Vec<Stored>> {
+    let mut query = first_page(query);
     let mut out = Vec::new();
     loop {
         let page = tx.search(&query)?;

@@ -127,3 +127,33 @@ impl Conn {
         self.client.batch_execute(sql).await.map_err(db)
     }
 }
+
+/// Run `futures` together and return their outputs in order. Each is first polled in order, so requests
+/// they send on one connection reach the server in that order, in one round trip (tokio-postgres sends a
+/// query's messages when its future is first polled).
+pub(crate) async fn join_in_order<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    /// A future and, once it is ready, its output.
+    type Slot<F> = (
+        std::pin::Pin<Box<F>>,
+        Option<<F as std::future::Future>::Output>,
+    );
+    let mut slots: Vec<Slot<F>> = futures.into_iter().map(|f| (Box::pin(f), None)).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (future, output) in slots.iter_mut() {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *output = Some(v),
+                    std::task::Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    slots.into_iter().filter_map(|(_, output)| output).collect()
+}

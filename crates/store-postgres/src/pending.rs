@@ -19,7 +19,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use store::{IndexEntry, IndexValue, ResourceType, Result, StoreError, Stored};
+use store::{
+    IndexEntry, IndexValue, Predicate, ResourceType, Result, SearchQuery, StoreError, Stored,
+};
 
 use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
@@ -86,6 +88,41 @@ pub(crate) struct Seen {
     pub(crate) resources: HashMap<(ResourceType, String), (i64, Option<Stored>)>,
     /// Per subject: its `last_seq` (0 when it has no event yet).
     pub(crate) subjects: HashMap<String, i64>,
+    /// Searches the jobs said they will run ([`store::ReadAhead::searches`]), answered at the batch's start
+    /// (see [`answerable_ahead`] and [`JobBuf::may_change`] for when such an answer may be used).
+    pub(crate) searches: Vec<(SearchQuery, Vec<Stored>)>,
+}
+
+/// Whether a search may be answered from what was read at the batch's start: only searches whose every
+/// predicate is a token (the kind [`JobBuf::may_change`] can reason about), from their first result.
+pub(crate) fn answerable_ahead(query: &SearchQuery) -> bool {
+    query.offset == 0
+        && !query.want_total
+        && query.clauses.iter().all(|c| {
+            c.any_of
+                .iter()
+                .all(|p| matches!(p, Predicate::Token { .. }))
+        })
+}
+
+/// Whether a resource with index rows `entries` could match `query` (token predicates only; see
+/// [`answerable_ahead`]). It errs towards yes: codes are compared without regard to case, and systems are
+/// not compared at all.
+fn could_match(query: &SearchQuery, entries: &[IndexEntry]) -> bool {
+    query.clauses.iter().all(|clause| {
+        clause.any_of.iter().any(|p| match p {
+            Predicate::Token { code, .. } => entries.iter().any(|e| {
+                e.param == clause.param
+                    && match &e.value {
+                        IndexValue::Token { code: c, .. } => code
+                            .as_deref()
+                            .is_none_or(|want| c.eq_ignore_ascii_case(want)),
+                        _ => false,
+                    }
+            }),
+            _ => true,
+        })
+    })
 }
 
 /// How much of a [`JobBuf`] has been flushed: versions and events are appended rows (written once, from
@@ -124,6 +161,19 @@ impl JobBuf {
             || (!self.written.states
                 && (self.resources.keys().any(|(t, _)| *t == rtype)
                     || self.index.iter().any(|(_, t, _)| *t == rtype)))
+    }
+
+    /// Whether what this buffer wrote could make `found`, the result of `query` read at the batch's start,
+    /// wrong now: it wrote a resource of that result, or a version (of any resource of the type) that could
+    /// match. Never says no wrongly; may say yes when the result would in fact be the same.
+    pub(crate) fn may_change(&self, query: &SearchQuery, found: &[Stored]) -> bool {
+        self.resources
+            .keys()
+            .any(|(t, id)| *t == query.rtype && found.iter().any(|s| s.id == *id))
+            || self
+                .index
+                .iter()
+                .any(|(_, t, entries)| *t == query.rtype && could_match(query, entries))
     }
 
     /// True when the buffer holds final states (resources, index rows, subjects).
@@ -678,6 +728,8 @@ impl<'a> IndexCols<'a> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn replace_rows_spells_out_the_diff_statement() {
         assert_eq!(
@@ -694,5 +746,82 @@ mod tests {
              SELECT * FROM n WHERE NOT EXISTS (SELECT 1 FROM old t WHERE t.rtype = n.rtype \
              AND t.param = n.param AND t.target = n.target AND t.rid = n.rid)"
         );
+    }
+
+    fn token(param: &'static str, system: Option<&str>, code: &str) -> IndexEntry {
+        IndexEntry {
+            param,
+            value: IndexValue::Token {
+                system: system.map(str::to_string),
+                code: code.to_string(),
+            },
+        }
+    }
+
+    fn identifier(code: &str) -> SearchQuery {
+        SearchQuery::new(ResourceType::Patient).with(
+            "identifier",
+            Predicate::Token {
+                system: Some("urn:a".into()),
+                code: Some(code.into()),
+            },
+        )
+    }
+
+    #[test]
+    fn a_search_told_ahead_is_answered_again_whenever_a_write_could_change_it() {
+        let q = identifier("X1");
+        assert!(answerable_ahead(&q));
+        assert!(!answerable_ahead(&q.clone().with(
+            "family",
+            Predicate::String {
+                value: "smith".into(),
+                exact: None
+            }
+        )));
+        let mut paged = q.clone();
+        paged.offset = 100;
+        assert!(!answerable_ahead(&paged));
+
+        // Could match: the same code in any case and under any system; not: another code or parameter.
+        assert!(could_match(&q, &[token("identifier", Some("urn:a"), "X1")]));
+        assert!(could_match(&q, &[token("identifier", Some("urn:b"), "x1")]));
+        assert!(could_match(&q, &[token("identifier", None, "X1")]));
+        assert!(!could_match(
+            &q,
+            &[token("identifier", Some("urn:a"), "X2")]
+        ));
+        assert!(!could_match(&q, &[token("gender", Some("urn:a"), "X1")]));
+        assert!(!could_match(&q, &[]));
+
+        let stored = |id: &str, rtype: ResourceType| Stored {
+            rtype,
+            id: id.into(),
+            version: 1,
+            last_updated_ms: 0,
+            deleted: false,
+            json: String::new(),
+        };
+        let mut buf = JobBuf::default();
+        assert!(!buf.may_change(&q, &[]));
+        // A Patient of the answer was written (even to a version that no longer matches).
+        buf.put(7, stored("p1", ResourceType::Patient), Vec::new());
+        assert!(buf.may_change(&q, &[stored("p1", ResourceType::Patient)]));
+        assert!(!buf.may_change(&q, &[stored("p2", ResourceType::Patient)]));
+        // A version of another resource that could match.
+        buf.put(
+            8,
+            stored("p3", ResourceType::Patient),
+            vec![token("identifier", Some("urn:a"), "x1")],
+        );
+        assert!(buf.may_change(&q, &[]));
+        // Writes of another type never change a Patient search.
+        let mut other = JobBuf::default();
+        other.put(
+            9,
+            stored("p1", ResourceType::Practitioner),
+            vec![token("identifier", Some("urn:a"), "X1")],
+        );
+        assert!(!other.may_change(&q, &[stored("p1", ResourceType::Patient)]));
     }
 }

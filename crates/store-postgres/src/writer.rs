@@ -58,6 +58,8 @@ pub(crate) const WRITE_LOCK: i64 = 0x4342_5752_4954_4500;
 /// At most this many resources are read ahead per round (a bound on the statement, not on correctness: a
 /// resource left out is read when the job asks for it).
 const READ_AHEAD_MAX: usize = 1024;
+/// At most this many searches are answered ahead per batch (each is a statement of its own).
+const SEARCH_AHEAD_MAX: usize = 256;
 /// The channel other processes' stores LISTEN on; the payload is the batch's highest outbox seq.
 pub(crate) const EVENTS_CHANNEL: &str = "carebridge_events";
 
@@ -211,6 +213,16 @@ impl Tx for WriteTx<'_> {
         self.watch(r)
     }
     fn search(&mut self, query: &SearchQuery) -> Result<Vec<Stored>> {
+        // A search a job said it would run was answered at the batch's start (under the write lock, so no
+        // other process has written since). That answer stands unless a write of this batch could change
+        // it; then the search runs below, after the held-back rows are written.
+        if pending::answerable_ahead(query)
+            && let Some((_, found)) = self.seen.searches.iter().find(|(q, _)| q == query)
+            && !self.own.may_change(query, found)
+            && !self.kept.iter().any(|b| b.may_change(query, found))
+        {
+            return Ok(found.clone());
+        }
         // The held-back rows are written first (the search reads the index tables), in the same round
         // trip: the flush's statements are sent before the search's, and the server runs them in order.
         // Unless none of them is of the searched type, which is all a search reads.
@@ -574,6 +586,18 @@ fn first_round(aheads: &[&ReadAhead]) -> (Vec<Key>, HashSet<Key>) {
     (round, asked)
 }
 
+/// The searches the jobs said they will run that can be answered ahead (each once, up to
+/// [`SEARCH_AHEAD_MAX`]).
+fn searches_ahead(aheads: &[&ReadAhead]) -> Vec<SearchQuery> {
+    let mut out: Vec<SearchQuery> = Vec::new();
+    for q in aheads.iter().flat_map(|a| a.searches.iter()) {
+        if out.len() < SEARCH_AHEAD_MAX && pending::answerable_ahead(q) && !out.contains(q) {
+            out.push(q.clone());
+        }
+    }
+    out
+}
+
 /// Parse one column of the batch's opening query.
 fn parse_i64(what: &str, v: Option<&str>) -> Result<i64> {
     let v = v.ok_or_else(|| {
@@ -659,24 +683,30 @@ impl Writer {
     /// resources lead) follows. The reads ahead are fetched for the transaction's start, before any job.
     fn begin(&mut self, seen: &mut Seen, aheads: &[&ReadAhead]) -> Result<()> {
         let (first, mut asked) = first_round(aheads);
-        let opened = match self.try_begin(seen, &first) {
+        let searches = searches_ahead(aheads);
+        let opened = match self.try_begin(seen, &first, &searches) {
             // A connection that died while idle is noticed only when used: connect again, once.
             Err(_) if self.lost() => {
                 *seen = Seen::default();
-                self.try_begin(seen, &first)
+                self.try_begin(seen, &first, &searches)
             }
             other => other,
         };
         opened.and_then(|()| self.follow_round(seen, aheads, &mut asked))
     }
 
-    fn try_begin(&mut self, seen: &mut Seen, first: &[Key]) -> Result<()> {
+    fn try_begin(
+        &mut self,
+        seen: &mut Seen,
+        first: &[Key],
+        searches: &[SearchQuery],
+    ) -> Result<()> {
         if self.lost() {
             self.conn = None;
             self.connect()?;
         }
         let conn = self.conn()?;
-        let (opened, read) = self.rt.block_on(async {
+        let (opened, read, searched) = self.rt.block_on(async {
             let begin = async {
                 let messages = conn
                     .client
@@ -709,7 +739,27 @@ impl Writer {
                     sql::read_ahead(conn, seen, first).await
                 }
             };
-            tokio::join!(biased; begin, read)
+            // The searches told ahead, behind those in the same round trip.
+            let search = async {
+                let mut answers = Vec::with_capacity(searches.len());
+                let results = crate::conn::join_in_order(
+                    searches
+                        .iter()
+                        .map(|q| sql::search(conn, q, false))
+                        .collect(),
+                )
+                .await;
+                for (q, r) in searches.iter().zip(results) {
+                    answers.push((q.clone(), r?.resources));
+                }
+                Ok::<_, StoreError>(answers)
+            };
+            tokio::join!(biased; begin, read, search)
+        });
+        let read = read.and_then(|()| {
+            searched.map(|answers| {
+                seen.searches = answers;
+            })
         });
         match opened.and_then(|o| read.map(|()| o)) {
             Ok((clock, max_seq)) => {

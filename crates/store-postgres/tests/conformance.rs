@@ -36,6 +36,7 @@ check!(
     savepoint_isolation,
     concurrent_creates,
     concurrent_conditional_creates,
+    searches_told_ahead,
     events,
     events_concurrent_gap_free,
     idempotency,

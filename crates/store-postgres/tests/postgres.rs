@@ -339,6 +339,7 @@ fn ahead_of(id: &str) -> store::ReadAhead {
     store::ReadAhead {
         keys: vec![(ResourceType::Patient, id.to_string())],
         follow: None,
+        searches: Vec::new(),
     }
 }
 
@@ -918,6 +919,7 @@ async fn reads_told_ahead_see_earlier_writes_of_the_batch() {
                     (ResourceType::Patient, "never".to_string()),
                 ],
                 follow: Some(counter_leads),
+                searches: Vec::new(),
             };
             tokio::spawn(async move {
                 store

@@ -55,6 +55,7 @@ pub async fn run_all<S: Store>(store: Arc<S>) {
     savepoint_isolation(&store).await;
     concurrent_creates(&store).await;
     concurrent_conditional_creates(&store).await;
+    searches_told_ahead(&store).await;
     events(&store).await;
     events_concurrent_gap_free(&store).await;
     idempotency(&store).await;
@@ -1953,6 +1954,133 @@ pub async fn concurrent_conditional_creates<S: Store>(store: &Arc<S>) {
         created,
         "exactly one resource with the identifier"
     );
+}
+
+/// A search a write told ahead ([`crate::ReadAhead::searches`]) answers exactly as one not told: it sees
+/// what the writes before it (in its group commit or earlier) did. Conditional creates from 20 concurrent
+/// tasks, each telling its search ahead, create exactly one. Then, 30 times, a write that changes what the
+/// search finds (moves the one match to another identifier, deletes it, or creates a second match) runs
+/// beside a write searching with its search told ahead; the searching write must see the other's change
+/// if, and only if, the other ran before it (both closures run on the store's writer, one after the other).
+pub async fn searches_told_ahead<S: Store>(store: &Arc<S>) {
+    use std::sync::atomic::AtomicBool;
+    let query = |code: &str| {
+        let mut q = SearchQuery::new(ResourceType::Patient).with(
+            "identifier",
+            Predicate::Token {
+                system: Some("urn:ahead".into()),
+                code: Some(code.to_string()),
+            },
+        );
+        q.count = 100;
+        q
+    };
+    let told = |q: &SearchQuery| crate::ReadAhead {
+        searches: vec![q.clone()],
+        ..crate::ReadAhead::default()
+    };
+
+    let ident = unique_id("ahead");
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let (s, q, ident) = (store.clone(), query(&ident), ident.clone());
+            tokio::spawn(async move {
+                s.write_reading(told(&q), move |tx| {
+                    if tx.search(&q)?.is_empty() {
+                        let id = format!("{ident}-{i}");
+                        tx.put(patient(
+                            &id,
+                            vec![tok("identifier", Some("urn:ahead"), &ident)],
+                        ))?;
+                        Ok(Some(id))
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .await
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for h in handles {
+        if let Some(id) = h
+            .await
+            .expect("a write task panicked")
+            .expect("conditional create")
+        {
+            created.push(id);
+        }
+    }
+    assert_eq!(
+        created.len(),
+        1,
+        "exactly one conditional create told ahead wins: {created:?}"
+    );
+    assert_eq!(search_ids(store, &query(&ident)).await, created);
+
+    for round in 0..30 {
+        let code = unique_id("ahead-r");
+        let x = format!("{code}-x");
+        create(
+            store,
+            patient(&x, vec![tok("identifier", Some("urn:ahead"), &code)]),
+        )
+        .await;
+        let changed = Arc::new(AtomicBool::new(false));
+        let change = {
+            let (s, changed, code, x) = (store.clone(), changed.clone(), code.clone(), x.clone());
+            tokio::spawn(async move {
+                s.write(move |tx| {
+                    match round % 3 {
+                        0 => {
+                            tx.put(patient(
+                                &x,
+                                vec![tok("identifier", Some("urn:ahead"), "elsewhere")],
+                            ))?;
+                        }
+                        1 => {
+                            tx.delete(ResourceType::Patient, &x, None)?;
+                        }
+                        _ => {
+                            let y = format!("{code}-y");
+                            tx.put(patient(
+                                &y,
+                                vec![tok("identifier", Some("urn:ahead"), &code)],
+                            ))?;
+                        }
+                    }
+                    changed.store(true, Ordering::SeqCst);
+                    Ok(())
+                })
+                .await
+            })
+        };
+        let search = {
+            let (s, changed, q) = (store.clone(), changed.clone(), query(&code));
+            tokio::spawn(async move {
+                s.write_reading(told(&q), move |tx| {
+                    let after = changed.load(Ordering::SeqCst);
+                    let mut ids: Vec<String> = tx.search(&q)?.into_iter().map(|r| r.id).collect();
+                    ids.sort();
+                    Ok((after, ids))
+                })
+                .await
+            })
+        };
+        change.await.expect("task").expect("the change");
+        let (after, ids) = search.await.expect("task").expect("the search");
+        let expected: Vec<String> = match (after, round % 3) {
+            (false, _) => vec![x.clone()],
+            (true, 2) => vec![x.clone(), format!("{code}-y")],
+            (true, _) => Vec::new(),
+        };
+        assert_eq!(
+            ids,
+            expected,
+            "round {round}: the search ran {} the change",
+            if after { "after" } else { "before" }
+        );
+    }
 }
 
 async fn all_events<S: Store>(store: &Arc<S>) -> Vec<Event> {

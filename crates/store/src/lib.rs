@@ -275,6 +275,10 @@ pub struct ReadAhead {
     /// A second round: given each resource of `keys` that was found, the ones it leads to (its references
     /// the write will follow, such as an Appointment's Slots).
     pub follow: Option<Follow>,
+    /// Searches the write will run ([`Tx::search`] with an equal query), such as the lookup of another
+    /// Patient holding an NHS number. A backend that answers one from what it read before the batch's first
+    /// job must not when a write of the batch so far could change its result; then the search runs as usual.
+    pub searches: Vec<SearchQuery>,
 }
 
 /// Where a resource read ahead leads ([`ReadAhead::follow`]).

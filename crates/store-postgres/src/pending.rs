@@ -94,14 +94,16 @@ pub(crate) struct Seen {
 }
 
 /// Whether a search may be answered from what was read at the batch's start: only searches whose every
-/// predicate is a token (the kind [`JobBuf::may_change`] can reason about), from their first result.
+/// predicate is a token of the resource's own parameters (the kind [`JobBuf::may_change`] can reason about;
+/// no chained or reverse-chained parameter), from their first result.
 pub(crate) fn answerable_ahead(query: &SearchQuery) -> bool {
     query.offset == 0
         && !query.want_total
         && query.clauses.iter().all(|c| {
-            c.any_of
-                .iter()
-                .all(|p| matches!(p, Predicate::Token { .. }))
+            !c.param.contains(['.', ':'])
+                && c.any_of
+                    .iter()
+                    .all(|p| matches!(p, Predicate::Token { .. }))
         })
 }
 
@@ -782,6 +784,14 @@ mod tests {
         let mut paged = q.clone();
         paged.offset = 100;
         assert!(!answerable_ahead(&paged));
+        let chained = SearchQuery::new(ResourceType::Appointment).with(
+            "patient.identifier",
+            Predicate::Token {
+                system: None,
+                code: Some("X1".into()),
+            },
+        );
+        assert!(!answerable_ahead(&chained));
 
         // Could match: the same code in any case and under any system; not: another code or parameter.
         assert!(could_match(&q, &[token("identifier", Some("urn:a"), "X1")]));

@@ -1958,10 +1958,11 @@ pub async fn concurrent_conditional_creates<S: Store>(store: &Arc<S>) {
 
 /// A search a write told ahead ([`crate::ReadAhead::searches`]) answers exactly as one not told: it sees
 /// what the writes before it (in its group commit or earlier) did. Conditional creates from 20 concurrent
-/// tasks, each telling its search ahead, create exactly one. Then, 30 times, a write that changes what the
-/// search finds (moves the one match to another identifier, deletes it, or creates a second match) runs
-/// beside a write searching with its search told ahead; the searching write must see the other's change
-/// if, and only if, the other ran before it (both closures run on the store's writer, one after the other).
+/// tasks, each telling its search ahead, create exactly one. Then, 30 times without telling and 30 times
+/// telling, a write that changes what the search finds (moves the one match to another identifier, deletes
+/// it, or creates a second match) runs beside a write that searches; the searching write must see the
+/// other's change if, and only if, the other ran before it (both closures run on the store's writer, one
+/// after the other).
 pub async fn searches_told_ahead<S: Store>(store: &Arc<S>) {
     use std::sync::atomic::AtomicBool;
     let query = |code: &str| {
@@ -2018,7 +2019,10 @@ pub async fn searches_told_ahead<S: Store>(store: &Arc<S>) {
     );
     assert_eq!(search_ids(store, &query(&ident)).await, created);
 
-    for round in 0..30 {
+    for (told_ahead, round) in [false, true]
+        .into_iter()
+        .flat_map(|t| (0..30).map(move |r| (t, r)))
+    {
         let code = unique_id("ahead-r");
         let x = format!("{code}-x");
         create(
@@ -2057,8 +2061,13 @@ pub async fn searches_told_ahead<S: Store>(store: &Arc<S>) {
         };
         let search = {
             let (s, changed, q) = (store.clone(), changed.clone(), query(&code));
+            let ahead = if told_ahead {
+                told(&q)
+            } else {
+                crate::ReadAhead::default()
+            };
             tokio::spawn(async move {
-                s.write_reading(told(&q), move |tx| {
+                s.write_reading(ahead, move |tx| {
                     let after = changed.load(Ordering::SeqCst);
                     let mut ids: Vec<String> = tx.search(&q)?.into_iter().map(|r| r.id).collect();
                     ids.sort();
@@ -2077,7 +2086,7 @@ pub async fn searches_told_ahead<S: Store>(store: &Arc<S>) {
         assert_eq!(
             ids,
             expected,
-            "round {round}: the search ran {} the change",
+            "round {round} (told ahead: {told_ahead}): the search ran {} the change",
             if after { "after" } else { "before" }
         );
     }

@@ -602,11 +602,16 @@ fn first_round(aheads: &[&ReadAhead]) -> (Vec<Key>, HashSet<Key>) {
 }
 
 /// The searches the jobs said they will run that can be answered ahead (each once, up to
-/// [`SEARCH_AHEAD_MAX`]).
+/// [`SEARCH_AHEAD_MAX`]). Not one the search would refuse (a NUL in a value): its error must be its own
+/// write's, not the whole batch's.
 fn searches_ahead(aheads: &[&ReadAhead]) -> Vec<SearchQuery> {
     let mut out: Vec<SearchQuery> = Vec::new();
     for q in aheads.iter().flat_map(|a| a.searches.iter()) {
-        if out.len() < SEARCH_AHEAD_MAX && pending::answerable_ahead(q) && !out.contains(q) {
+        if out.len() < SEARCH_AHEAD_MAX
+            && pending::answerable_ahead(q)
+            && !sql::has_nul(q)
+            && !out.contains(q)
+        {
             out.push(q.clone());
         }
     }

@@ -2019,6 +2019,33 @@ pub async fn searches_told_ahead<S: Store>(store: &Arc<S>) {
     );
     assert_eq!(search_ids(store, &query(&ident)).await, created);
 
+    // A search told ahead that the backend refuses (a NUL in a value) fails its own write at most: the
+    // writes beside it, in the same group commit or not, succeed.
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            let s = store.clone();
+            let q = query(&if i == 5 {
+                "bad\0code".to_string()
+            } else {
+                unique_id("ahead-ok")
+            });
+            tokio::spawn(async move {
+                s.write_reading(told(&q), move |tx| {
+                    let found = tx.search(&q)?;
+                    tx.put(patient(&unique_id("ahead-nul"), Vec::new()))?;
+                    Ok(found.len())
+                })
+                .await
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let r = h.await.expect("a write task panicked");
+        if i != 5 {
+            assert_eq!(r.expect("a write beside a refused search"), 0);
+        }
+    }
+
     for (told_ahead, round) in [false, true]
         .into_iter()
         .flat_map(|t| (0..30).map(move |r| (t, r)))

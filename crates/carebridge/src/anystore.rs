@@ -79,6 +79,10 @@ macro_rules! delegate {
     reason = "each method repeats the trait's signature, which promises a Send future"
 )]
 impl Store for AnyStore {
+    fn reads_ahead(&self) -> bool {
+        delegate!(self, s => s.reads_ahead())
+    }
+
     fn write<T, F>(&self, f: F) -> impl Future<Output = store::Result<T>> + Send
     where
         F: FnOnce(&mut dyn Tx) -> store::Result<T> + Send + 'static,

@@ -415,14 +415,22 @@ struct Effect {
 #[derive(Default)]
 pub struct Prepared {
     new_patient: Option<NewPatient>,
+    /// What the transaction will read and search for ([`store::ReadAhead`]).
+    ahead: store::ReadAhead,
 }
 
 /// The Patient a message would create: its id, and the validated resource or what is wrong with it.
 type NewPatient = (String, Result<booking::Incoming, Vec<fhir::Issue>>);
 
 impl Prepared {
-    /// What can be done for `mapped` before the transaction.
-    pub fn of(mapped: &Result<Mapped, Refusal>) -> Prepared {
+    /// What the transaction will read and search for, told to the store ahead (taken: asked once).
+    pub fn take_ahead(&mut self) -> store::ReadAhead {
+        std::mem::take(&mut self.ahead)
+    }
+
+    /// What can be done for `mapped` before the transaction; with `ahead`, what it will read too (for a
+    /// store that reads ahead, [`store::Store::reads_ahead`]).
+    pub fn of(mapped: &Result<Mapped, Refusal>, ahead: bool) -> Prepared {
         let Ok(Mapped {
             intent: Intent::Patient(facts),
             message_type,
@@ -431,13 +439,37 @@ impl Prepared {
         else {
             return Prepared::default();
         };
+        // The patient is looked up by each of its identifiers.
+        let lookups: Vec<SearchQuery> = if ahead {
+            facts
+                .identifiers
+                .iter()
+                .map(|i| identifier_query(RT::Patient, i))
+                .collect()
+        } else {
+            Vec::new()
+        };
         // A08/A31 update a patient the receiver already holds: a Patient built for them would go unused.
         if message_type.ends_with("^A08") || message_type.ends_with("^A31") {
-            return Prepared::default();
+            return Prepared {
+                new_patient: None,
+                ahead: store::ReadAhead {
+                    searches: lookups,
+                    ..store::ReadAhead::default()
+                },
+            };
         }
         let id = resources::patient_id(facts);
         let mut resource = resources::new_patient(facts);
         let issues = fhir::validate(RT::Patient, &mut resource);
+        // Creating it reads its id and looks for another active holder of its NHS number.
+        let ahead = if ahead {
+            let mut told = booking::ahead::for_write(RT::Patient, &id, &resource);
+            told.searches.splice(0..0, lookups);
+            told
+        } else {
+            store::ReadAhead::default()
+        };
         let checked = if issues.iter().any(|i| i.severity == fhir::Severity::Error) {
             Err(issues)
         } else {
@@ -445,6 +477,7 @@ impl Prepared {
         };
         Prepared {
             new_patient: Some((id, checked)),
+            ahead,
         }
     }
 }
@@ -522,15 +555,20 @@ fn json_of(s: &Stored) -> Result<Value, Fail> {
     fhir::parse_json(&s.json).map_err(|e| Fail::Store(StoreError::Backend(e.to_string())))
 }
 
+/// The search for `rtype` resources holding identifier `i`.
+fn identifier_query(rtype: RT, i: &Ident) -> SearchQuery {
+    SearchQuery::new(rtype).with(
+        "identifier",
+        Predicate::Token {
+            system: Some(i.system.clone()),
+            code: Some(i.value.clone()),
+        },
+    )
+}
+
 fn find_by_identifier(tx: &mut dyn Tx, rtype: RT, ids: &[Ident]) -> Result<Option<Stored>, Fail> {
     for i in ids {
-        let q = SearchQuery::new(rtype).with(
-            "identifier",
-            Predicate::Token {
-                system: Some(i.system.clone()),
-                code: Some(i.value.clone()),
-            },
-        );
+        let q = identifier_query(rtype, i);
         let found = tx.search(&q)?;
         // Prefer an active one (a merged-away patient is inactive).
         if let Some(s) = found

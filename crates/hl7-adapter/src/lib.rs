@@ -104,12 +104,15 @@ impl<S: Store> Ingest<S> {
         let control_id = msg.control_id().unwrap_or_default();
         let msg = Arc::new(msg);
         let slot: apply::RefusalSlot = Arc::new(Mutex::new(None));
-        let prepared = apply::Prepared::of(&mapped);
+        let mut prepared = apply::Prepared::of(&mapped, self.store.reads_ahead());
+        let ahead = prepared.take_ahead();
         let result = {
             let (msg, raw, slot, opts) =
                 (msg.clone(), raw.clone(), slot.clone(), self.opts.clone());
             self.store
-                .write(move |tx| apply::process(tx, &msg, &raw, &mapped, prepared, &opts, &slot))
+                .write_reading(ahead, move |tx| {
+                    apply::process(tx, &msg, &raw, &mapped, prepared, &opts, &slot)
+                })
                 .await
         };
         let processed = match result {

@@ -323,6 +323,10 @@ impl Store for PgStore {
         self.write_reading(ReadAhead::default(), f)
     }
 
+    fn reads_ahead(&self) -> bool {
+        true
+    }
+
     fn write_reading<T, F>(&self, ahead: ReadAhead, f: F) -> impl Future<Output = Result<T>> + Send
     where
         F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,

@@ -363,6 +363,12 @@ pub trait Store: Send + Sync + 'static {
         F: FnOnce(&mut dyn Tx) -> Result<T> + Send + 'static,
         T: Send + 'static;
 
+    /// Whether [`Store::write_reading`] makes use of what it is told (false: it ignores it, so a caller
+    /// need not spend time building a [`ReadAhead`]).
+    fn reads_ahead(&self) -> bool {
+        false
+    }
+
     /// [`Store::write`], telling the backend ahead what `f` will read (see [`ReadAhead`]).
     fn write_reading<T, F>(&self, ahead: ReadAhead, f: F) -> impl Future<Output = Result<T>> + Send
     where

@@ -44,6 +44,19 @@ def frame(msg: bytes) -> bytes:
     return b"\x0b" + msg + b"\x1c\r"
 
 
+def send_ahead(srv, messages, timeout=30):
+    """Send `messages` (control id, bytes) in one write on one MLLP connection without waiting for ACKs, then
+    half-close; the ACKs received, in order."""
+    host, port = srv.mllp
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(b"".join(frame(m) for _, m in messages))
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return [a for a in data.split(b"\x1c\r") if a.strip()]
+
+
 def ack_fields(raw: bytes):
     """(MSA-1, MSA-2, ERR-8 or MSA-3) of a (possibly framed) ACK."""
     text = raw.strip(b"\x0b\x1c\r\n").decode()
@@ -173,19 +186,12 @@ def test_messages_sent_ahead_are_applied_and_acknowledged_in_order(hub):
     """A sender that does not wait for each ACK: forty messages in one write, then a half-close. Every one is
     acknowledged, in order, and applied in order: each patient's A28 is version 1 and its later A31 version 2
     (applied the other way round, the A28 would be older than the patient and change nothing)."""
-    host, port = hub.mllp
     sent = []
     numbers = [new_nhs_number() for _ in range(20)]
     for i, nhs in enumerate(numbers):
         sent.append((f"AHEAD{i}A", a28(f"AHEAD{i}A", nhs, family="First")))
         sent.append((f"AHEAD{i}B", a31(f"AHEAD{i}B", nhs, family="Second")))
-    with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(b"".join(frame(m) for _, m in sent))
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    acks = [a for a in data.split(b"\x1c\r") if a.strip()]
+    acks = send_ahead(hub, sent)
     assert [ack_fields(a)[1] for a in acks] == [control for control, _ in sent]
     assert [ack_fields(a)[0] for a in acks] == ["AA"] * len(sent)
     for nhs in numbers:

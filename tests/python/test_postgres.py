@@ -176,28 +176,12 @@ def test_delivery_survives_kill_9_of_one_process(database, tmp_path_factory, rec
                 stop_server(srv)
 
 
-def _send_ahead(srv, messages):
-    """Send `messages` (control id, bytes) in one write on one MLLP connection, then half-close; the ACKs."""
-    import socket
-
-    from test_hl7_mllp import frame
-
-    host, port = srv.mllp
-    with socket.create_connection((host, port), timeout=60) as s:
-        s.sendall(b"".join(frame(m) for _, m in messages))
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return [a for a in data.split(b"\x1c\r") if a.strip()]
-
-
 def test_hl7_patients_over_mllp_on_two_processes(database, tmp_path_factory):
     """HL7 ADT on PostgreSQL, where a batch's patient lookups are answered ahead: A28s and later A31s for 20
     patients sent ahead on one connection are all applied, in order (each patient at version 2); an A28 for the
     same NHS numbers sent to the other process finds them rather than creating a second patient; and the
     same new patient registered at once through both processes exists once."""
-    from test_hl7_mllp import a28, a31, ack_fields, patients_with
+    from test_hl7_mllp import a28, a31, ack_fields, patients_with, send_ahead
 
     _migrated(database)
     a = start_server(tmp_path_factory, "pg-hl7-a", extra_args=["--database-url", database, "--mllp", "127.0.0.1:0"])
@@ -208,12 +192,12 @@ def test_hl7_patients_over_mllp_on_two_processes(database, tmp_path_factory):
         for i, nhs in enumerate(numbers):
             sent.append((f"PGA{i}", a28(f"PGA{i}", nhs, family="First")))
             sent.append((f"PGB{i}", a31(f"PGB{i}", nhs, family="Second")))
-        acks = _send_ahead(a, sent)
+        acks = send_ahead(a, sent, timeout=60)
         assert [ack_fields(x)[1] for x in acks] == [c for c, _ in sent]
         assert [ack_fields(x)[0] for x in acks] == ["AA"] * len(sent)
 
         again = [(f"PGC{i}", a28(f"PGC{i}", nhs, family="Second")) for i, nhs in enumerate(numbers)]
-        acks = _send_ahead(b, again)
+        acks = send_ahead(b, again, timeout=60)
         assert [ack_fields(x)[0] for x in acks] == ["AA"] * len(again)
         for nhs in numbers:
             found = patients_with(a, nhs)
@@ -222,7 +206,7 @@ def test_hl7_patients_over_mllp_on_two_processes(database, tmp_path_factory):
 
         twice = new_nhs_number()
         with ThreadPoolExecutor(max_workers=2) as pool:
-            results = list(pool.map(lambda p: _send_ahead(p[0], [(p[1], a28(p[1], twice))]),
+            results = list(pool.map(lambda p: send_ahead(p[0], [(p[1], a28(p[1], twice))], timeout=60),
                                     [(a, "PGD1"), (b, "PGD2")]))
         assert [ack_fields(r[0])[0] for r in results] == ["AA", "AA"]
         assert len(patients_with(b, twice)) == 1

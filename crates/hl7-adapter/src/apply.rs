@@ -439,37 +439,30 @@ impl Prepared {
         else {
             return Prepared::default();
         };
-        // The patient is looked up by each of its identifiers.
-        let lookups: Vec<SearchQuery> = if ahead {
-            facts
-                .identifiers
-                .iter()
+        // Told ahead: the patient is looked up by each of its identifiers.
+        let mut told = store::ReadAhead::default();
+        if ahead {
+            told.searches = (facts.identifiers.iter())
                 .map(|i| identifier_query(RT::Patient, i))
-                .collect()
-        } else {
-            Vec::new()
-        };
+                .collect();
+        }
         // A08/A31 update a patient the receiver already holds: a Patient built for them would go unused.
         if message_type.ends_with("^A08") || message_type.ends_with("^A31") {
             return Prepared {
                 new_patient: None,
-                ahead: store::ReadAhead {
-                    searches: lookups,
-                    ..store::ReadAhead::default()
-                },
+                ahead: told,
             };
         }
         let id = resources::patient_id(facts);
         let mut resource = resources::new_patient(facts);
         let issues = fhir::validate(RT::Patient, &mut resource);
         // Creating it reads its id and looks for another active holder of its NHS number.
-        let ahead = if ahead {
-            let mut told = booking::ahead::for_write(RT::Patient, &id, &resource);
-            told.searches.splice(0..0, lookups);
-            told
-        } else {
-            store::ReadAhead::default()
-        };
+        if ahead {
+            let write = booking::ahead::for_write(RT::Patient, &id, &resource);
+            told.keys = write.keys;
+            told.follow = write.follow;
+            told.searches.extend(write.searches);
+        }
         let checked = if issues.iter().any(|i| i.severity == fhir::Severity::Error) {
             Err(issues)
         } else {
@@ -477,7 +470,7 @@ impl Prepared {
         };
         Prepared {
             new_patient: Some((id, checked)),
-            ahead,
+            ahead: told,
         }
     }
 }

@@ -166,16 +166,24 @@ impl JobBuf {
     }
 
     /// Whether what this buffer wrote could make `found`, the result of `query` read at the batch's start,
-    /// wrong now: it wrote a resource of that result, or a version (of any resource of the type) that could
-    /// match. Never says no wrongly; may say yes when the result would in fact be the same.
+    /// wrong now: it wrote a resource of that result ([`JobBuf::wrote_any`]), or a version that could match
+    /// ([`JobBuf::may_match`]). Never says no wrongly; may say yes when the result would in fact be the same.
     pub(crate) fn may_change(&self, query: &SearchQuery, found: &[Stored]) -> bool {
+        self.may_match(query) || self.wrote_any(query.rtype, found)
+    }
+
+    /// Whether a version this buffer wrote (of any resource of the query's type) could match `query`.
+    pub(crate) fn may_match(&self, query: &SearchQuery) -> bool {
+        self.index
+            .iter()
+            .any(|(_, t, entries)| *t == query.rtype && could_match(query, entries))
+    }
+
+    /// Whether this buffer wrote one of the `rtype` resources `found`.
+    pub(crate) fn wrote_any(&self, rtype: ResourceType, found: &[Stored]) -> bool {
         self.resources
             .keys()
-            .any(|(t, id)| *t == query.rtype && found.iter().any(|s| s.id == *id))
-            || self
-                .index
-                .iter()
-                .any(|(_, t, entries)| *t == query.rtype && could_match(query, entries))
+            .any(|(t, id)| *t == rtype && found.iter().any(|s| s.id == *id))
     }
 
     /// True when the buffer holds final states (resources, index rows, subjects).

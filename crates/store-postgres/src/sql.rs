@@ -1390,7 +1390,6 @@ fn order_by(f: &mut Frag, q: &SearchQuery) {
     f.push("r.id ASC");
 }
 
-/// Search on any connection. `want_total` is honoured only when `with_total` (outside transactions).
 /// Whether a value of the query holds a NUL character (which PostgreSQL's text cannot; [`search`] refuses
 /// such a query without sending it).
 pub(crate) fn has_nul(q: &SearchQuery) -> bool {
@@ -1399,6 +1398,7 @@ pub(crate) fn has_nul(q: &SearchQuery) -> bool {
         .any(|cl| cl.param.contains('\0') || cl.any_of.iter().any(predicate_has_nul))
 }
 
+/// Search on any connection. `want_total` is honoured only when `with_total` (outside transactions).
 pub(crate) async fn search(c: &Conn, q: &SearchQuery, with_total: bool) -> Result<SearchResult> {
     if has_nul(q) {
         return Err(StoreError::Invalid(

@@ -188,6 +188,27 @@ struct WriteTx<'c> {
 }
 
 impl WriteTx<'_> {
+    /// The buffers of this batch so far: the kept jobs' and this job's.
+    fn bufs(&self) -> impl Iterator<Item = &JobBuf> {
+        self.kept.iter().chain(std::iter::once(&self.own))
+    }
+
+    /// Whether a write of this batch so far could make `found`, `query`'s answer read at the batch's start,
+    /// wrong now ([`JobBuf::may_change`]).
+    fn batch_may_change(&self, query: &SearchQuery, found: &[Stored]) -> bool {
+        self.bufs().any(|b| b.may_change(query, found))
+    }
+
+    /// Whether a version written in this batch so far could match `query` ([`JobBuf::may_match`]).
+    fn batch_may_match(&self, query: &SearchQuery) -> bool {
+        self.bufs().any(|b| b.may_match(query))
+    }
+
+    /// Whether this batch so far wrote one of the `rtype` resources `found` ([`JobBuf::wrote_any`]).
+    fn batch_wrote_any(&self, rtype: ResourceType, found: &[Stored]) -> bool {
+        self.bufs().any(|b| b.wrote_any(rtype, found))
+    }
+
     fn watch<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e @ (StoreError::Backend(_) | StoreError::Unavailable(_))) = &r {
             self.broken.get_or_insert_with(|| e.clone());
@@ -218,8 +239,7 @@ impl Tx for WriteTx<'_> {
         // it; then the search runs below, after the held-back rows are written.
         if pending::answerable_ahead(query)
             && let Some((_, found)) = self.seen.searches.iter().find(|(q, _)| q == query)
-            && !self.own.may_change(query, found)
-            && !self.kept.iter().any(|b| b.may_change(query, found))
+            && !self.batch_may_change(query, found)
         {
             return Ok(found.clone());
         }
@@ -235,15 +255,10 @@ impl Tx for WriteTx<'_> {
         // A token search that no version written in this batch could match: the database's answer stands
         // without writing the held-back rows first, unless it holds a resource this batch wrote (then the
         // search runs again below, after the flush). Spares a batch of creates a flush per search.
-        if pending::answerable_ahead(query)
-            && !self.own.may_change(query, &[])
-            && !self.kept.iter().any(|b| b.may_change(query, &[]))
-        {
+        if pending::answerable_ahead(query) && !self.batch_may_match(query) {
             let r = self.rt.block_on(sql::search(self.conn, query, false));
             let found = self.watch(r)?.resources;
-            if !self.own.may_change(query, &found)
-                && !self.kept.iter().any(|b| b.may_change(query, &found))
-            {
+            if !self.batch_wrote_any(query.rtype, &found) {
                 return Ok(found);
             }
         }
